@@ -1,0 +1,18 @@
+"""fxlens: mechanistic interpretability of HuggingFace models as torch.fx graph rewrites.
+
+Example::
+
+    import fxlens
+    model = fxlens.Model.from_hf(hf_model, tokenizer)
+    logits, cache = model.run_with_cache("The Eiffel Tower is in")
+    cache["pattern", 3]
+"""
+
+from .engine import ActivationCache, Config, HookPoint, Model
+from .graphs.capture import CaptureError
+from .graphs.sites import SiteError
+from .passes import HookError, PassError
+
+__version__ = "0.1.0"
+
+__all__ = ["Model", "ActivationCache", "HookPoint", "Config", "CaptureError", "SiteError", "HookError", "PassError"]

@@ -1,0 +1,123 @@
+"""ActivationCache: cached activations indexed as in TransformerLens.
+
+Problem: users of TransformerLens write ``cache["pattern", 3]``, ``cache["blocks.3.attn.hook_z"]`` and
+``cache.stack_activation("resid_post")``; fxlens also accepts raw HF module paths
+(``cache["model.layers.3.mlp"]``). Unknown names must say what exists.
+
+Example::
+
+    logits, cache = model.run_with_cache("The Eiffel Tower is in")
+    cache["resid_post", 3].shape          # [batch, pos, d_model]
+    cache.accumulated_resid().shape       # [n_layers + 1, batch, pos, d_model]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from ..graphs.sites import SiteError, SiteTable
+
+__all__ = ["ActivationCache"]
+
+
+class ActivationCache:
+    def __init__(self, values: dict, sites: SiteTable, model=None):
+        self._values = dict(values)
+        self._sites = sites
+        self.model = model
+
+    # ---- mapping ------------------------------------------------------------------------------
+    def _key(self, key) -> str:
+        if isinstance(key, tuple):
+            return self._sites.get_act_name(*key)
+        if key in self._values or key in self._sites:
+            return key
+        return self._sites.get_act_name(key)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        name = self._key(key)
+        if name in self._values:
+            return self._values[name]
+        if name in self._sites:
+            raise SiteError(f"{name!r} is a valid site but was not cached; include it in names_filter")
+        raise SiteError(self._sites.unknown(name))
+
+    def __contains__(self, key) -> bool:
+        try:
+            return self._key(key) in self._values
+        except SiteError:
+            return False
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def keys(self):
+        return self._values.keys()
+
+    def values(self):
+        return self._values.values()
+
+    def items(self):
+        return self._values.items()
+
+    def __repr__(self) -> str:
+        return f"ActivationCache with {len(self)} sites: {', '.join(list(self._values)[:6])}{', ...' if len(self) > 6 else ''}"
+
+    # ---- TransformerLens conveniences ---------------------------------------------------------
+    def to(self, device) -> "ActivationCache":
+        return ActivationCache({k: v.to(device) for k, v in self._values.items()}, self._sites, self.model)
+
+    def remove_batch_dim(self) -> "ActivationCache":
+        out = {}
+        for k, v in self._values.items():
+            site = self._sites._sites.get(k)
+            batch_axis = site.axis("batch") if site is not None else 0
+            if batch_axis is None or v.shape[batch_axis] != 1:
+                raise ValueError(f"cannot remove the batch dim of {k}: its batch size is not 1")
+            out[k] = v.squeeze(batch_axis)
+        return ActivationCache(out, self._sites, self.model)
+
+    def stack_activation(self, name: str, layer: int = -1) -> torch.Tensor:
+        """Stack ``name`` over layers ``0..layer-1`` (all layers by default): [layers, ...]."""
+        n = self._sites.n_layers if layer == -1 else layer
+        return torch.stack([self[name, i] for i in range(n)])
+
+    def accumulated_resid(self, layer: int | None = None, incl_mid: bool = False, return_labels: bool = False):
+        """The residual stream before each layer and after the last: [components, batch, pos, d_model]."""
+        n = self._sites.n_layers if layer is None else layer
+        labels, out = [], []
+        for i in range(n):
+            labels.append(f"{i}_pre")
+            out.append(self["resid_pre", i])
+            if incl_mid and self._sites.get_act_name("resid_mid", i) in self._sites:
+                labels.append(f"{i}_mid")
+                out.append(self["resid_mid", i])
+        if layer is None:
+            labels.append("final_post")
+            out.append(self["resid_post", self._sites.n_layers - 1])
+        stacked = torch.stack(out)
+        return (stacked, labels) if return_labels else stacked
+
+    def decompose_resid(self, layer: int | None = None, mode: str = "all", return_labels: bool = False):
+        """What each component wrote into the residual stream before ``layer``: [components, ...]."""
+        n = self._sites.n_layers if layer is None else layer
+        labels, out = [], []
+        for name in ("hook_embed", "hook_pos_embed"):
+            if name in self._values:
+                labels.append(name[5:])
+                out.append(self._values[name])
+        for i in range(n):
+            if mode in ("all", "attn"):
+                labels.append(f"{i}_attn_out")
+                out.append(self["attn_out", i])
+            if mode in ("all", "mlp"):
+                labels.append(f"{i}_mlp_out")
+                out.append(self["mlp_out", i])
+        shape = torch.broadcast_shapes(*(t.shape for t in out))
+        stacked = torch.stack([t.expand(shape) for t in out])
+        return (stacked, labels) if return_labels else stacked

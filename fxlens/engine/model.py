@@ -1,0 +1,345 @@
+"""``fxlens.Model``: a captured HF model with TransformerLens' entry points.
+
+Problem: researchers want ``model(text)``, ``run_with_cache``, ``run_with_hooks`` and the token helpers
+they know, on any HF model, without adapters, without hooks left on the model, and fast.
+
+Mechanism: the HF model is captured once (per model, attention implementation, dtype and device) as an
+fx graph whose nodes are named sites (``graphs.analyse``). Each call turns its request into a plan of
+pass specs, gets the program for that plan from a bounded cache, and feeds it tokens (and hook
+functions or tensors as graph inputs).
+
+Example::
+
+    model = fxlens.Model.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    logits, cache = model.run_with_cache("The Eiffel Tower is in", names_filter=lambda n: n.endswith("pattern"))
+    cache["pattern", 3].shape     # [batch, head, query_pos, key_pos]
+
+Gotchas: the graph is specialised to the model's dtype and device; after moving the HF model, wrap
+it again with ``Model.from_hf``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..architectures import table_for
+from ..graphs.capture import CapturedGraph, capture
+from ..graphs.sites import ModelGraph, Site, SiteError, analyse
+from ..passes import HOOKS_INPUT, Cache, HookAt, Hooks, Read
+from .activation_cache import ActivationCache
+from .programs import Programs, rewrites_for
+from .tokens import Tokens
+
+__all__ = ["Model", "HookPoint", "Config"]
+
+# One capture per (model, attention implementation, dtype, device), shared by every Model wrapping it.
+_CAPTURES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """What a hook function receives as its second argument (TransformerLens' ``hook``)."""
+
+    name: str
+    layer_index: int | None = None
+
+    def layer(self) -> int | None:
+        return self.layer_index
+
+
+@dataclass
+class Config:
+    """Model dimensions with TransformerLens' field names."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int | None = None
+    d_head: int | None = None
+    n_key_value_heads: int | None = None
+    d_mlp: int | None = None
+    d_vocab: int | None = None
+    n_ctx: int | None = None
+    model_type: str | None = None
+    has_table: bool = False
+    attn_implementation: str = "sdpa"
+    dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+class Model:
+    """A HuggingFace model captured as a graph of named sites. See the module docstring."""
+
+    def __init__(self, hf_model: torch.nn.Module, tokenizer=None, *, attn_implementation: str | None = None, table="auto"):
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        config = getattr(hf_model, "config", None)
+        if table == "auto":
+            table = table_for(config)
+        self.table = table
+        self.captured, self.graph = _capture(hf_model, attn_implementation, table)
+        self.site_table = self.graph.sites
+        self.programs = Programs(self.captured.module)
+        dims = self.graph.dims
+        n_ctx = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        self.cfg = Config(
+            n_layers=dims["n_layers"],
+            d_model=int(dims["d_model"]),
+            n_heads=dims.get("n_heads"),
+            d_head=dims.get("d_head"),
+            n_key_value_heads=dims.get("n_key_value_heads"),
+            d_mlp=dims.get("d_mlp"),
+            d_vocab=dims.get("d_vocab") or getattr(config, "vocab_size", None),
+            n_ctx=n_ctx,
+            model_type=getattr(config, "model_type", None),
+            has_table=table is not None,
+            attn_implementation=self.captured.attn_implementation,
+            dtype=self.captured.dtype,
+            device=self.captured.device,
+        )
+        self._tok = Tokens(tokenizer, self.captured.device)
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf_model, tokenizer=None, **kwargs) -> "Model":
+        """Wrap a model you already have; it is never modified."""
+        return cls(hf_model, tokenizer, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, tokenizer=None, attn_implementation: str | None = None, **hf_kwargs) -> "Model":
+        """Load with ``AutoModelForCausalLM`` (falling back to masked-LM and base classes) and ``AutoTokenizer``.
+
+        ``hf_kwargs`` go to ``from_pretrained`` (``gguf_file=``, ``torch_dtype=``, ``revision=``, ...).
+        """
+        import transformers
+
+        load_kwargs = dict(hf_kwargs)
+        if attn_implementation is not None:
+            load_kwargs["attn_implementation"] = attn_implementation
+        errors = []
+        hf_model = None
+        for auto in ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel"):
+            try:
+                hf_model = getattr(transformers, auto).from_pretrained(name_or_path, **load_kwargs)
+                break
+            except (ValueError, KeyError) as err:
+                errors.append(f"{auto}: {err}")
+        if hf_model is None:
+            raise ValueError(f"could not load {name_or_path!r}:\n" + "\n".join(errors))
+        hf_model.eval()
+        if tokenizer is None:
+            tok_kwargs = {k: v for k, v in hf_kwargs.items() if k in ("gguf_file", "revision", "trust_remote_code")}
+            tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, **tok_kwargs)
+        return cls(hf_model, tokenizer, attn_implementation=attn_implementation)
+
+    # ---- sites ----------------------------------------------------------------------------------
+    @property
+    def sites(self) -> list[str]:
+        """Every site name, in graph order (canonical TransformerLens names and raw HF module paths)."""
+        return self.site_table.names()
+
+    def site(self, name) -> Site:
+        return self.site_table[name]
+
+    def get_act_name(self, name: str, layer: int | None = None, layer_type: str | None = None) -> str:
+        return self.site_table.get_act_name(name, layer, layer_type)
+
+    def _resolve(self, names) -> list[Site]:
+        if names is None:
+            return [s for s in self.site_table.values() if not s.expensive]
+        if isinstance(names, str) or isinstance(names, tuple):
+            return [self.site_table[names]]
+        if callable(names):
+            return [s for s in self.site_table.values() if not s.expensive and names(s.name)]
+        return [self.site_table[n] for n in names]
+
+    # ---- tokens ---------------------------------------------------------------------------------
+    def to_tokens(self, text, prepend_bos: bool = True, padding_side: str = "right") -> torch.Tensor:
+        return self._tok.encode(text, prepend_bos=prepend_bos, padding_side=padding_side)[0]
+
+    def to_string(self, tokens):
+        return self._tok.to_string(tokens)
+
+    def to_str_tokens(self, value, prepend_bos: bool = True):
+        return self._tok.to_str_tokens(value, prepend_bos=prepend_bos)
+
+    def to_single_token(self, string: str) -> int:
+        return self._tok.to_single_token(string)
+
+    def _inputs(self, value, attention_mask=None, prepend_bos: bool = True, padding_side: str = "right") -> dict:
+        if isinstance(value, (str, list)) and (isinstance(value, str) or (value and isinstance(value[0], str))):
+            ids, mask = self._tok.encode(value, prepend_bos=prepend_bos, padding_side=padding_side)
+            if attention_mask is None:
+                attention_mask = mask
+        elif isinstance(value, torch.Tensor):
+            ids = value
+        elif isinstance(value, (list, tuple)):
+            ids = torch.tensor(value)
+        else:
+            raise TypeError(f"expected text, a list of texts, or token ids; got {type(value).__name__}")
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
+            raise ValueError(f"token ids must be an integer tensor [batch, pos]; got {tuple(ids.shape)} {ids.dtype}")
+        ids = ids.to(self.captured.device, torch.long)
+        vocab = self.cfg.d_vocab
+        if ids.numel() and vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
+            raise ValueError(f"token id {bad} is outside the vocabulary: ids must lie in 0..{vocab - 1}")
+        if self.cfg.n_ctx is not None and ids.shape[1] > self.cfg.n_ctx:
+            raise ValueError(f"sequence length {ids.shape[1]} exceeds the model's {self.cfg.n_ctx} positions (0..{self.cfg.n_ctx - 1})")
+        if ids.shape[1] == 0:
+            raise ValueError("empty input: the token sequence has length 0")
+        feed = {"input_ids": ids}
+        if "attention_mask" in self.captured.inputs:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(ids)
+            attention_mask = attention_mask.to(self.captured.device)
+            if attention_mask.shape != ids.shape:
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {tuple(ids.shape)} like the tokens")
+            feed["attention_mask"] = attention_mask.to(torch.long)
+        elif attention_mask is not None:
+            raise ValueError(f"{type(self.hf_model).__name__} takes no attention_mask")
+        return feed
+
+    # ---- running --------------------------------------------------------------------------------
+    def _outputs(self, out: dict, feed: dict, return_type: str | None):
+        logits = out["outputs"].get(self.captured.outputs[0]) if out.get("outputs") else None
+        if return_type in (None, "none"):
+            return None
+        if return_type == "logits":
+            return logits
+        if return_type in ("loss", "both"):
+            loss = lm_loss(logits, feed["input_ids"], feed.get("attention_mask"))
+            return loss if return_type == "loss" else (logits, loss)
+        raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None; got {return_type!r}")
+
+    def __call__(self, input, attention_mask=None, *, return_type: str | None = "logits", prepend_bos: bool = True, padding_side: str = "right"):
+        feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
+        out = self.programs.get(())(**feed)
+        return self._outputs(out, feed, return_type)
+
+    forward = __call__
+
+    def run_with_cache(
+        self,
+        input,
+        attention_mask=None,
+        *,
+        names_filter=None,
+        return_logits: bool = True,
+        stop_at_layer: int | None = None,
+        remove_batch_dim: bool = False,
+        return_type: str | None = "logits",
+        prepend_bos: bool = True,
+        padding_side: str = "right",
+    ):
+        """Run once and return ``(logits, ActivationCache)`` of the sites ``names_filter`` selects.
+
+        ``names_filter``: None (every site except per-head results), a name, a list of names, or a
+        predicate on names. With ``return_logits=False`` or ``stop_at_layer=L`` nothing after the last
+        needed node runs; ``stop_at_layer=L`` returns ``blocks.L.hook_resid_pre`` in place of logits.
+        """
+        feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
+        sites = self._resolve(names_filter)
+        reads = [Read(s.name, s.node, s.layout) for s in sites]
+        stop = None
+        if stop_at_layer is not None:
+            if not 0 <= stop_at_layer <= self.cfg.n_layers:
+                raise ValueError(f"stop_at_layer={stop_at_layer} is out of range: use 0..{self.cfg.n_layers}")
+            if stop_at_layer < self.cfg.n_layers:
+                stop = self.site_table["resid_pre", stop_at_layer]
+                reads.append(Read("fxl_stop", stop.node, stop.layout))
+                keep = {self.graph.dg.order[stop.node]}
+                limit = max(keep)
+                sites = [s for s in sites if self.graph.dg.order.get(s.rewrite[1] if s.rewrite else s.node, 0) <= limit]
+                reads = [Read(s.name, s.node, s.layout) for s in sites] + [Read("fxl_stop", stop.node, stop.layout)]
+        keep_outputs = return_logits and stop is None and return_type is not None
+        plan = rewrites_for(self.graph, sites) + (Cache(tuple(reads), keep_outputs=keep_outputs),)
+        out = self.programs.get(plan)(**feed)
+        values = {k: v.detach() for k, v in out["cache"].items()}
+        stopped = values.pop("fxl_stop", None)
+        cache = ActivationCache(values, self.site_table, self)
+        if remove_batch_dim:
+            cache = cache.remove_batch_dim()
+        if stop is not None:
+            return stopped, cache
+        return (self._outputs(out, feed, return_type) if keep_outputs else None), cache
+
+    def run_with_hooks(
+        self,
+        input,
+        attention_mask=None,
+        *,
+        fwd_hooks=(),
+        bwd_hooks=(),
+        return_type: str | None = "logits",
+        reset_hooks_end: bool = True,
+        prepend_bos: bool = True,
+        padding_side: str = "right",
+    ):
+        """Run with ``fwd_hooks = [(name or predicate, fn)]``; ``fn(value, hook) -> value | None``.
+
+        ``value`` is the site in TransformerLens layout; returning a tensor replaces it (same shape
+        and dtype), returning None keeps it (in-place edits are kept). Nothing persists after the call.
+        """
+        if bwd_hooks:
+            raise ValueError(
+                "backward hooks are not supported: run with gradients enabled and use torch.autograd on the "
+                "cached activations instead (see fxlens.attribution)"
+            )
+        if not reset_hooks_end:
+            raise ValueError("fxlens never leaves hooks on a model; reset_hooks_end=False has no meaning here")
+        feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
+        specs, fns, sites = [], [], []
+        for entry in fwd_hooks:
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and callable(entry[1])):
+                raise TypeError("fwd_hooks must be a list of (site name or predicate, function) pairs")
+            name, fn = entry
+            matched = self._resolve(name) if callable(name) else [self.site_table[name]]
+            if callable(name) and not matched:
+                raise SiteError("the hook predicate matched no site; see model.sites for the names")
+            for site in matched:
+                specs.append(HookAt(site.name, site.node, site.layout, len(fns)))
+                fns.append((fn, HookPoint(site.name, site.layer)))
+                sites.append(site)
+        plan = rewrites_for(self.graph, sites) + ((Hooks(tuple(specs)),) if specs else ())
+        if specs:
+            feed[HOOKS_INPUT] = fns
+        out = self.programs.get(plan)(**feed)
+        return self._outputs(out, feed, return_type)
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (
+            f"fxlens.Model({type(self.hf_model).__name__}: {c.n_layers} layers, d_model={c.d_model}, "
+            f"heads={c.n_heads}, {len(self.site_table)} sites, attention={c.attn_implementation})"
+        )
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions whose target is not padding."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    if mask is None:
+        return nll.mean()
+    m = mask[:, 1:].to(nll.dtype)
+    return (nll * m).sum() / m.sum().clamp_min(1)
+
+
+def _capture(hf_model, attn_implementation, table) -> tuple[CapturedGraph, ModelGraph]:
+    param = next(iter(hf_model.parameters()), None)
+    key = (
+        attn_implementation or getattr(getattr(hf_model, "config", None), "_attn_implementation", None),
+        param.dtype if param is not None else None,
+        str(param.device) if param is not None else None,
+        None if table is None else table.model_types,
+    )
+    per_model = _CAPTURES.setdefault(hf_model, {})
+    if key not in per_model:
+        cg = capture(hf_model, attn_implementation=attn_implementation)
+        per_model[key] = (cg, analyse(cg, table))
+    return per_model[key]

@@ -1,0 +1,305 @@
+"""Capture a HuggingFace model as a plain torch.fx graph.
+
+Problem: every intervention in fxlens is a rewrite of one graph, so the model must first become a
+graph that is exact, shape-generic and easy to rewrite. ``torch.fx.symbolic_trace`` fails on HF
+models; ``torch.export`` (non-strict) works, but its ``ep.module()`` guards its inputs with a pytree
+spec and a ``_guards_fn`` call, wraps no-grad regions (rotary embeddings) in higher-order ops, and
+returns a ``ModelOutput``.
+
+Mechanism: export once in eval mode with ``use_cache=False`` and dynamic batch and sequence
+dimensions, then rebuild the graph: plain ``CodeGen`` (so passes may add placeholders), the guard
+and metadata-assert nodes dropped, higher-order no-grad wrappers inlined, and the output a dict
+``{"outputs": {field: node}}`` keyed by the model output's field names. Parameters stay shared with
+the user's model (no copy); the user's model object is left exactly as it was found.
+
+Example::
+
+    cg = capture(hf_model)
+    out = cg.module(input_ids=ids, attention_mask=mask)["outputs"]["logits"]
+
+Gotchas: the graph is specialised to the model's dtype and device (``.to(float32)`` on a float32
+tensor is traced as an alias), so capture again after moving the model; a model whose forward
+takes no ``attention_mask`` is captured with ``input_ids`` only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch.fx.graph import CodeGen
+
+from .nodes import is_assert, tensor_meta
+
+__all__ = ["CapturedGraph", "CaptureError", "capture"]
+
+
+class CaptureError(RuntimeError):
+    """The model could not be turned into a graph; the message says what failed and what to do."""
+
+
+@dataclass
+class CapturedGraph:
+    """A captured model: the graph module and what its inputs and outputs mean."""
+
+    module: fx.GraphModule
+    inputs: tuple[str, ...]  # placeholder names, in order
+    outputs: tuple[str, ...]  # ModelOutput field names, in order
+    batch_symbol: object = None  # the sympy symbol of the batch dimension
+    seq_symbol: object = None  # the sympy symbol of the sequence dimension
+    attn_implementation: str = "sdpa"
+    dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    is_causal: bool = True
+
+
+@contextlib.contextmanager
+def _borrowed(model: torch.nn.Module, attn_implementation: str | None):
+    """Put the model in eval mode (and an attention implementation) and restore it exactly."""
+    modes = {m: m.training for m in model.modules()}
+    config = getattr(model, "config", None)
+    saved_attn = getattr(config, "_attn_implementation", None) if config is not None else None
+    saved_subconfigs = []
+    try:
+        model.eval()
+        if attn_implementation is not None and config is not None and saved_attn != attn_implementation:
+            if hasattr(model, "set_attn_implementation"):
+                model.set_attn_implementation(attn_implementation)
+            else:
+                config._attn_implementation = attn_implementation
+        yield
+    finally:
+        for m, was_training in modes.items():
+            m.training = was_training
+        if config is not None and getattr(config, "_attn_implementation", None) != saved_attn:
+            if hasattr(model, "set_attn_implementation") and saved_attn is not None:
+                model.set_attn_implementation(saved_attn)
+            else:
+                config._attn_implementation = saved_attn
+        del saved_subconfigs
+
+
+def _example_inputs(model, accepts: set[str]):
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None) or 2
+    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 4096
+    # Batch 2 and length 5: neither is 0 or 1 (torch.export specialises those) and they differ.
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    ids = torch.randint(0, vocab, (2, 5), generator=torch.Generator().manual_seed(0)).to(device)
+    kwargs = {"input_ids": ids}
+    batch = torch.export.Dim("batch", min=1)
+    seq = torch.export.Dim("seq", min=1, max=max(int(max_pos), 6))
+    dynamic = {"input_ids": {0: batch, 1: seq}}
+    if "attention_mask" in accepts:
+        kwargs["attention_mask"] = torch.ones_like(ids)
+        dynamic["attention_mask"] = {0: batch, 1: seq}
+    extra = {}
+    if "use_cache" in accepts:
+        extra["use_cache"] = False
+    if "return_dict" in accepts:
+        extra["return_dict"] = True
+    return kwargs, dynamic, extra
+
+
+def _accepted_kwargs(model) -> set[str]:
+    params = inspect.signature(model.forward).parameters
+    return {name for name, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _export(model, kwargs, dynamic, extra):
+    # Export with the fixed flags bound by a wrapper so that dynamic_shapes names only tensors.
+    class _Bound(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None):
+            kw = dict(extra)
+            if attention_mask is not None:
+                kw["attention_mask"] = attention_mask
+            return self.inner(input_ids=input_ids, **kw)
+
+    bound = _Bound(model)
+    args = (kwargs["input_ids"],) + ((kwargs["attention_mask"],) if "attention_mask" in kwargs else ())
+    shapes = (dynamic["input_ids"],) + ((dynamic["attention_mask"],) if "attention_mask" in dynamic else ())
+    return torch.export.export(bound, args, dynamic_shapes=shapes, strict=False)
+
+
+def _explain(model, err: Exception) -> CaptureError:
+    name = type(model).__name__
+    text = str(err).strip().splitlines()
+    head = text[0] if text else type(err).__name__
+    hint = (
+        "fxlens needs torch.export(strict=False) to trace the model's forward. What you can do: "
+        "pass attn_implementation='eager' (or 'sdpa') to Model.from_pretrained/from_hf; check that the "
+        "forward runs with use_cache=False on input_ids of shape [2, 5]; or capture a sub-module that "
+        "exports. The failing construct is named above (data-dependent control flow and Python-side "
+        "caches are the usual causes)."
+    )
+    return CaptureError(f"could not capture {name} with torch.export: {type(err).__name__}: {head}\n{hint}")
+
+
+def _strip_inner(name: str) -> str:
+    # The wrapper adds one level ("inner.") to every module path and attribute; drop it.
+    return name[len("inner.") :] if name.startswith("inner.") else ("" if name == "inner" else name)
+
+
+def _fix_module_stack(meta: dict) -> None:
+    stack = meta.get("nn_module_stack")
+    if not stack:
+        return
+    fixed = {}
+    for key, (path, cls) in stack.items():
+        if path in ("", None) and "_Bound" in str(cls):
+            continue
+        fixed[key] = (_strip_inner(path), cls)
+    meta["nn_module_stack"] = fixed
+
+
+def _rebuild(gm: fx.GraphModule, output_names: list[str]) -> tuple[fx.Graph, list[str]]:
+    """Copy ``gm``'s graph without guards and asserts, with HOP no-grad regions inlined."""
+    new = fx.Graph()
+    env: dict[fx.Node, object] = {}
+    inputs = []
+
+    def copy(node: fx.Node, mapping) -> fx.Node:
+        out = new.node_copy(node, lambda n: mapping[n])
+        _fix_module_stack(out.meta)
+        return out
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if not node.users and node.name not in ("input_ids", "attention_mask"):
+                continue
+            env[node] = copy(node, env)
+            inputs.append(env[node].name)
+        elif node.op == "call_module" and node.target == "_guards_fn":
+            continue
+        elif node.op == "call_function" and is_assert(node):
+            continue
+        elif node.op == "call_function" and "wrap_with_set_grad_enabled" in str(node.target):
+            sub = getattr(gm, node.args[1].target)
+            sub_env: dict[fx.Node, object] = {}
+            sub_args = iter(node.args[2:])
+            result = None
+            for inner in sub.graph.nodes:
+                if inner.op == "placeholder":
+                    sub_env[inner] = env[next(sub_args)]
+                elif inner.op == "output":
+                    result = fx.node.map_arg(inner.args[0], lambda n: sub_env[n])
+                elif inner.op == "call_function" and is_assert(inner):
+                    continue
+                else:
+                    sub_env[inner] = copy(inner, sub_env)
+                    if not sub_env[inner].meta.get("nn_module_stack"):
+                        sub_env[inner].meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
+                        _fix_module_stack(sub_env[inner].meta)
+            env[node] = result
+        elif node.op == "get_attr" and isinstance(env.get(node.args[0]) if node.args else None, tuple):
+            env[node] = copy(node, env)
+        elif node.op == "call_function" and node.target is __import__("operator").getitem and isinstance(
+            env.get(node.args[0]), (tuple, list)
+        ):
+            env[node] = env[node.args[0]][node.args[1]]
+        elif node.op == "output":
+            flat = node.args[0]
+            flat = list(flat) if isinstance(flat, (tuple, list)) else [flat]
+            outputs = {}
+            for name, value in zip(output_names, flat):
+                if isinstance(value, fx.Node) and isinstance(tensor_meta(value), torch.Tensor):
+                    outputs[name] = env[value]
+            new.output({"outputs": outputs})
+        else:
+            env[node] = copy(node, env)
+    return new, inputs
+
+
+def _output_names(ep) -> list[str]:
+    spec = ep.call_spec.out_spec
+    if spec is None:
+        return ["output"]
+    context = getattr(spec, "context", None)
+    if isinstance(context, (list, tuple)) and all(isinstance(c, str) for c in context):
+        return list(context)
+    return [f"output_{i}" for i in range(spec.num_leaves)]
+
+
+def capture(model: torch.nn.Module, *, attn_implementation: str | None = None) -> CapturedGraph:
+    """Export ``model`` and return its rebuilt graph (see the module docstring)."""
+    accepts = _accepted_kwargs(model)
+    if "input_ids" not in accepts:
+        raise CaptureError(
+            f"{type(model).__name__}.forward takes no input_ids; fxlens captures token-in models. "
+            "Wrap the model so that its forward takes input_ids (and attention_mask)."
+        )
+    kwargs, dynamic, extra = _example_inputs(model, accepts)
+    with _borrowed(model, attn_implementation):
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
+        try:
+            ep = _export(model, kwargs, dynamic, extra)
+        except Exception as err:  # noqa: BLE001 - re-raised with an explanation
+            raise _explain(model, err) from err
+    gm = ep.module()
+    graph, inputs = _rebuild(gm, _output_names(ep))
+    graph.eliminate_dead_code()
+    graph.set_codegen(CodeGen())
+    module = fx.GraphModule(gm, graph, class_name=f"Captured{type(model).__name__}")
+    _rename_attrs(module)
+    ids_val = next(n for n in module.graph.nodes if n.op == "placeholder" and n.name == "input_ids").meta["val"]
+    batch_sym, seq_sym = (s.node.expr if isinstance(s, torch.SymInt) else s for s in ids_val.shape)
+    param = next(iter(model.parameters()), None)
+    config = getattr(model, "config", None)
+    return CapturedGraph(
+        module=module,
+        inputs=tuple(inputs),
+        outputs=tuple(graph.output_node().args[0]["outputs"].keys()),
+        batch_symbol=batch_sym,
+        seq_symbol=seq_sym,
+        attn_implementation=impl,
+        dtype=param.dtype if param is not None else torch.float32,
+        device=param.device if param is not None else torch.device("cpu"),
+        is_causal=not bool(getattr(config, "is_encoder_decoder", False)) and _is_causal(model),
+    )
+
+
+def _is_causal(model) -> bool:
+    config = getattr(model, "config", None)
+    if config is None:
+        return True
+    if getattr(config, "is_decoder", False):
+        return True
+    arch = " ".join(getattr(config, "architectures", None) or []) + type(model).__name__
+    return not any(key in arch for key in ("MaskedLM", "ForSequenceClassification", "BertModel", "Encoder"))
+
+
+def _rename_attrs(module: fx.GraphModule) -> None:
+    """Drop the wrapper's ``inner.`` prefix from get_attr targets so they read as HF paths."""
+    for node in module.graph.nodes:
+        if node.op == "get_attr" and node.target.startswith("inner."):
+            target = _strip_inner(node.target)
+            value = module.get_submodule("inner")
+            for part in target.split("."):
+                value = getattr(value, part)
+            _set_attr(module, target, value)
+            node.target = target
+    if hasattr(module, "inner"):
+        del module.inner
+    module.recompile()
+
+
+def _set_attr(module: torch.nn.Module, target: str, value) -> None:
+    *path, last = target.split(".")
+    owner = module
+    for part in path:
+        if not hasattr(owner, part) or not isinstance(getattr(owner, part), torch.nn.Module):
+            owner.add_module(part, torch.nn.Module())
+        owner = getattr(owner, part)
+    if isinstance(value, torch.nn.Parameter):
+        owner.register_parameter(last, value)
+    elif isinstance(value, torch.Tensor):
+        owner.register_buffer(last, value, persistent=False)
+    else:
+        setattr(owner, last, value)

@@ -1,0 +1,405 @@
+"""The site table: every named place in a captured graph where a value can be read or replaced.
+
+Problem: users name activations as TransformerLens does (``blocks.3.attn.hook_pattern``) or by HF
+module path (``model.layers.3.mlp``); passes need a graph node and a layout. One table must answer
+both, list what exists, and say how to materialise what the fast graph does not compute.
+
+Mechanism: ``analyse`` runs the structure, attention, MLP and norm finders and names what they
+found: raw sites (each module's output under its HF path), the residual stream, and TransformerLens'
+canonical sites. A site that the fast graph lacks (the pattern under SDPA, per-head results, a fused
+LayerNorm's scale) carries ``rewrite=(kind, node)``; the pass named by ``kind`` creates the node named
+``site.node``.
+
+Example::
+
+    mg = analyse(captured, table)
+    mg.sites["blocks.0.attn.hook_q"]       # Site(node="view_6", layout=..., axes=("batch", "pos", "head", "d_head"))
+    mg.sites.get_act_name("pattern", 3)    # "blocks.3.attn.hook_pattern"
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import Attention, AttentionError, View, find_attention
+from .capture import CapturedGraph
+from .dataflow import DataGraph
+from .layout import IDENTITY, Layout
+from .mlp import Mlp, find_mlp
+from .nodes import is_tensor, op_name, scope, sym_dims, tensor_meta
+from .norms import Norm, find_norm
+from .structure import Structure, StructureError, _escaping, _module_nodes, _norm_modules, find_structure
+
+__all__ = ["Site", "SiteTable", "ModelGraph", "analyse", "rewritten", "SiteError"]
+
+QKV_AXES = ("batch", "pos", "head", "d_head")
+PATTERN_AXES = ("batch", "head", "query_pos", "key_pos")
+RESID_AXES = ("batch", "pos", "d_model")
+
+
+class SiteError(KeyError):
+    """An unknown or malformed site name; the message lists the closest valid names."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
+        return str(self.args[0]) if self.args else ""
+
+
+def rewritten(kind: str, target: str, part: str) -> str:
+    """Name of the node that rewrite ``kind`` of node ``target`` creates for ``part``."""
+    return f"{target}__{part}"
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    node: str
+    layout: Layout = IDENTITY
+    axes: tuple = ()
+    layer: int | None = None
+    kind: str = "module"
+    rewrite: tuple | None = None  # (rewrite kind, target node) needed before ``node`` exists
+    expensive: bool = False  # left out of "every site" unless asked for by name
+
+    def layer_index(self) -> int | None:
+        return self.layer
+
+    def axis(self, name: str) -> int | None:
+        return self.axes.index(name) if name in self.axes else None
+
+
+# TransformerLens' short names: cache["pattern", 3] -> blocks.3.attn.hook_pattern
+_SHORT = {
+    "resid_pre": "hook_resid_pre",
+    "resid_mid": "hook_resid_mid",
+    "resid_post": "hook_resid_post",
+    "attn_out": "hook_attn_out",
+    "mlp_out": "hook_mlp_out",
+    "normalized_resid_post": "hook_normalized_resid_post",
+    "q": "attn.hook_q",
+    "k": "attn.hook_k",
+    "v": "attn.hook_v",
+    "rot_q": "attn.hook_rot_q",
+    "rot_k": "attn.hook_rot_k",
+    "z": "attn.hook_z",
+    "result": "attn.hook_result",
+    "attn_scores": "attn.hook_attn_scores",
+    "scores": "attn.hook_attn_scores",
+    "attn": "attn.hook_pattern",
+    "pattern": "attn.hook_pattern",
+    "pre": "mlp.hook_pre",
+    "pre_linear": "mlp.hook_pre_linear",
+    "post": "mlp.hook_post",
+    "mid": "mlp.hook_mid",
+}
+_GLOBAL = {"embed": "hook_embed", "pos_embed": "hook_pos_embed", "token_type_embed": "hook_token_type_embed"}
+
+
+class SiteTable:
+    """An ordered mapping of site names to ``Site``s with helpful errors for unknown names."""
+
+    def __init__(self, sites: "OrderedDict[str, Site]", n_layers: int):
+        self._sites = sites
+        self.n_layers = n_layers
+
+    def __contains__(self, name) -> bool:
+        return name in self._sites
+
+    def __iter__(self):
+        return iter(self._sites)
+
+    def __len__(self) -> int:
+        return len(self._sites)
+
+    def names(self) -> list[str]:
+        return list(self._sites)
+
+    def values(self):
+        return self._sites.values()
+
+    def items(self):
+        return self._sites.items()
+
+    def get_act_name(self, name: str, layer: int | None = None, layer_type: str | None = None) -> str:
+        """TransformerLens' ``utils.get_act_name``: ``("pattern", 3)`` -> ``blocks.3.attn.hook_pattern``."""
+        if name in self._sites and layer is None:
+            return name
+        if layer is not None and (layer < 0 or layer >= self.n_layers):
+            raise SiteError(f"layer {layer} is out of range: this model has layers 0..{self.n_layers - 1}")
+        key = name
+        if layer_type is not None:
+            lt = {"a": "attn", "m": "mlp", "b": "", "block": "", "blocks": ""}.get(layer_type, layer_type)
+            if name in ("scale", "normalized"):
+                key = f"{lt}.hook_{name}"
+            elif lt:
+                key = f"{lt}.hook_{name}" if not name.startswith("hook_") else f"{lt}.{name}"
+        if layer is None:
+            if name in _GLOBAL:
+                return _GLOBAL[name]
+            if name in ("scale", "normalized"):
+                return f"ln_final.hook_{name}"
+            return name
+        suffix = _SHORT.get(key, key if "." in key or key.startswith("hook_") else f"hook_{key}")
+        return f"blocks.{layer}.{suffix}"
+
+    def __getitem__(self, key) -> Site:
+        if isinstance(key, tuple):
+            key = self.get_act_name(*key)
+        site = self._sites.get(key)
+        if site is None:
+            raise SiteError(self.unknown(key))
+        return site
+
+    def unknown(self, key: str) -> str:
+        m = re.match(r"blocks\.(\d+)\.", str(key))
+        if m and int(m.group(1)) >= self.n_layers:
+            return f"unknown site {key!r}: layer {m.group(1)} is out of range, this model has layers 0..{self.n_layers - 1}"
+        close = difflib.get_close_matches(str(key), list(self._sites), n=5, cutoff=0.5)
+        hint = f" Closest valid names: {', '.join(close)}." if close else ""
+        return f"unknown site {key!r}.{hint} See model.sites for every name."
+
+
+@dataclass
+class ModelGraph:
+    """Everything known about a captured graph: structure, component analyses and the site table."""
+
+    captured: CapturedGraph
+    dg: DataGraph
+    structure: Structure
+    attn: list  # per block: Attention | None
+    mlp: list  # per block: Mlp | None
+    norms: dict  # module path -> Norm
+    sites: SiteTable
+    dims: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.structure.blocks)
+
+
+def _axes(dims: tuple) -> tuple:
+    out = []
+    for i, d in enumerate(dims):
+        out.append("batch" if d == "B" else "pos" if d == "S" else f"dim{i}")
+    return tuple(out)
+
+
+def analyse(cg: CapturedGraph, table=None) -> ModelGraph:
+    graph = cg.module.graph
+    dg = DataGraph(graph)
+    syms = (cg.batch_symbol, cg.seq_symbol)
+    st = find_structure(graph, dg)
+    by_scope = _module_nodes(graph)
+    norms = {}
+    for path in _norm_modules(by_scope):
+        norm = find_norm(dg, path, by_scope[path], syms)
+        if norm is not None:
+            norms[path] = norm
+    attns, mlps = [], []
+    for block in st.blocks:
+        a = m = None
+        if block.attn is not None:
+            try:
+                a = find_attention(dg, block, block.attn, syms, norms)
+            except AttentionError:
+                a = None
+        if block.mlp is not None:
+            m = find_mlp(dg, block.mlp, syms)
+        attns.append(a)
+        mlps.append(m)
+    if table is not None:
+        _check_table(st, table)
+    sites = _Builder(dg, syms, st, attns, mlps, norms, table).build(by_scope)
+    dims = _dims(dg, syms, st, attns, mlps)
+    return ModelGraph(cg, dg, st, attns, mlps, norms, SiteTable(sites, len(st.blocks)), dims)
+
+
+def _check_table(st: Structure, table) -> None:
+    problems = []
+    if st.blocks_path != table.blocks:
+        problems.append(f"blocks at {st.blocks_path!r}, table says {table.blocks!r}")
+    else:
+        b = st.blocks[0]
+        want = {
+            "attention": (b.attn and b.attn.module, f"{b.path}.{table.attn}"),
+            "mlp": (b.mlp and b.mlp.module, f"{b.path}.{table.mlp}" if table.mlp else b.path),
+        }
+        for what, (found, expected) in want.items():
+            if found != expected:
+                problems.append(f"{what} at {found!r}, table says {expected!r}")
+    if problems:
+        raise StructureError(
+            "the dataflow analysis disagrees with this family's architecture table: "
+            + "; ".join(problems)
+            + ". Please report this; raw module sites still work with table=None."
+        )
+
+
+def _dims(dg, syms, st, attns, mlps) -> dict:
+    first = st.blocks[0]
+    d_model = sym_dims(dg.node(first.resid_pre), *syms)[-1]
+    a = next((x for x in attns if x is not None), None)
+    m = next((x for x in mlps if x is not None), None)
+    out = {"n_layers": len(st.blocks), "d_model": d_model}
+    if a is not None:
+        out.update(n_heads=a.n_heads, n_key_value_heads=a.n_kv_heads, d_head=a.d_head)
+    if m is not None:
+        out["d_mlp"] = sym_dims(dg.node(m.post.node), *syms)[-1]
+    if st.unembed is not None:
+        out["d_vocab"] = sym_dims(dg.node(st.unembed), *syms)[-1]
+    return out
+
+
+class _Builder:
+    def __init__(self, dg, syms, st, attns, mlps, norms, table):
+        self.dg, self.syms, self.st = dg, syms, st
+        self.attns, self.mlps, self.norms, self.table = attns, mlps, norms, table
+        self.sites: list[Site] = []
+
+    def add(self, name, view: View | str, axes=None, layer=None, kind="module", rewrite=None, expensive=False):
+        if isinstance(view, str):
+            view = View(view)
+        if axes is None:
+            dims = sym_dims(self.dg.node(view.node), *self.syms)
+            axes = _axes(view.layout.shape(dims))
+        self.sites.append(Site(name, view.node, view.layout, tuple(axes), layer, kind, rewrite, expensive))
+
+    def order(self, site: Site) -> tuple:
+        node = site.rewrite[1] if site.rewrite else site.node
+        return (self.dg.order.get(node, 0), 0 if site.rewrite is None else 1)
+
+    def build(self, by_scope) -> "OrderedDict[str, Site]":
+        self._canonical()
+        canonical = {s.name for s in self.sites}
+        self._raw(by_scope, canonical)
+        ordered = sorted(self.sites, key=self.order)
+        return OrderedDict((s.name, s) for s in ordered)
+
+    # ---- raw ----------------------------------------------------------------------------------
+    def _raw(self, by_scope, taken) -> None:
+        for path, nodes in by_scope.items():
+            if not path or path in taken:
+                continue
+            out = _escaping({n.name for n in nodes}, self.dg)
+            out = [o for o in out if is_tensor(self.dg.node(o))]
+            if out:
+                self.add(path, out[-1])
+
+    # ---- canonical ----------------------------------------------------------------------------
+    def _canonical(self) -> None:
+        st, t = self.st, self.table
+        self._embeddings()
+        for i, block in enumerate(st.blocks):
+            p = f"blocks.{i}."
+            resid_mid, resid_post = block.resid_mid, block.resid_post
+            if t is not None and t.post_ln and block.attn and block.mlp:
+                resid_mid, resid_post = block.attn.junction, block.mlp.junction
+                self.add(p + "hook_normalized_resid_post", block.resid_post, RESID_AXES, i, "normalized_resid_post")
+            self.add(p + "hook_resid_pre", block.resid_pre, RESID_AXES, i, "resid_pre")
+            if resid_mid is not None:
+                self.add(p + "hook_resid_mid", resid_mid, RESID_AXES, i, "resid_mid")
+            self.add(p + "hook_resid_post", resid_post, RESID_AXES, i, "resid_post")
+            if block.attn is not None:
+                self.add(p + "hook_attn_out", block.attn.output, RESID_AXES, i, "attn_out")
+            if block.mlp is not None:
+                self.add(p + "hook_mlp_out", self._unflat(block.mlp.output), RESID_AXES, i, "mlp_out")
+            self._attention(i, p, self.attns[i])
+            self._mlp(i, p, self.mlps[i])
+            self._block_norms(i, p, block)
+        if st.final_norm is not None and st.final_norm in self.norms:
+            self._norm("ln_final.", self.norms[st.final_norm], None)
+
+    def _unflat(self, name: str) -> View:
+        """A [batch*pos, d] node (OPT flattens before its MLP) seen as [batch, pos, d]."""
+        dims = sym_dims(self.dg.node(name), *self.syms)
+        if len(dims) == 2 and dims[0] not in ("B", "S"):
+            return View(name, Layout((("unflatten_bs",),)))
+        return View(name)
+
+    def _embeddings(self) -> None:
+        t = self.table
+        names = {}
+        if t is not None:
+            names = {t.embed: "hook_embed"}
+            if t.pos_embed:
+                names[t.pos_embed] = "hook_pos_embed"
+            if t.token_type_embed:
+                names[t.token_type_embed] = "hook_token_type_embed"
+        for path, node in self.st.embed_terms:
+            name = names.get(path)
+            if name is None and t is None:
+                name = "hook_embed" if "pos" not in path and "type" not in path else None
+            if name is None:
+                continue
+            dims = sym_dims(self.dg.node(node), *self.syms)
+            layout = Layout((("expand_batch",),)) if dims and dims[0] == 1 else IDENTITY
+            self.add(name, View(node, layout), RESID_AXES, None, name[5:])
+
+    def _attention(self, i: int, p: str, a: Attention | None) -> None:
+        if a is None:
+            return
+        ap = p + "attn."
+        self.add(ap + "hook_q", a.q, QKV_AXES, i, "q")
+        self.add(ap + "hook_k", a.k, QKV_AXES, i, "k")
+        self.add(ap + "hook_v", a.v, QKV_AXES, i, "v")
+        if a.rot_q is not None:
+            self.add(ap + "hook_rot_q", a.rot_q, QKV_AXES, i, "rot_q")
+        if a.rot_k is not None:
+            self.add(ap + "hook_rot_k", a.rot_k, QKV_AXES, i, "rot_k")
+        if a.kind == "eager":
+            self.add(ap + "hook_attn_scores", a.scores, PATTERN_AXES, i, "attn_scores")
+            self.add(ap + "hook_pattern", a.pattern, PATTERN_AXES, i, "pattern")
+        else:
+            rw = ("expand_attention", a.op)
+            self.add(ap + "hook_attn_scores", rewritten(*rw, "scores"), PATTERN_AXES, i, "attn_scores", rw)
+            self.add(ap + "hook_pattern", rewritten(*rw, "pattern"), PATTERN_AXES, i, "pattern", rw)
+        self.add(ap + "hook_z", a.z, QKV_AXES, i, "z")
+        rw = ("split_heads", a.o_matmul)
+        self.add(
+            ap + "hook_result",
+            rewritten(*rw, "result"),
+            ("batch", "pos", "head", "d_model"),
+            i,
+            "result",
+            rw,
+            expensive=True,
+        )
+
+    def _mlp(self, i: int, p: str, m: Mlp | None) -> None:
+        if m is None:
+            return
+        axes = ("batch", "pos", "d_mlp")
+        self.add(p + "mlp.hook_pre", self._unflat(m.pre.node), axes, i, "pre")
+        if m.pre_linear is not None:
+            self.add(p + "mlp.hook_pre_linear", self._unflat(m.pre_linear.node), axes, i, "pre_linear")
+        self.add(p + "mlp.hook_post", self._unflat(m.post.node), axes, i, "post")
+
+    def _block_norms(self, i: int, p: str, block) -> None:
+        t = self.table
+        attn_norm = block.attn.norm if block.attn else None
+        mlp_norm = block.mlp.norm if block.mlp else None
+        if t is not None and t.post_ln:
+            spine = [path for path, _ in block.spine_norms]
+            attn_norm = spine[0] if len(spine) > 0 else None
+            mlp_norm = spine[1] if len(spine) > 1 else None
+        if attn_norm in self.norms:
+            self._norm(p + "ln1.", self.norms[attn_norm], i)
+        if mlp_norm in self.norms and mlp_norm != attn_norm:
+            self._norm(p + "ln2.", self.norms[mlp_norm], i)
+        for tag, br in (("ln1_post.", block.attn), ("ln2_post.", block.mlp)):
+            if br is not None and br.post_norm in self.norms:
+                self._norm(p + tag, self.norms[br.post_norm], i)
+
+    def _norm(self, prefix: str, norm: Norm, layer) -> None:
+        width = sym_dims(self.dg.node(norm.input), *self.syms)
+        if norm.fused is not None:
+            rw = ("decompose_norm", norm.fused)
+            self.add(prefix + "hook_scale", rewritten(*rw, "scale"), RESID_AXES[:2] + ("one",), layer, "scale", rw)
+            self.add(prefix + "hook_normalized", rewritten(*rw, "normalized"), RESID_AXES, layer, "normalized", rw)
+            return
+        self.add(prefix + "hook_scale", norm.scale, RESID_AXES[:2] + ("one",), layer, "scale")
+        self.add(prefix + "hook_normalized", norm.normalized, RESID_AXES, layer, "normalized")

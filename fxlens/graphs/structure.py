@@ -1,0 +1,349 @@
+"""Find a transformer's structure from the dataflow: blocks, residual stream, branches, norms.
+
+Problem: hook sites such as ``blocks.3.hook_resid_mid`` or ``blocks.3.hook_attn_out`` must exist for
+every model, including families nobody wrote a table for. They are facts about the graph's dataflow,
+not about module names.
+
+Mechanism:
+- Blocks are the integer-indexed children of the module list that covers most matrix products
+  (``model.layers.{i}``, ``transformer.h.{i}``, ``bert.encoder.layer.{i}``).
+- A block's residual input (``resid_pre``) is the external input that dominates its output; the
+  *spine* is the chain of nodes every path from ``resid_pre`` to the block output passes through.
+- Consecutive spine nodes bound a segment. A segment whose interior holds a matrix product is a
+  branch; the junction's sum is flattened into terms, each term is what a component adds to the
+  residual stream (``hook_attn_out`` / ``hook_mlp_out``), and a term is attention when an attention op
+  (SDPA or softmax) lies upstream of it. Parallel blocks (GPT-J, NeoX) yield two terms in one segment.
+- A branch's entry norm is the module, on the dominator chain of its first matrix product, that holds
+  a normalisation op; a norm on the spine after a junction is a post-norm (BERT).
+
+Example::
+
+    s = find_structure(gm.graph)
+    s.blocks[3].resid_mid, s.blocks[3].attn.output, s.blocks[3].attn.norm   # node, node, module path
+
+Gotchas: a float32 graph may route the residual through a no-op ``.to(float32)`` inside a norm's
+scope (the spine then contains that alias); resid sites always name the block's input, the first
+junction and the block's output, never such aliases.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .dataflow import DataGraph
+from .nodes import ATTENTION_OPS, MATMUL_OPS, LAYOUT_OPS, is_op, is_tensor, op_name, scope, scopes, tensor_meta
+
+__all__ = ["Branch", "Block", "Structure", "find_structure", "StructureError", "NORM_OPS"]
+
+NORM_OPS = frozenset({"layer_norm", "native_layer_norm", "rsqrt", "rms_norm", "_fused_rms_norm", "group_norm"})
+
+
+class StructureError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Branch:
+    kind: str  # "attn" or "mlp"
+    output: str  # node added into the residual stream
+    entry: str  # spine node the branch reads
+    junction: str  # spine node where it is added back
+    nodes: frozenset  # node names of the branch (ancestors of output inside the segment)
+    module: str  # HF module path that owns the component's matrix products
+    norm: str | None = None  # HF path of the entry norm module
+    post_norm: str | None = None  # HF path of a norm applied to the branch output before the add
+
+
+@dataclass(frozen=True)
+class Block:
+    index: int
+    path: str
+    resid_pre: str
+    resid_post: str
+    spine: tuple
+    resid_mid: str | None = None
+    attn: Branch | None = None
+    mlp: Branch | None = None
+    spine_norms: tuple = ()  # (module path, output node) of norms on the spine, in order
+    context: tuple = ()  # external non-residual inputs (mask, rotary cos/sin, position ids)
+    nodes: frozenset = frozenset()
+
+
+@dataclass(frozen=True)
+class Structure:
+    blocks_path: str
+    blocks: tuple
+    embed_terms: tuple = ()  # (module path, node) of each term summed into the first residual
+    final_norm: str | None = None  # HF path of the final norm module
+    unembed: str | None = None  # node producing the main output (logits)
+    unembed_module: str | None = None
+
+
+def _module_nodes(graph: fx.Graph) -> dict[str, list[fx.Node]]:
+    by_scope: dict[str, list[fx.Node]] = defaultdict(list)
+    for node in graph.nodes:
+        if node.op == "call_function":
+            for path in scopes(node):
+                by_scope[path].append(node)
+    return by_scope
+
+
+def _find_block_list(graph: fx.Graph) -> tuple[str, list[str]]:
+    coverage: dict[str, set] = defaultdict(set)
+    indices: dict[str, set] = defaultdict(set)
+    for node in graph.nodes:
+        if node.op != "call_function" or op_name(node) not in MATMUL_OPS:
+            continue
+        for path in scopes(node):
+            m = re.fullmatch(r"(.+)\.(\d+)", path)
+            if m:
+                coverage[m.group(1)].add(node.name)
+                indices[m.group(1)].add(int(m.group(2)))
+    if not coverage:
+        raise StructureError("no repeated blocks (a module list of layers holding matrix products) found")
+    prefix = max(coverage, key=lambda p: (len(coverage[p]), -p.count(".")))
+    idx = sorted(indices[prefix])
+    if idx != list(range(len(idx))):
+        raise StructureError(f"blocks under {prefix!r} are not numbered 0..n-1: {idx}")
+    return prefix, [f"{prefix}.{i}" for i in idx]
+
+
+def _sum_terms(dg: DataGraph, junction: str, entry: str, region: set[str]) -> list[str]:
+    """Flatten the sum at ``junction`` into its terms, dropping the residual ``entry``."""
+    terms: list[str] = []
+
+    def visit(name: str, top: bool) -> None:
+        node = dg.node(name)
+        if name == entry:
+            return
+        expandable = is_op(node, "add") and (top or (name in region and len(node.users) == 1))
+        if expandable:
+            operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+            if len(operands) == 2 and all(a.name in region or a.name == entry for a in operands):
+                for a in operands:
+                    visit(a.name, False)
+                return
+        terms.append(name)
+
+    visit(junction, True)
+    return terms
+
+
+def _norm_modules(by_scope: dict[str, list[fx.Node]]) -> set[str]:
+    out = set()
+    for path, nodes in by_scope.items():
+        if any(op_name(n) in NORM_OPS for n in nodes):
+            # the innermost module holding the op is the norm; parents also hold it, so keep only
+            # paths whose own (direct) nodes contain the op
+            if any(op_name(n) in NORM_OPS and scope(n) == path for n in nodes):
+                out.add(path)
+    return out
+
+
+def _common_scope(nodes: list[fx.Node]) -> str:
+    stacks = [scopes(n) for n in nodes if scopes(n)]
+    if not stacks:
+        return ""
+    common = stacks[0]
+    for s in stacks[1:]:
+        k = 0
+        while k < min(len(common), len(s)) and common[k] == s[k]:
+            k += 1
+        common = common[:k]
+    return common[-1] if common else ""
+
+
+def _escaping(nodes: set[str], dg: DataGraph) -> list[str]:
+    out = []
+    for name in nodes:
+        node = dg.node(name)
+        if is_tensor(node) and any(u.name not in nodes for u in node.users):
+            out.append(name)
+    return dg.sorted(out)
+
+
+def find_structure(graph: fx.Graph, dg: DataGraph | None = None) -> Structure:
+    dg = dg or DataGraph(graph)
+    by_scope = _module_nodes(graph)
+    norm_modules = _norm_modules(by_scope)
+    prefix, paths = _find_block_list(graph)
+
+    blocks = []
+    prev_out: str | None = None
+    for index, path in enumerate(paths):
+        block_nodes = {n.name for n in by_scope[path]}
+        external = set()
+        for name in block_nodes:
+            for src in dg.node(name).all_input_nodes:
+                if src.op != "get_attr" and src.name not in block_nodes and is_tensor(src):
+                    external.add(src.name)
+        outputs = _escaping(block_nodes, dg)
+        if not outputs:
+            raise StructureError(f"block {path} has no output")
+        resid_pre = prev_out if prev_out in external else _pick_resid_input(dg, external, block_nodes, outputs)
+        pre_shape = tuple(tensor_meta(dg.node(resid_pre)).shape)
+        same = [o for o in outputs if tuple(tensor_meta(dg.node(o)).shape) == pre_shape]
+        resid_post = same[-1] if same else outputs[-1]
+        blocks.append(_analyse_block(dg, index, path, resid_pre, resid_post, block_nodes, external, by_scope, norm_modules))
+        prev_out = resid_post
+
+    structure = Structure(blocks_path=prefix, blocks=tuple(blocks))
+    return _add_ends(dg, graph, structure, by_scope, norm_modules)
+
+
+def _pick_resid_input(dg: DataGraph, external: set[str], block_nodes: set[str], outputs: list[str]) -> str:
+    """The external input with the output's shape that has the longest residual spine to it."""
+    sink = outputs[-1]
+    shape = tuple(tensor_meta(dg.node(sink)).shape)
+    candidates = [e for e in dg.sorted(external) if tuple(tensor_meta(dg.node(e)).shape) == shape]
+    best, best_len = None, 0
+    for e in candidates:
+        n = len(dg.spine(e, sink, block_nodes | {e}))
+        if n > best_len:
+            best, best_len = e, n
+    if best is None:
+        raise StructureError(f"could not find the residual input of the block producing {sink}")
+    return best
+
+
+def _analyse_block(dg, index, path, resid_pre, resid_post, block_nodes, external, by_scope, norm_modules) -> Block:
+    spine = dg.spine(resid_pre, resid_post, block_nodes | {resid_pre})
+    if not spine:
+        raise StructureError(f"block {path}: no residual path from {resid_pre} to {resid_post}")
+    region = dg.between(resid_pre, resid_post, block_nodes) | {resid_post}
+    branches: list[Branch] = []
+    spine_norms = []
+    first_junction = None
+    for a, b in zip(spine, spine[1:]):
+        interior = dg.between(a, b, region)
+        if not any(op_name(dg.node(n)) in MATMUL_OPS | ATTENTION_OPS for n in interior):
+            norm_path = scope(dg.node(b))
+            normalises = any(op_name(dg.node(n)) in NORM_OPS for n in interior | {b})
+            if normalises and norm_path in norm_modules and b in _escaping({n.name for n in by_scope[norm_path]}, dg):
+                spine_norms.append((norm_path, b))
+            continue
+        terms = _sum_terms(dg, b, a, interior)
+        for term in terms:
+            nodes = (dg.upstream([term]) & interior) | {term}
+            has_attn = any(
+                op_name(dg.node(n)) in ATTENTION_OPS or op_name(dg.node(n)) in ("softmax", "_softmax") for n in nodes
+            )
+            matmuls = [dg.node(n) for n in dg.sorted(nodes) if op_name(dg.node(n)) in MATMUL_OPS | ATTENTION_OPS]
+            if not matmuls:
+                continue
+            module = _common_scope(matmuls)
+            norm = _entry_norm(dg, a, matmuls[0].name, region, norm_modules, path)
+            post = _exit_norm(dg, term, nodes, norm_modules, module, by_scope)
+            branches.append(
+                Branch(
+                    kind="attn" if has_attn else "mlp",
+                    output=term,
+                    entry=a,
+                    junction=b,
+                    nodes=frozenset(nodes),
+                    module=module,
+                    norm=norm,
+                    post_norm=post,
+                )
+            )
+        if first_junction is None:
+            first_junction = b
+    attn = next((br for br in branches if br.kind == "attn"), None)
+    mlp = next((br for br in branches if br.kind == "mlp"), None)
+    resid_mid = None
+    if attn is not None and mlp is not None and attn.junction != mlp.junction:
+        resid_mid = attn.junction if dg.order[attn.junction] < dg.order[mlp.junction] else mlp.junction
+    context = tuple(dg.sorted(external - {resid_pre}))
+    return Block(
+        index=index,
+        path=path,
+        resid_pre=resid_pre,
+        resid_post=resid_post,
+        spine=tuple(spine),
+        resid_mid=resid_mid,
+        attn=attn,
+        mlp=mlp,
+        spine_norms=tuple(spine_norms),
+        context=context,
+        nodes=frozenset(block_nodes),
+    )
+
+
+def _entry_norm(dg, entry, first_matmul, region, norm_modules, block_path) -> str | None:
+    idom = dg.dominators(entry, region | {entry})
+    name = first_matmul
+    while name in idom and name != entry:
+        name = idom[name]
+        if name == entry:
+            break
+        path = scope(dg.node(name))
+        if path in norm_modules and path != block_path:
+            return path
+    return None
+
+
+def _exit_norm(dg, term, nodes, norm_modules, module, by_scope) -> str | None:
+    path = scope(dg.node(term))
+    if path in norm_modules and path != module and not path.startswith(module + "."):
+        return path
+    # the term may be a cast or dropout applied after the norm
+    node = dg.node(term)
+    while op_name(node) in LAYOUT_OPS and node.all_input_nodes:
+        node = node.all_input_nodes[0]
+        p = scope(node)
+        if p in norm_modules and p != module and not p.startswith(module + "."):
+            return p
+    return None
+
+
+def _add_ends(dg: DataGraph, graph: fx.Graph, s: Structure, by_scope, norm_modules) -> Structure:
+    first = s.blocks[0].resid_pre
+    last = s.blocks[-1].resid_post
+    # Embedding terms: flatten the sum that makes the first residual, through layout ops and a norm.
+    embed_terms = []
+    node = dg.node(first)
+    while op_name(node) in LAYOUT_OPS or op_name(node) == "layer_norm":
+        node = node.all_input_nodes[0]
+    upstream = dg.upstream([node.name]) | {node.name}
+    terms = _sum_terms(dg, node.name, "__none__", upstream) if is_op(node, "add") else [node.name]
+    for term in terms:
+        emb = [n for n in dg.sorted((dg.upstream([term]) | {term})) if is_op(dg.node(n), "embedding")]
+        if emb:
+            embed_terms.append((scope(dg.node(emb[-1])), term))
+    # Final norm: a norm module whose input is the last residual (through layout ops only).
+    final_norm = None
+    for path in norm_modules:
+        nodes = {n.name for n in by_scope[path]}
+        inputs = {src.name for n in by_scope[path] for src in n.all_input_nodes if src.op != "get_attr" and src.name not in nodes}
+        if last in inputs or any(_layout_of(dg, i) == last for i in inputs):
+            if not any(path == b.path or path.startswith(b.path + ".") for b in s.blocks):
+                final_norm = path
+    out = graph.output_node().args[0]["outputs"]
+    unembed = unembed_module = None
+    if out:
+        node = next(iter(out.values()))
+        while node is not None and op_name(node) not in MATMUL_OPS:
+            inputs = [n for n in node.all_input_nodes if n.op != "get_attr"]
+            node = inputs[0] if len(inputs) == 1 else None
+        if node is not None:
+            unembed, unembed_module = node.name, scope(node)
+    return Structure(
+        blocks_path=s.blocks_path,
+        blocks=s.blocks,
+        embed_terms=tuple(embed_terms),
+        final_norm=final_norm,
+        unembed=unembed,
+        unembed_module=unembed_module,
+    )
+
+
+def _layout_of(dg: DataGraph, name: str) -> str:
+    node = dg.node(name)
+    while op_name(node) in LAYOUT_OPS and node.all_input_nodes:
+        node = node.all_input_nodes[0]
+    return node.name

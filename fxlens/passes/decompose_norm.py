@@ -1,0 +1,71 @@
+"""Decompose one fused ``aten.layer_norm`` node so its scale and normalised value exist.
+
+Problem: TransformerLens' ``ln.hook_scale`` and ``ln.hook_normalized`` are intermediate values of a
+LayerNorm; HF's LayerNorm is a single fused node that exposes neither.
+
+Mechanism: replace ``layer_norm(x, shape, w, b, eps)`` by ``xc = x - mean(x)``,
+``scale = sqrt(mean(xc^2) + eps)`` (named ``{ln}__scale``), ``normalized = xc / scale`` (named
+``{ln}__normalized``) and ``normalized * w + b``. Patching the scale or the normalised value then
+changes what the rest of the model sees, as it does in TransformerLens.
+
+Example::
+
+    gm = decompose_norm(gm, DecomposeNorm("layer_norm_4"))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..graphs.sites import rewritten
+from .base import PassError, rewrite
+
+__all__ = ["DecomposeNorm", "decompose_norm"]
+
+
+@dataclass(frozen=True)
+class DecomposeNorm:
+    node: str  # the layer_norm node
+
+
+def _center(x, ndim: int):
+    return x - x.mean(dim=tuple(range(-ndim, 0)), keepdim=True)
+
+
+def _scale(xc, ndim: int, eps: float):
+    return (xc.pow(2).mean(dim=tuple(range(-ndim, 0)), keepdim=True) + eps).sqrt()
+
+
+def _normalized(xc, scale):
+    return xc / scale
+
+
+def _affine(x, weight, bias):
+    if weight is not None:
+        x = x * weight
+    if bias is not None:
+        x = x + bias
+    return x
+
+
+def decompose_norm(gm: fx.GraphModule, spec: DecomposeNorm) -> fx.GraphModule:
+    with rewrite(gm) as rw:
+        if not rw.has(spec.node):
+            raise PassError(f"{spec}: no layer_norm node {spec.node!r}")
+        node = rw.node(spec.node)
+        args = list(node.args) + [None] * (5 - len(node.args))
+        x, shape, weight, bias, eps = args[:5]
+        eps = node.kwargs.get("eps", 1e-5 if eps is None else eps)
+        ndim = len(shape)
+        with rw.graph.inserting_before(node):
+            xc = rw.create(_center, (x, ndim), like=node)
+            scale = rw.create(_scale, (xc, ndim, eps), name=rewritten("decompose_norm", spec.node, "scale"), like=node)
+            normalized = rw.create(
+                _normalized, (xc, scale), name=rewritten("decompose_norm", spec.node, "normalized"), like=node
+            )
+            out = rw.create(_affine, (normalized, weight, bias), like=node)
+        rw.replace(node, out)
+    return rw.result

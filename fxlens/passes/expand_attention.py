@@ -1,0 +1,96 @@
+"""Expand one fused SDPA node into explicit scores, softmax and weighted sum.
+
+Problem: under ``attn_implementation="sdpa"`` the attention pattern never exists as a tensor, yet
+``attn.hook_pattern`` and ``attn.hook_attn_scores`` must be readable and patchable. Switching the whole
+model to eager attention would slow every layer; only the layers whose pattern is asked for need it.
+
+Mechanism: the ``scaled_dot_product_attention`` node is replaced by the same arithmetic spelled out:
+``scores = q @ k^T * scale`` with the boolean mask filled with -inf (a float mask added; a causal flag
+turned into a lower-triangular mask), ``pattern = softmax(scores)``, ``out = pattern @ v``. Grouped-query
+attention (``enable_gqa``) repeats k and v heads first. The new nodes are named
+``{sdpa}__scores`` and ``{sdpa}__pattern`` so the site table can point at them.
+
+Example::
+
+    gm = expand_attention(gm, ExpandAttention("scaled_dot_product_attention_3"))
+
+Gotchas: results equal the fused kernel to float rounding (about 1e-7 in float32), not bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..graphs.sites import rewritten
+from .base import PassError, rewrite
+
+__all__ = ["ExpandAttention", "expand_attention"]
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class ExpandAttention:
+    node: str  # the SDPA node
+
+
+def _sdpa_args(node: fx.Node) -> dict:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+    out = dict(zip(names, node.args))
+    for key in ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"):
+        if key in node.kwargs:
+            out[key] = node.kwargs[key]
+    return out
+
+
+def _scores(q, k, mask, is_causal, scale, enable_gqa):
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if is_causal:
+        ql, kl = q.shape[-2], k.shape[-2]
+        causal = torch.ones(ql, kl, dtype=torch.bool, device=q.device).tril(diagonal=kl - ql)
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask
+    return scores
+
+
+def _weighted(pattern, v, enable_gqa):
+    if enable_gqa and v.shape[-3] != pattern.shape[-3]:
+        v = v.repeat_interleave(pattern.shape[-3] // v.shape[-3], dim=-3)
+    return torch.matmul(pattern, v)
+
+
+def _softmax(scores):
+    return torch.softmax(scores, dim=-1)
+
+
+def expand_attention(gm: fx.GraphModule, spec: ExpandAttention) -> fx.GraphModule:
+    with rewrite(gm) as rw:
+        if not rw.has(spec.node):
+            raise PassError(f"{spec}: no attention node {spec.node!r}")
+        node = rw.node(spec.node)
+        args = _sdpa_args(node)
+        if args.get("dropout_p", 0.0) not in (0, 0.0, None):
+            raise PassError(f"{spec}: attention dropout is on; capture the model in eval mode")
+        with rw.graph.inserting_before(node):
+            scores = rw.create(
+                _scores,
+                (args["query"], args["key"], args.get("attn_mask"), bool(args.get("is_causal", False)), args.get("scale"), bool(args.get("enable_gqa", False))),
+                name=rewritten("expand_attention", spec.node, "scores"),
+                like=node,
+            )
+            pattern = rw.create(_softmax, (scores,), name=rewritten("expand_attention", spec.node, "pattern"), like=node)
+            out = rw.create(_weighted, (pattern, args["value"], bool(args.get("enable_gqa", False))), like=node)
+        rw.replace(node, out)
+    return rw.result

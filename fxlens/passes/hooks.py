@@ -1,0 +1,98 @@
+"""Hooks pass: splice user callables into the graph at chosen sites.
+
+Problem: ``run_with_hooks`` must behave like TransformerLens' forward hooks (a function sees the
+site's value in TransformerLens layout and may return a replacement), without leaving anything on
+the model and without recompiling when the user passes a new function.
+
+Mechanism: one graph input, ``fxl_hooks``, receives a list of ``(fn, hook_point)`` pairs at call time.
+For each hook spec, a ``_call_hook(fxl_hooks, index, value)`` node is inserted right after the site
+(reading it through the site's layout); its result, written back through the layout, replaces the
+site's value for every later node. Several hooks on one site chain in the order given.
+
+Example::
+
+    gm = hooks(gm, Hooks((HookAt("blocks.2.attn.hook_pattern", "softmax", Layout(), 0),)))
+    gm(input_ids=ids, attention_mask=mask, fxl_hooks=[(fn, point)])
+
+Gotchas: a hook that returns a tensor of another shape or dtype raises ``HookError`` naming the site.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..graphs.layout import IDENTITY, Layout
+from .base import rewrite
+
+__all__ = ["HookAt", "Hooks", "hooks", "HookError", "HOOKS_INPUT"]
+
+HOOKS_INPUT = "fxl_hooks"
+
+
+class HookError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class HookAt:
+    key: str  # site name, for messages
+    node: str
+    layout: Layout = IDENTITY
+    index: int = 0  # position of (fn, hook_point) in the fxl_hooks list
+
+
+@dataclass(frozen=True)
+class Hooks:
+    hooks: tuple  # of HookAt
+
+
+def _call_hook(fns, index: int, value: torch.Tensor, name: str):
+    fn, point = fns[index]
+    out = fn(value, point)
+    if out is None:
+        return value
+    if not isinstance(out, torch.Tensor):
+        raise HookError(f"hook on {name} returned {type(out).__name__}; return a tensor or None")
+    if out.shape != value.shape:
+        raise HookError(
+            f"hook on {name} returned shape {tuple(out.shape)}, but the site has shape {tuple(value.shape)}; "
+            "return a tensor of the site's shape (or None to keep the value)"
+        )
+    if out.dtype != value.dtype:
+        raise HookError(
+            f"hook on {name} returned dtype {out.dtype}, but the site has dtype {value.dtype}; "
+            f"cast with .to({value.dtype})"
+        )
+    return out
+
+
+def hooks(gm: fx.GraphModule, spec: Hooks) -> fx.GraphModule:
+    with rewrite(gm) as rw:
+        fns = rw.placeholder(HOOKS_INPUT)
+        needs_sizes = any(op[0] in ("expand_batch", "unflatten_bs") for h in spec.hooks for op in h.layout.ops)
+        sizes = rw.sizes() if needs_sizes else None
+        for h in spec.hooks:
+            value = rw.node(h.node)  # after an earlier hook on this site, the hooked value
+            with rw.after(value):
+                read = h.layout.read(rw.graph, value, sizes)
+                called = rw.create(_call_hook, (fns, h.index, read, h.key))
+                written = h.layout.write(rw.graph, called, sizes)
+            rw.supersede(value, written, keep=_between(read, written, value))
+    return rw.result
+
+
+def _between(first: fx.Node, last: fx.Node, value: fx.Node) -> set:
+    """The nodes from ``first`` to ``last`` in graph order (the inserted read/call/write chain)."""
+    out = set()
+    node = first
+    while True:
+        out.add(node)
+        if node is last:
+            break
+        node = node.next
+    if first is value:
+        out.discard(value)
+    return out
