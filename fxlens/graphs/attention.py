@@ -141,7 +141,7 @@ def _operand_views(dg: DataGraph, operand: str, ctx: set[str], syms, d_head: int
         view = _pick_heads(dg, chain, syms, d_head)
         if view is None:
             raise AttentionError(f"no [batch, pos, head, d_head] node behind {operand}")
-        return _before_norm(dg, view, norms, syms, d_head), None
+        return _unscaled(dg, _before_norm(dg, view, norms, syms, d_head)), None
     rot = _pick_heads(dg, chain, syms, d_head)
     # nearest context-free ancestor with the full head size
     seen = {stop}
@@ -161,7 +161,20 @@ def _operand_views(dg: DataGraph, operand: str, ctx: set[str], syms, d_head: int
     if pre is None or rot is None:
         raise AttentionError(f"could not separate rotary embedding around {operand}")
     view = _pick_heads(dg, _walk_back(dg, pre), syms, d_head)
-    return _before_norm(dg, view, norms, syms, d_head), rot
+    return _unscaled(dg, _before_norm(dg, view, norms, syms, d_head)), rot
+
+
+def _unscaled(dg: DataGraph, view: View) -> View:
+    """Undo a constant factor applied to a projection output (OPT scales q before splitting heads).
+
+    TransformerLens' q is x @ W_Q + b_Q; the scale belongs to the attention scores.
+    """
+    root = dg.node(_walk_back(dg, view.node)[-1])
+    if op_name(root) == "mul" and len(root.args) == 2 and isinstance(root.args[1], (int, float)):
+        src = root.args[0]
+        if hasattr(src, "op") and op_name(dg.node(_walk_back(dg, src.name)[-1])) in MATMUL_OPS:
+            return View(view.node, view.layout.then(("scale", float(root.args[1]))))
+    return view
 
 
 def _before_norm(dg: DataGraph, view: View, norms: dict, syms, d_head: int) -> View:
@@ -178,7 +191,7 @@ def find_attention(dg: DataGraph, block, branch, syms, norms: dict | None = None
     ordered = dg.sorted(nodes)
     sdpa = [n for n in ordered if op_name(dg.node(n)) in ATTENTION_OPS]
     softmax = [n for n in ordered if op_name(dg.node(n)) in ("softmax", "_softmax")]
-    ctx = dg.downstream(block.context) & set(block.nodes)
+    ctx = dg.downstream_within(block.context, set(block.nodes))
     if sdpa:
         op = dg.node(sdpa[0])
         kind = "sdpa"

@@ -52,6 +52,15 @@ class DataGraph:
             out |= nx.descendants(self.g, name)
         return out
 
+    def downstream_within(self, names: Iterable[str], within: set[str]) -> set[str]:
+        """Nodes of ``within`` reachable from ``names`` along paths that stay inside ``within``."""
+        names = list(names)
+        sub = self.g.subgraph(set(within) | set(names))
+        out: set[str] = set()
+        for name in names:
+            out |= nx.descendants(sub, name)
+        return out & set(within)
+
     def upstream(self, names: Iterable[str]) -> set[str]:
         out: set[str] = set()
         for name in names:

@@ -12,6 +12,7 @@ Example::
 
     Layout((("permute", (0, 2, 1, 3)),))     # [b, h, s, d] in the graph, [b, s, h, d] for the user
     Layout((("reciprocal",),))               # graph holds rsqrt(var + eps); the user sees the scale
+    Layout((("scale", 0.125),))              # graph holds 0.125 * q (OPT); the user sees q
     Layout((("expand_batch",),))             # graph holds [1, s, d]; the user sees [b, s, d]
     Layout((("unflatten_bs",),))             # graph holds [b*s, d] (OPT's MLP); the user sees [b, s, d]
 
@@ -94,6 +95,9 @@ def _emit(graph: fx.Graph, op: tuple, x: fx.Node, sizes, inverse: bool) -> fx.No
         return graph.call_function(aten.permute.default, (x, list(perm)))
     if kind == "reciprocal":
         return graph.call_function(aten.reciprocal.default, (x,))
+    if kind == "scale":
+        # the graph holds the user's value times op[1]
+        return graph.call_function(aten.mul.Tensor, (x, op[1] if inverse else 1.0 / op[1]))
     if kind == "expand_batch":
         if inverse:
             return x  # a [b, s, d] value broadcasts wherever the [1, s, d] node was used
@@ -111,6 +115,8 @@ def _eager(op: tuple, x: torch.Tensor, sizes, inverse: bool) -> torch.Tensor:
         return x.permute(_inverse_perm(op[1]) if inverse else op[1])
     if kind == "reciprocal":
         return x.reciprocal()
+    if kind == "scale":
+        return x * op[1] if inverse else x * (1.0 / op[1])
     if kind == "expand_batch":
         return x if inverse or sizes is None else x.expand(sizes[0], *x.shape[1:])
     if kind == "unflatten_bs":

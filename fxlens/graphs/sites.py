@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import difflib
+import warnings
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -205,8 +206,10 @@ def analyse(cg: CapturedGraph, table=None) -> ModelGraph:
         if block.attn is not None:
             try:
                 a = find_attention(dg, block, block.attn, syms, norms)
-            except AttentionError:
-                a = None
+            except AttentionError as err:
+                if table is not None:
+                    raise StructureError(f"block {block.index} of a {table.model_types[0]} model: {err}") from err
+                warnings.warn(f"block {block.index}: attention sites unavailable ({err}); raw sites still work")
         if block.mlp is not None:
             m = find_mlp(dg, block.mlp, syms)
         attns.append(a)
