@@ -9,7 +9,8 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 logging.getLogger("transformers").setLevel(logging.ERROR)
-torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+# one thread per xdist worker; the suite runs two workers on two cores
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(4, os.cpu_count() or 1)))
 
 from families import make  # noqa: E402
 

@@ -306,7 +306,7 @@ class Model:
                 specs.append(HookAt(site.name, site.node, site.layout, len(fns)))
                 fns.append((fn, HookPoint(site.name, site.layer)))
                 sites.append(site)
-        plan = rewrites_for(self.graph, sites) + ((Hooks(tuple(specs)),) if specs else ())
+        plan = rewrites_for(self.graph, sites, write=sites) + ((Hooks(tuple(specs)),) if specs else ())
         if specs:
             feed[HOOKS_INPUT] = fns
         out = self.programs.get(plan)(**feed)

@@ -25,30 +25,38 @@ import torch.fx as fx
 from .. import passes
 from ..graphs.sites import ModelGraph, Site
 from ..passes import DecomposeNorm, ExpandAttention, SplitHeads
+from ..passes.split_heads import Head
 
 __all__ = ["Programs", "rewrites_for"]
 
 
-def rewrites_for(mg: ModelGraph, sites) -> tuple:
-    """The materialising rewrites the given sites need, without duplicates, in a stable order."""
-    specs = []
+def rewrites_for(mg: ModelGraph, sites, write=()) -> tuple:
+    """The materialising rewrites ``sites`` need, one pass per kind, in a stable order.
+
+    A site in ``write`` (one that is patched or hooked) gets the replacing form of its rewrite, so the
+    model uses the materialised value; otherwise the value is computed beside the fused node and the
+    model's outputs stay bit-identical to the captured graph.
+    """
+    write = {s.name for s in write}
+    found: dict = {"expand_attention": {}, "decompose_norm": {}, "split_heads": {}}
     for site in sites:
         if site.rewrite is None:
             continue
         kind, target = site.rewrite
-        if kind == "expand_attention":
-            spec = ExpandAttention(target)
-        elif kind == "decompose_norm":
-            spec = DecomposeNorm(target)
-        elif kind == "split_heads":
-            a = mg.attn[site.layer]
-            spec = SplitHeads(target, a.z.node, a.z.layout, a.n_heads, a.d_head)
-        else:
+        if kind not in found:
             raise ValueError(f"unknown rewrite {kind!r} for site {site.name}")
-        if spec not in specs:
-            specs.append(spec)
-    order = {ExpandAttention: 0, DecomposeNorm: 1, SplitHeads: 2}
-    return tuple(sorted(specs, key=lambda s: order[type(s)]))
+        entry = target
+        if kind == "split_heads":
+            a = mg.attn[site.layer]
+            entry = Head(target, a.z.node, a.z.layout, a.n_heads, a.d_head)
+        found[kind][entry] = found[kind].get(entry, False) or site.name in write
+    specs = []
+    for kind, cls in (("expand_attention", ExpandAttention), ("decompose_norm", DecomposeNorm), ("split_heads", SplitHeads)):
+        for replace in (False, True):
+            entries = tuple(e for e, r in found[kind].items() if r == replace)
+            if entries:
+                specs.append(cls(entries, replace=replace))
+    return tuple(specs)
 
 
 class Programs:

@@ -68,6 +68,22 @@ class Rewrite:
         """Insert new nodes right after ``node``, in creation order (fx's inserting_after reverses them)."""
         return self.graph.inserting_before(node.next)
 
+    def erase_dead(self, node: fx.Node) -> None:
+        """Erase ``node`` if nothing reads it, then its inputs that became unread (call_function only).
+
+        Passes use this instead of blanket dead-code elimination, which would also delete the
+        side-branch nodes (a pattern computed beside SDPA) that a later cache pass reads.
+        """
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n.op != "call_function" or n.users or n.graph is not self.graph:
+                continue
+            inputs = list(n.all_input_nodes)
+            self.by_name.pop(n.name, None)
+            self.graph.erase_node(n)
+            stack.extend(inputs)
+
     def placeholder(self, name: str) -> fx.Node:
         """Add a graph input after the existing ones (callers feed it by keyword)."""
         if name in self.by_name:

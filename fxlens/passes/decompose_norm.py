@@ -3,14 +3,15 @@
 Problem: TransformerLens' ``ln.hook_scale`` and ``ln.hook_normalized`` are intermediate values of a
 LayerNorm; HF's LayerNorm is a single fused node that exposes neither.
 
-Mechanism: replace ``layer_norm(x, shape, w, b, eps)`` by ``xc = x - mean(x)``,
+Mechanism: compute ``xc = x - mean(x)``,
 ``scale = sqrt(mean(xc^2) + eps)`` (named ``{ln}__scale``), ``normalized = xc / scale`` (named
-``{ln}__normalized``) and ``normalized * w + b``. Patching the scale or the normalised value then
-changes what the rest of the model sees, as it does in TransformerLens.
+``{ln}__normalized``) from the norm's input. For reading they sit beside the fused node, which still
+produces the output; with ``replace=True`` the output becomes ``normalized * w + b``, so patching the
+scale or the normalised value changes what the rest of the model sees, as in TransformerLens.
 
 Example::
 
-    gm = decompose_norm(gm, DecomposeNorm("layer_norm_4"))
+    gm = decompose_norm(gm, DecomposeNorm(("layer_norm_4",), replace=True))
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ __all__ = ["DecomposeNorm", "decompose_norm"]
 
 @dataclass(frozen=True)
 class DecomposeNorm:
-    node: str  # the layer_norm node
+    nodes: tuple  # layer_norm node names
+    replace: bool = False
 
 
 def _center(x, ndim: int):
@@ -53,19 +55,23 @@ def _affine(x, weight, bias):
 
 def decompose_norm(gm: fx.GraphModule, spec: DecomposeNorm) -> fx.GraphModule:
     with rewrite(gm) as rw:
-        if not rw.has(spec.node):
-            raise PassError(f"{spec}: no layer_norm node {spec.node!r}")
-        node = rw.node(spec.node)
-        args = list(node.args) + [None] * (5 - len(node.args))
-        x, shape, weight, bias, eps = args[:5]
-        eps = node.kwargs.get("eps", 1e-5 if eps is None else eps)
-        ndim = len(shape)
-        with rw.graph.inserting_before(node):
-            xc = rw.create(_center, (x, ndim), like=node)
-            scale = rw.create(_scale, (xc, ndim, eps), name=rewritten("decompose_norm", spec.node, "scale"), like=node)
-            normalized = rw.create(
-                _normalized, (xc, scale), name=rewritten("decompose_norm", spec.node, "normalized"), like=node
-            )
-            out = rw.create(_affine, (normalized, weight, bias), like=node)
-        rw.replace(node, out)
+        for name in spec.nodes:
+            if not rw.has(name):
+                raise PassError(f"{spec}: no layer_norm node {name!r}")
+            node = rw.node(name)
+            args = list(node.args) + [None] * (5 - len(node.args))
+            x, shape, weight, bias, eps = args[:5]
+            eps = node.kwargs.get("eps", 1e-5 if eps is None else eps)
+            ndim = len(shape)
+            where = rw.graph.inserting_before(node) if spec.replace else rw.after(node)
+            with where:
+                xc = rw.create(_center, (x, ndim), like=node)
+                scale = rw.create(_scale, (xc, ndim, eps), name=rewritten("decompose_norm", name, "scale"), like=node)
+                normalized = rw.create(
+                    _normalized, (xc, scale), name=rewritten("decompose_norm", name, "normalized"), like=node
+                )
+                if spec.replace:
+                    out = rw.create(_affine, (normalized, weight, bias), like=node)
+            if spec.replace:
+                rw.replace(node, out)
     return rw.result

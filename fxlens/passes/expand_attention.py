@@ -4,7 +4,9 @@ Problem: under ``attn_implementation="sdpa"`` the attention pattern never exists
 ``attn.hook_pattern`` and ``attn.hook_attn_scores`` must be readable and patchable. Switching the whole
 model to eager attention would slow every layer; only the layers whose pattern is asked for need it.
 
-Mechanism: the ``scaled_dot_product_attention`` node is replaced by the same arithmetic spelled out:
+Mechanism: for reading (``replace=False``) the scores and pattern are computed beside the fused
+node from its own inputs, so the model's outputs stay bit-identical to the fast graph. For writing
+(``replace=True``) the ``scaled_dot_product_attention`` node is replaced by the same arithmetic spelled out:
 ``scores = q @ k^T * scale`` with the boolean mask filled with -inf (a float mask added; a causal flag
 turned into a lower-triangular mask), ``pattern = softmax(scores)``, ``out = pattern @ v``. Grouped-query
 attention (``enable_gqa``) repeats k and v heads first. The new nodes are named
@@ -12,7 +14,7 @@ attention (``enable_gqa``) repeats k and v heads first. The new nodes are named
 
 Example::
 
-    gm = expand_attention(gm, ExpandAttention("scaled_dot_product_attention_3"))
+    gm = expand_attention(gm, ExpandAttention(("scaled_dot_product_attention_3",), replace=True))
 
 Gotchas: results equal the fused kernel to float rounding (about 1e-7 in float32), not bit for bit.
 """
@@ -35,7 +37,8 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class ExpandAttention:
-    node: str  # the SDPA node
+    nodes: tuple  # SDPA node names
+    replace: bool = False  # True: the model uses the explicit pattern (needed to patch it)
 
 
 def _sdpa_args(node: fx.Node) -> dict:
@@ -77,20 +80,25 @@ def _softmax(scores):
 
 def expand_attention(gm: fx.GraphModule, spec: ExpandAttention) -> fx.GraphModule:
     with rewrite(gm) as rw:
-        if not rw.has(spec.node):
-            raise PassError(f"{spec}: no attention node {spec.node!r}")
-        node = rw.node(spec.node)
-        args = _sdpa_args(node)
-        if args.get("dropout_p", 0.0) not in (0, 0.0, None):
-            raise PassError(f"{spec}: attention dropout is on; capture the model in eval mode")
-        with rw.graph.inserting_before(node):
-            scores = rw.create(
-                _scores,
-                (args["query"], args["key"], args.get("attn_mask"), bool(args.get("is_causal", False)), args.get("scale"), bool(args.get("enable_gqa", False))),
-                name=rewritten("expand_attention", spec.node, "scores"),
-                like=node,
-            )
-            pattern = rw.create(_softmax, (scores,), name=rewritten("expand_attention", spec.node, "pattern"), like=node)
-            out = rw.create(_weighted, (pattern, args["value"], bool(args.get("enable_gqa", False))), like=node)
-        rw.replace(node, out)
+        for name in spec.nodes:
+            if not rw.has(name):
+                raise PassError(f"{spec}: no attention node {name!r}")
+            node = rw.node(name)
+            args = _sdpa_args(node)
+            if args.get("dropout_p", 0.0) not in (0, 0.0, None):
+                raise PassError(f"{spec}: attention dropout is on in {name}; capture the model in eval mode")
+            gqa = bool(args.get("enable_gqa", False))
+            where = rw.graph.inserting_before(node) if spec.replace else rw.after(node)
+            with where:
+                scores = rw.create(
+                    _scores,
+                    (args["query"], args["key"], args.get("attn_mask"), bool(args.get("is_causal", False)), args.get("scale"), gqa),
+                    name=rewritten("expand_attention", name, "scores"),
+                    like=node,
+                )
+                pattern = rw.create(_softmax, (scores,), name=rewritten("expand_attention", name, "pattern"), like=node)
+                if spec.replace:
+                    out = rw.create(_weighted, (pattern, args["value"], gqa), like=node)
+            if spec.replace:
+                rw.replace(node, out)
     return rw.result

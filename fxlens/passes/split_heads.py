@@ -4,13 +4,15 @@ Problem: TransformerLens' ``hook_result`` [batch, pos, head, d_model] is each he
 the residual stream. HF multiplies the concatenated heads by W_O in one matmul, so per-head results
 never exist; computing them for every layer on every forward would cost memory nobody asked for.
 
-Mechanism: for one output projection, replace ``linear(z_flat, W_O, b_O)`` (or Conv1D's ``addmm``) by
-``result = einsum("bphd,hdm->bphm", z, W_O.view(h, d, m))`` (named ``{matmul}__result``) and
-``result.sum(2) + b_O``. The bias belongs to no head, as in TransformerLens.
+Mechanism: compute ``result = einsum("bphd,hdm->bphm", z, W_O.view(h, d, m))`` (named
+``{matmul}__result``) from z and the projection weight of ``linear(z_flat, W_O, b_O)`` (or Conv1D's
+``addmm``). For reading it sits beside the fused projection; with ``replace=True`` the projection
+becomes ``result.sum(2) + b_O`` so that patching a head's result changes the model. The bias belongs
+to no head, as in TransformerLens.
 
 Example::
 
-    gm = split_heads(gm, SplitHeads("linear_3", z="transpose_3", z_layout=Layout(), n_heads=12, d_head=64))
+    gm = split_heads(gm, SplitHeads((Head("linear_3", "transpose_3", Layout(), 12, 64),), replace=True))
 
 Gotchas: the sum over heads differs from the fused matmul by float rounding (about 1e-7).
 """
@@ -27,16 +29,22 @@ from ..graphs.nodes import LAYOUT_OPS, op_name, tensor_meta
 from ..graphs.sites import rewritten
 from .base import PassError, rewrite
 
-__all__ = ["SplitHeads", "split_heads"]
+__all__ = ["Head", "SplitHeads", "split_heads"]
 
 
 @dataclass(frozen=True)
-class SplitHeads:
+class Head:
     matmul: str  # the output projection's linear/addmm node
     z: str  # the z node
     z_layout: Layout = IDENTITY  # reads z as [batch, pos, head, d_head]
     n_heads: int = 1
     d_head: int = 1
+
+
+@dataclass(frozen=True)
+class SplitHeads:
+    projections: tuple  # of Head
+    replace: bool = False
 
 
 def _per_head(z, weight, transposed: bool, n_heads: int, d_head: int):
@@ -62,25 +70,31 @@ def _projection_output(node: fx.Node) -> fx.Node:
 
 def split_heads(gm: fx.GraphModule, spec: SplitHeads) -> fx.GraphModule:
     with rewrite(gm) as rw:
-        mm = rw.node(spec.matmul)
-        name = op_name(mm)
-        if name == "linear":
-            weight, bias, transposed = mm.args[1], (mm.args[2] if len(mm.args) > 2 else None), True
-        elif name == "addmm":
-            bias, weight, transposed = mm.args[0], mm.args[2], False
-        else:
-            raise PassError(f"{spec}: cannot split a {name} projection into heads")
-        out = _projection_output(mm)
-        z = rw.node(spec.z)
-        with rw.graph.inserting_before(out):
-            zr = spec.z_layout.read(rw.graph, z)
-            result = rw.create(
-                _per_head,
-                (zr, weight, transposed, spec.n_heads, spec.d_head),
-                name=rewritten("split_heads", spec.matmul, "result"),
-                like=mm,
-            )
-            total = rw.create(_sum_heads, (result, bias), like=mm)
-        rw.replace(out, total)
-        rw.graph.eliminate_dead_code()
+        for head in spec.projections:
+            mm = rw.node(head.matmul)
+            name = op_name(mm)
+            if name == "linear":
+                weight, bias, transposed = mm.args[1], (mm.args[2] if len(mm.args) > 2 else None), True
+            elif name == "addmm":
+                bias, weight, transposed = mm.args[0], mm.args[2], False
+            else:
+                raise PassError(f"{spec}: cannot split a {name} projection into heads")
+            out = _projection_output(mm)
+            z = rw.node(head.z)
+            where = rw.graph.inserting_before(out) if spec.replace else rw.after(out)
+            with where:
+                zr = head.z_layout.read(rw.graph, z)
+                result = rw.create(
+                    _per_head,
+                    (zr, weight, transposed, head.n_heads, head.d_head),
+                    name=rewritten("split_heads", head.matmul, "result"),
+                    like=mm,
+                )
+                if spec.replace:
+                    total = rw.create(_sum_heads, (result, bias), like=mm)
+            if spec.replace:
+                inputs = list(out.all_input_nodes)
+                rw.replace(out, total)
+                for n in inputs:
+                    rw.erase_dead(n)
     return rw.result
