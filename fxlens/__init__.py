@@ -8,11 +8,28 @@ Example::
     cache["pattern", 3]
 """
 
-from .engine import ActivationCache, Config, HookPoint, Model
+from . import metrics
+from .engine import Ablate, ActivationCache, Apply, Config, HookPoint, InterventionError, Model, Patch, Scale, Steer
 from .graphs.capture import CaptureError
 from .graphs.sites import SiteError
 from .passes import HookError, PassError
 
 __version__ = "0.1.0"
 
-__all__ = ["Model", "ActivationCache", "HookPoint", "Config", "CaptureError", "SiteError", "HookError", "PassError"]
+__all__ = [
+    "Model",
+    "ActivationCache",
+    "HookPoint",
+    "Config",
+    "Patch",
+    "Ablate",
+    "Steer",
+    "Scale",
+    "Apply",
+    "metrics",
+    "CaptureError",
+    "SiteError",
+    "HookError",
+    "PassError",
+    "InterventionError",
+]

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from ..architectures import table_for
 from ..graphs.capture import CapturedGraph, capture
 from ..graphs.sites import ModelGraph, Site, SiteError, analyse
-from ..passes import HOOKS_INPUT, Cache, HookAt, Hooks, Read
+from ..passes import HOOKS_INPUT, Cache, HookAt, Hooks, Intervene, Read
 from .activation_cache import ActivationCache
+from .interventions import prepare
 from .programs import Programs, rewrites_for
 from .tokens import Tokens
 
@@ -311,6 +312,40 @@ class Model:
             feed[HOOKS_INPUT] = fns
         out = self.programs.get(plan)(**feed)
         return self._outputs(out, feed, return_type)
+
+    def run_with_interventions(
+        self,
+        input,
+        interventions,
+        attention_mask=None,
+        *,
+        names_filter=None,
+        return_type: str | None = "logits",
+        compile: bool = False,
+        prepend_bos: bool = True,
+        padding_side: str = "right",
+    ):
+        """Run once with every intervention applied (in the order given) as one program.
+
+        ``interventions``: ``fxlens.Patch``, ``Ablate``, ``Steer``, ``Scale`` or ``Apply`` specs, checked
+        against this input's shapes before anything runs. Returns the logits, or ``(logits, cache)``
+        when ``names_filter`` asks for sites (their values after the interventions). ``compile=True``
+        runs the program through torch.compile (told once, and run uncompiled, if that fails).
+        """
+        feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
+        batch, seq = feed["input_ids"].shape
+        prep = prepare(list(interventions), self, batch, seq)
+        cached = self._resolve(names_filter) if names_filter is not None else []
+        plan = rewrites_for(self.graph, prep.sites + cached, write=prep.sites)
+        if prep.edits:
+            plan += (Intervene(tuple(prep.edits)),)
+        if cached:
+            plan += (Cache(tuple(Read(s.name, s.node, s.layout) for s in cached)),)
+        out = self.programs.get(plan, compile)(**feed, **prep.feed)
+        result = self._outputs(out, feed, return_type)
+        if names_filter is None:
+            return result
+        return result, ActivationCache({k: v.detach() for k, v in out["cache"].items()}, self.site_table, self)
 
     def __repr__(self) -> str:
         c = self.cfg

@@ -76,6 +76,8 @@ class Attention:
     n_heads: int
     n_kv_heads: int
     d_head: int
+    k_consumer: str = ""  # the node that reads k_in on its way to the attention op (SDPA or k's transpose)
+    v_consumer: str = ""  # the node that reads v_in (SDPA or the pattern @ v product)
 
 
 def _is_layout(node: fx.Node) -> bool:
@@ -200,6 +202,7 @@ def find_attention(dg: DataGraph, block, branch, syms, norms: dict | None = None
         mask = mask.name if isinstance(mask, fx.Node) else None
         z_heads = op.name
         scores = pattern = None
+        k_consumer = v_consumer = op.name
     elif softmax:
         sm = dg.node(softmax[0])
         kind = "eager"
@@ -219,7 +222,11 @@ def find_attention(dg: DataGraph, block, branch, syms, norms: dict | None = None
         qk_node = dg.node(qk[-1])
         q_in = qk_node.args[0].name
         k_t = qk_node.args[1]
-        k_in = k_t.all_input_nodes[0].name if op_name(k_t) in ("transpose", "permute", "t") else k_t.name
+        if op_name(k_t) in ("transpose", "permute", "t"):
+            k_in, k_consumer = k_t.all_input_nodes[0].name, k_t.name
+        else:
+            k_in, k_consumer = k_t.name, qk_node.name
+        v_consumer = pv.name
         mask = None
         z_heads = pv.name
         op = sm
@@ -276,4 +283,6 @@ def find_attention(dg: DataGraph, block, branch, syms, norms: dict | None = None
         n_heads=_heads_of(dg, q, syms),
         n_kv_heads=_heads_of(dg, k, syms),
         d_head=d_head,
+        k_consumer=k_consumer,
+        v_consumer=v_consumer,
     )

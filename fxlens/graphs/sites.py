@@ -181,6 +181,27 @@ class ModelGraph:
     def n_layers(self) -> int:
         return len(self.structure.blocks)
 
+    def shape(self, site: Site, batch: int, seq: int) -> tuple:
+        """The site's shape, in the user's layout, for an input of ``batch`` x ``seq`` tokens."""
+        if site.rewrite is not None:
+            d = self.dims
+            sizes = {"batch": batch, "pos": seq, "query_pos": seq, "key_pos": seq, "one": 1,
+                     "head": d.get("n_heads"), "d_model": d.get("d_model"), "d_head": d.get("d_head")}
+            return tuple(sizes[a] for a in site.axes)
+        dims = sym_dims(self.dg.node(site.node), *(self.captured.batch_symbol, self.captured.seq_symbol))
+        user = site.layout.shape(dims)
+        out = []
+        for d in user:
+            if d == "B":
+                out.append(batch)
+            elif d == "S":
+                out.append(seq)
+            elif isinstance(d, int):
+                out.append(d)
+            else:  # a product of the symbols (a flattened batch*pos axis)
+                out.append(int(d.subs({self.captured.batch_symbol: batch, self.captured.seq_symbol: seq})))
+        return tuple(out)
+
 
 def _axes(dims: tuple) -> tuple:
     out = []

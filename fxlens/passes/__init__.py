@@ -14,6 +14,8 @@ from .cache import Cache, Read, cache
 from .decompose_norm import DecomposeNorm, decompose_norm
 from .expand_attention import ExpandAttention, expand_attention
 from .hooks import HOOKS_INPUT, HookAt, HookError, Hooks, hooks
+from .intervene import Edit, EditError, Intervene, intervene
+from .kv_prefix import KVPrefix, kv_prefix
 from .split_heads import SplitHeads, split_heads
 
 _PASSES = {
@@ -22,6 +24,8 @@ _PASSES = {
     SplitHeads: split_heads,
     Cache: cache,
     Hooks: hooks,
+    Intervene: intervene,
+    KVPrefix: kv_prefix,
 }
 
 
@@ -52,4 +56,8 @@ __all__ = [
     "HookAt",
     "HookError",
     "HOOKS_INPUT",
+    "Edit",
+    "EditError",
+    "Intervene",
+    "KVPrefix",
 ]

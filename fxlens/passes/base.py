@@ -100,9 +100,11 @@ class Rewrite:
         """(batch, seq) size nodes of the token input, created once right after the inputs."""
         if SIZE_BATCH in self.by_name:
             return self.by_name[SIZE_BATCH], self.by_name[SIZE_SEQ]
-        source = self.by_name.get("input_ids") or self.by_name.get("fxl_hidden")
+        source = self.by_name.get("input_ids")
         if source is None:
-            raise PassError("this graph has no input_ids (or hidden) input to take sizes from")
+            source = next((n for n in self.graph.nodes if n.op == "placeholder" and n.meta.get("fxl_role") == "fxl_hidden"), None)
+        if source is None:
+            raise PassError("this graph has no input_ids (or residual) input to take sizes from")
         last = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
         with self.after(last):
             b = self.create(aten.sym_size.int, (source, 0), name=SIZE_BATCH)

@@ -3,7 +3,9 @@
 For random family, depth, heads, head size, batch, length and right padding: the captured model's
 logits equal HF's; every site's value has the shape its ``Site.axes`` promise and is finite where
 the input is not padding; and a hook that returns its input unchanged is transparent: the logits do
-not move and the hook sees exactly the value ``run_with_cache`` returns for that site.
+not move and the hook sees exactly the value ``run_with_cache`` returns for that site; and adding a
+random tensor to ``blocks.{i}.hook_resid_pre`` equals the same addition in a forward pre-hook on HF
+layer i.
 
 Models are built once per drawn configuration (``build``); examples are few and deadlines off so
 that the file runs in about a minute on two cores.
@@ -21,8 +23,10 @@ import fxlens
 TOL = 1e-5
 FAMILIES = ("llama", "gpt2", "neox", "gemma2", "opt", "bert")
 CAUSAL = {f: f != "bert" for f in FAMILIES}
+LAYERS = {"llama": "model.layers", "gpt2": "transformer.h", "neox": "gpt_neox.layers", "gemma2": "model.layers",
+          "opt": "model.decoder.layers", "bert": "bert.encoder.layer"}
 
-SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+SETTINGS = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
 
 
 @st.composite
@@ -108,10 +112,8 @@ def test_cached_sites_have_their_axes_shape_and_are_finite_where_unpadded(config
         for axis, size in zip(site.axes, value.shape):
             if axis in sizes:
                 assert size == sizes[axis], (name, site.axes, tuple(value.shape))
-        scores = name.endswith("hook_attn_scores")
-        keep = unpadded(site.axes, value.shape, mask, CAUSAL[config[0]] and scores)
-        if scores and "batch" in site.axes:
-            keep = keep & unpadded(site.axes, value.shape, mask, False)
+        # attention scores are -inf where masked; everything else is finite wherever the token is real
+        keep = unpadded(site.axes, value.shape, mask, CAUSAL[config[0]] and name.endswith("hook_attn_scores"))
         assert torch.isfinite(value[keep]).all(), name
 
 
@@ -133,3 +135,27 @@ def test_an_identity_hook_is_transparent(config, batch, data):
     assert (hooked[valid] - logits[valid]).abs().max().item() <= TOL
     assert len(seen) == 1
     torch.testing.assert_close(seen[0], cache[name], rtol=0, atol=TOL, msg=lambda m: f"{name}: {m}")
+
+
+@SETTINGS
+@given(config=configs(), batch=batches(), data=st.data())
+def test_adding_to_resid_pre_equals_an_hf_pre_hook_doing_the_same(config, batch, data):
+    hf, model = build(config)
+    ids, mask = batch
+    layer = data.draw(st.integers(0, model.cfg.n_layers - 1), label="layer")
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    delta = torch.randn(*ids.shape, model.cfg.d_model, generator=g)
+
+    def add(mod, args, kwargs):
+        if args:
+            return (args[0] + delta,) + args[1:], kwargs
+        return args, dict(kwargs, hidden_states=kwargs["hidden_states"] + delta)
+
+    handle = dict(hf.named_modules())[f"{LAYERS[config[0]]}.{layer}"].register_forward_pre_hook(add, with_kwargs=True)
+    try:
+        want = hf_logits(hf, ids, mask)
+    finally:
+        handle.remove()
+    got = model.run_with_hooks(ids, mask, fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", lambda x, hook: x + delta)])
+    valid = mask.bool()
+    assert (got[valid] - want[valid]).abs().max().item() <= TOL

@@ -264,8 +264,7 @@ def fx_cache(family, attn_implementation=None):
     if attn_implementation is not None:
         model = fxlens.Model.from_hf(hf, attn_implementation=attn_implementation)
     ids, mask = padded_batch()
-    names = [n for n in model.sites]
-    _, cache = model.run_with_cache(ids, mask, names_filter=names)
+    _, cache = model.run_with_cache(ids, mask, names_filter=list(model.sites))
     return cache
 
 
@@ -393,11 +392,6 @@ def eager_attentions(family):
         return eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
 
 
-def valid_rows(mask):
-    """[batch, head, query_pos, key_pos] -> bool [batch, query_pos] of unpadded queries, for indexing."""
-    return mask.bool()
-
-
 def query_rows(t):
     """Pattern-like [b, h, q, k] as [b, q, h, k] so that a [b, q] mask indexes query rows."""
     return t.transpose(1, 2)
@@ -417,7 +411,7 @@ def test_pattern_equals_hf_eager_attentions(family, attn_implementation):
     _, cache = model.run_with_cache(ids, mask, names_filter=lambda name: name.endswith("hook_pattern"))
     assert len(want) == len(cache) == model.cfg.n_layers
     for i, w in enumerate(want):
-        assert_close(query_rows(cache["pattern", i]), query_rows(w), f"pattern {i}", valid_rows(mask))
+        assert_close(query_rows(cache["pattern", i]), query_rows(w), f"pattern {i}", mask.bool())
 
 
 def rotary_reference(family, ref_q, ref_k):
@@ -489,7 +483,7 @@ def test_attn_scores_are_scaled_qk_and_softmax_to_the_pattern(family, attn_imple
     for i in range(n):
         scores, pattern = cache["attn_scores", i], cache["pattern", i]
         assert scores.shape == pattern.shape == (ids.shape[0], model.cfg.n_heads, p, p)
-        assert_close(query_rows(scores.softmax(-1)), query_rows(pattern), f"softmax(scores) {i}", valid_rows(mask))
+        assert_close(query_rows(scores.softmax(-1)), query_rows(pattern), f"softmax(scores) {i}", mask.bool())
         k = ks[i].repeat_interleave(qs[i].shape[2] // ks[i].shape[2], dim=2)
         want = torch.einsum("bqhd,bkhd->bhqk", qs[i], k) * dh**-0.5
         got = scores.masked_fill(~unmasked, 0)
@@ -522,7 +516,7 @@ def test_mlp_pre_and_post_equal_activation_input_and_down_projection_input(famil
     _, model = cached_model(family)
     gated = SPEC[family]["up"] is not None
     assert len(names) == (3 if gated else 2) * model.cfg.n_layers
-    assert (f"blocks.0.mlp.hook_pre_linear" in model.sites) == gated
+    assert ("blocks.0.mlp.hook_pre_linear" in model.sites) == gated
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,0 +1,54 @@
+"""KV-prefix pass: let a block attend to keys and values of earlier positions it does not compute.
+
+Problem: in a causal model, a patch at position p changes nothing before p. A sweep therefore runs a
+patched row only on positions p.. ; the attention at those positions still needs the keys and values
+of positions < p, which are the unpatched (base) run's.
+
+Mechanism: for each attention op, the k and v operands are replaced, for the attention op only, by
+``cat([prefix, x], dim=-2)`` where ``prefix`` is a new graph input ``{name}`` holding the base run's
+keys or values for the earlier positions ([batch or 1, heads, p, d_head], as the attention op sees
+them). Everything else in the block (projections, rotary, MLP) runs on the suffix positions only; the
+engine feeds the block its positional context (mask rows, cos/sin) sliced to those positions.
+
+Example::
+
+    gm = kv_prefix(gm, KVPrefix((("reshape", "scaled_dot_product_attention", "fxl_kpre_3"),
+                                 ("reshape_1", "scaled_dot_product_attention", "fxl_vpre_3"))))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .base import PassError, rewrite
+
+__all__ = ["KVPrefix", "kv_prefix"]
+
+
+@dataclass(frozen=True)
+class KVPrefix:
+    uses: tuple  # of (operand node, consumer node, input name)
+
+
+def _prepend(prefix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if prefix.shape[-2] == 0:
+        return x
+    if prefix.shape[0] != x.shape[0]:
+        prefix = prefix.expand(x.shape[0], *prefix.shape[1:])
+    return torch.cat([prefix.to(x.dtype), x], dim=-2)
+
+
+def kv_prefix(gm: fx.GraphModule, spec: KVPrefix) -> fx.GraphModule:
+    with rewrite(gm) as rw:
+        for operand, consumer, name in spec.uses:
+            x, user = rw.node(operand), rw.node(consumer)
+            if x not in user.all_input_nodes:
+                raise PassError(f"{spec}: {consumer} does not read {operand}")
+            prefix = rw.placeholder(name)
+            with rw.graph.inserting_before(user):
+                cat = rw.create(_prepend, (prefix, x))
+            user.replace_input_with(x, cat)
+    return rw.result
