@@ -77,8 +77,11 @@ class ActivationCache:
         for k, v in self._values.items():
             site = self._sites._sites.get(k)
             batch_axis = site.axis("batch") if site is not None else 0
-            if batch_axis is None or v.shape[batch_axis] != 1:
-                raise ValueError(f"cannot remove the batch dim of {k}: its batch size is not 1")
+            if batch_axis is None:
+                out[k] = v  # no batch axis (rotary tables, [1, pos, d] positional embeddings)
+                continue
+            if v.shape[batch_axis] != 1:
+                raise ValueError(f"cannot remove the batch dim of {k}: its batch size is {v.shape[batch_axis]}, not 1")
             out[k] = v.squeeze(batch_axis)
         return ActivationCache(out, self._sites, self.model)
 

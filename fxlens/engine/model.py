@@ -251,13 +251,13 @@ class Model:
         if stop_at_layer is not None:
             if not 0 <= stop_at_layer <= self.cfg.n_layers:
                 raise ValueError(f"stop_at_layer={stop_at_layer} is out of range: use 0..{self.cfg.n_layers}")
-            if stop_at_layer < self.cfg.n_layers:
-                stop = self.site_table["resid_pre", stop_at_layer]
-                reads.append(Read("fxl_stop", stop.node, stop.layout))
-                keep = {self.graph.dg.order[stop.node]}
-                limit = max(keep)
-                sites = [s for s in sites if self.graph.dg.order.get(s.rewrite[1] if s.rewrite else s.node, 0) <= limit]
-                reads = [Read(s.name, s.node, s.layout) for s in sites] + [Read("fxl_stop", stop.node, stop.layout)]
+            # the residual stream entering layer stop_at_layer (after the last block for n_layers)
+            block = self.graph.structure.blocks[min(stop_at_layer, self.cfg.n_layers - 1)]
+            stop_node = block.resid_pre if stop_at_layer < self.cfg.n_layers else block.resid_post
+            limit = self.graph.dg.order[stop_node]
+            sites = [s for s in sites if self.graph.dg.order.get(s.rewrite[1] if s.rewrite else s.node, 0) <= limit]
+            reads = [Read(s.name, s.node, s.layout) for s in sites] + [Read("fxl_stop", stop_node)]
+            stop = stop_node
         keep_outputs = return_logits and stop is None and return_type is not None
         plan = rewrites_for(self.graph, sites) + (Cache(tuple(reads), keep_outputs=keep_outputs),)
         out = self.programs.get(plan)(**feed)

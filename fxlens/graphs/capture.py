@@ -244,7 +244,7 @@ def capture(model: torch.nn.Module, *, attn_implementation: str | None = None) -
             raise _explain(model, err) from err
     gm = ep.module()
     graph, inputs = _rebuild(gm, _output_names(ep))
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
     graph.set_codegen(CodeGen())
     module = fx.GraphModule(gm, graph, class_name=f"Captured{type(model).__name__}")
     _rename_attrs(module)

@@ -135,7 +135,7 @@ def split(mg: ModelGraph) -> Segments:
     pg.output_node().args = (
         {"outputs": {"hidden": pnodes[blocks[0].resid_pre]}, "context": {c: pnodes[c] for c in sorted(need - {blocks[0].resid_pre})}},
     )
-    pg.eliminate_dead_code()
+    pg.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
     pg.set_codegen(CodeGen())
     prelude = fx.GraphModule(gm, pg)
     return Segments(prelude, block_gms, head, hidden, contexts, last.name, head_ctx, tuple(outputs))

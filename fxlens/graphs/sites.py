@@ -308,10 +308,19 @@ class _Builder:
         for path, nodes in by_scope.items():
             if not path or path in taken:
                 continue
-            out = _escaping({n.name for n in nodes}, self.dg)
-            out = [o for o in out if is_tensor(self.dg.node(o))]
+            members = {n.name for n in nodes}
+            out = [o for o in _escaping(members, self.dg) if is_tensor(self.dg.node(o)) and not self._alias_of_input(o, members)]
             if out:
-                self.add(path, out[-1])
+                # a tuple output's elements escape in the order they are computed: take the first
+                self.add(path, out[0])
+
+    def _alias_of_input(self, name: str, members: set) -> bool:
+        """A no-op cast or copy of the module's own input (float32 ``.to(float32)`` inside RMSNorm)."""
+        node = self.dg.node(name)
+        if op_name(node) not in ("to", "_to_copy", "type_as", "clone", "contiguous", "alias", "dropout"):
+            return False
+        src = [a for a in node.all_input_nodes if a.op != "get_attr"]
+        return bool(src) and src[0].name not in members
 
     # ---- canonical ----------------------------------------------------------------------------
     def _canonical(self) -> None:
@@ -419,11 +428,13 @@ class _Builder:
                 self._norm(p + tag, self.norms[br.post_norm], i)
 
     def _norm(self, prefix: str, norm: Norm, layer) -> None:
-        width = sym_dims(self.dg.node(norm.input), *self.syms)
+        flat = self._unflat(norm.input).layout  # OPT normalises a [batch*pos, d] residual
         if norm.fused is not None:
             rw = ("decompose_norm", norm.fused)
-            self.add(prefix + "hook_scale", rewritten(*rw, "scale"), RESID_AXES[:2] + ("one",), layer, "scale", rw)
-            self.add(prefix + "hook_normalized", rewritten(*rw, "normalized"), RESID_AXES, layer, "normalized", rw)
-            return
-        self.add(prefix + "hook_scale", norm.scale, RESID_AXES[:2] + ("one",), layer, "scale")
-        self.add(prefix + "hook_normalized", norm.normalized, RESID_AXES, layer, "normalized")
+            scale, normalized = View(rewritten(*rw, "scale"), flat), View(rewritten(*rw, "normalized"), flat)
+        else:
+            rw = None
+            scale = View(norm.scale.node, flat.then(*norm.scale.layout.ops))
+            normalized = View(norm.normalized.node, flat.then(*norm.normalized.layout.ops))
+        self.add(prefix + "hook_scale", scale, RESID_AXES[:2] + ("one",), layer, "scale", rw)
+        self.add(prefix + "hook_normalized", normalized, RESID_AXES, layer, "normalized", rw)

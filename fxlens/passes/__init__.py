@@ -16,6 +16,7 @@ from .expand_attention import ExpandAttention, expand_attention
 from .hooks import HOOKS_INPUT, HookAt, HookError, Hooks, hooks
 from .intervene import Edit, EditError, Intervene, intervene
 from .kv_prefix import KVPrefix, kv_prefix
+from .select_vocab import VOCAB_INPUT, SelectVocab, select_vocab
 from .split_heads import SplitHeads, split_heads
 
 _PASSES = {
@@ -26,6 +27,7 @@ _PASSES = {
     Hooks: hooks,
     Intervene: intervene,
     KVPrefix: kv_prefix,
+    SelectVocab: select_vocab,
 }
 
 
@@ -60,4 +62,6 @@ __all__ = [
     "EditError",
     "Intervene",
     "KVPrefix",
+    "SelectVocab",
+    "VOCAB_INPUT",
 ]

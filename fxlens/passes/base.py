@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-__all__ = ["Rewrite", "rewrite", "PassError", "SIZE_BATCH", "SIZE_SEQ"]
+__all__ = ["Rewrite", "rewrite", "prune", "PassError", "SIZE_BATCH", "SIZE_SEQ"]
 
 aten = torch.ops.aten
 SIZE_BATCH = "fxl_batch_size"
@@ -33,6 +33,15 @@ SIZE_SEQ = "fxl_seq_size"
 
 class PassError(ValueError):
     """A pass spec that cannot apply to this graph; the message names the spec."""
+
+
+def prune(graph: fx.Graph) -> None:
+    """Dead-code elimination that knows the captured graph has no side effects.
+
+    fx counts ops with random-number arguments (SDPA's dropout) as impure and would keep them and all
+    their inputs; in an eval-mode capture nothing is impure but the inputs and the output.
+    """
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
 
 
 @dataclass

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from ..graphs.layout import IDENTITY, Layout
-from .base import PassError, rewrite
+from .base import PassError, prune, rewrite
 
 __all__ = ["Read", "Cache", "cache"]
 
@@ -56,5 +56,5 @@ def cache(gm: fx.GraphModule, spec: Cache) -> fx.GraphModule:
             out["outputs"] = {}
         rw.set_outputs(out)
         if not spec.keep_outputs:
-            rw.graph.eliminate_dead_code()
+            prune(rw.graph)
     return rw.result

@@ -147,7 +147,7 @@ def test_remove_batch_dim_drops_the_batch_axis():
     assert cache["pattern", 1].shape == (model.cfg.n_heads, 5, 5)
     assert cache["z", 0].shape == (5, model.cfg.n_heads, model.cfg.d_head)
     assert cache["blocks.0.ln1.hook_scale"].shape == (5, 1)
-    with pytest.raises(ValueError, match="batch size is not 1"):
+    with pytest.raises(ValueError, match="batch size is 2, not 1"):
         model.run_with_cache(tokens(2, 5), names_filter=names, remove_batch_dim=True)
 
 

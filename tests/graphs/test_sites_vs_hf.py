@@ -249,7 +249,9 @@ def hf_reference(family):
             ref[f"{B}attn.hook_{name}"] = t.reshape(b, p, -1, dh)
         for tag, path in s["norms"].items():
             scale, normalized = norm_reference(modules[L + path], inp[L + path])
-            ref[f"{B}{tag}.hook_scale"], ref[f"{B}{tag}.hook_normalized"] = scale, normalized
+            # OPT normalises its MLP input as [batch*pos, d]; the sites are [batch, pos, ...]
+            ref[f"{B}{tag}.hook_scale"] = scale.reshape(b, p, 1)
+            ref[f"{B}{tag}.hook_normalized"] = normalized.reshape(b, p, -1)
     if s["final"]:
         ref["ln_final.hook_scale"], ref["ln_final.hook_normalized"] = norm_reference(modules[s["final"]], inp[s["final"]])
         ref["final_norm_input"] = inp[s["final"]]

@@ -56,6 +56,8 @@ def test_canonical_sites_equal_transformerlens(family, bridge_cache):
         if name not in ref:
             continue  # hook_result: checked against the per-head product below
         got, want = cache[name], ref[name]
+        if want.dim() == got.dim() - 1 and want.shape[0] == got.shape[0] * got.shape[1]:
+            want = want.reshape(got.shape)  # the OPT bridge keeps HF's flattened [batch*pos] MLP-side axis
         assert got.shape == want.shape, name
         if name.endswith(BRIDGE_DIFFERS.get(family, ())):
             # softmax of our scores must still give the bridge's pattern

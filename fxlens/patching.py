@@ -1,0 +1,283 @@
+"""Activation patching with TransformerLens' names, signatures and result shapes, run as batched programs.
+
+Problem: ``transformer_lens.patching`` runs one hooked forward per patch. The same sweep, expressed as
+cells (site + index), can run as a few batched programs that share the corrupted run's prefix
+(``engine/sweep.py``).
+
+Mechanism: each ``get_act_patch_*`` names an activation and the axes it sweeps, exactly as in
+TransformerLens; ``generic_activation_patch`` turns the grid (or ``index_df``) into cells and runs
+them with ``Sweep``. A result equals TransformerLens' one-forward-per-patch semantics: the clean
+activation at the index replaces the corrupted one in every batch row, and the metric is evaluated on
+the patched corrupted run's logits.
+
+Example::
+
+    from fxlens import patching, metrics
+    metric = metrics.logit_diff(model.to_single_token(" Paris"), model.to_single_token(" Rome"))
+    _, clean_cache = model.run_with_cache(clean_tokens)
+    out = patching.get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, metric)   # [n_layers, pos]
+
+Gotchas: a metric from ``fxlens.metrics`` lets the sweep compute only the logits it reads; any callable
+``metric(logits) -> scalar`` works too. A custom ``patch_setter`` (not one of the setters below) runs
+one hooked forward per cell, as TransformerLens does.
+"""
+
+from __future__ import annotations
+
+import itertools
+from functools import partial
+
+import torch
+
+from .engine.sweep import Cell, Sweep, SweepError
+
+__all__ = [
+    "generic_activation_patch",
+    "layer_pos_patch_setter",
+    "layer_pos_head_vector_patch_setter",
+    "layer_head_vector_patch_setter",
+    "layer_head_pattern_patch_setter",
+    "layer_head_pos_pattern_patch_setter",
+    "layer_head_dest_src_pos_pattern_patch_setter",
+    "get_act_patch_resid_pre",
+    "get_act_patch_resid_mid",
+    "get_act_patch_attn_out",
+    "get_act_patch_mlp_out",
+    "get_act_patch_attn_head_out_by_pos",
+    "get_act_patch_attn_head_q_by_pos",
+    "get_act_patch_attn_head_k_by_pos",
+    "get_act_patch_attn_head_v_by_pos",
+    "get_act_patch_attn_head_pattern_by_pos",
+    "get_act_patch_attn_head_pattern_dest_src_pos",
+    "get_act_patch_attn_head_out_all_pos",
+    "get_act_patch_attn_head_q_all_pos",
+    "get_act_patch_attn_head_k_all_pos",
+    "get_act_patch_attn_head_v_all_pos",
+    "get_act_patch_attn_head_pattern_all_pos",
+    "get_act_patch_block_every",
+    "get_act_patch_attn_head_all_pos_every",
+    "get_act_patch_attn_head_by_pos_every",
+    "make_df_from_ranges",
+]
+
+
+# ---- patch setters: TransformerLens' in-place semantics, plus the axes each one indexes ------------
+def _setter(axes):
+    def wrap(fn):
+        fn.axes = axes
+        return fn
+
+    return wrap
+
+
+@_setter(("pos",))
+def layer_pos_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, pos]: the activation is [batch, pos, ...]."""
+    _, pos = index
+    corrupted_activation[:, pos, ...] = clean_activation[:, pos, ...]
+    return corrupted_activation
+
+
+@_setter(("pos", "head"))
+def layer_pos_head_vector_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, pos, head]: the activation is [batch, pos, head, ...]."""
+    _, pos, head = index
+    corrupted_activation[:, pos, head] = clean_activation[:, pos, head]
+    return corrupted_activation
+
+
+@_setter(("head",))
+def layer_head_vector_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, head]: the activation is [batch, pos, head, ...]."""
+    _, head = index
+    corrupted_activation[:, :, head] = clean_activation[:, :, head]
+    return corrupted_activation
+
+
+@_setter(("head",))
+def layer_head_pattern_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, head]: the activation is [batch, head, dest_pos, src_pos]."""
+    _, head = index
+    corrupted_activation[:, head, :, :] = clean_activation[:, head, :, :]
+    return corrupted_activation
+
+
+@_setter(("head", "query_pos"))
+def layer_head_pos_pattern_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, head, dest_pos]."""
+    _, head, dest = index
+    corrupted_activation[:, head, dest, :] = clean_activation[:, head, dest, :]
+    return corrupted_activation
+
+
+@_setter(("head", "query_pos", "key_pos"))
+def layer_head_dest_src_pos_pattern_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, head, dest_pos, src_pos]."""
+    _, head, dest, src = index
+    corrupted_activation[:, head, dest, src] = clean_activation[:, head, dest, src]
+    return corrupted_activation
+
+
+_KNOWN = {f.__name__: f.axes for f in (
+    layer_pos_patch_setter,
+    layer_pos_head_vector_patch_setter,
+    layer_head_vector_patch_setter,
+    layer_head_pattern_patch_setter,
+    layer_head_pos_pattern_patch_setter,
+    layer_head_dest_src_pos_pattern_patch_setter,
+)}
+
+
+def make_df_from_ranges(column_max_ranges, column_names):
+    """A pandas DataFrame with one row per index tuple of the grid (TransformerLens' helper)."""
+    import pandas as pd
+
+    rows = list(itertools.product(*[range(n) for n in column_max_ranges]))
+    return pd.DataFrame(rows, columns=list(column_names))
+
+
+def _rows(index_df):
+    if hasattr(index_df, "itertuples"):
+        return [tuple(int(x) for x in row) for row in index_df.itertuples(index=False)]
+    return [tuple(int(x) for x in row) for row in index_df]
+
+
+def generic_activation_patch(
+    model,
+    corrupted_tokens,
+    clean_cache,
+    patching_metric,
+    patch_setter,
+    activation_name: str,
+    index_axis_names=None,
+    index_df=None,
+    return_index_df: bool = False,
+    *,
+    attention_mask=None,
+    memory_budget: float = 1.0,
+    progress: bool = False,
+    compile: bool = False,
+):
+    """Patch ``activation_name`` at every index of the grid (or of ``index_df``); see the module docstring.
+
+    ``index_axis_names`` (e.g. ("layer", "pos", "head")) sweep the full grid and the result has one axis
+    per name; ``index_df`` (rows of indices, layer first) gives a flat result with one entry per row.
+    ``memory_budget`` (GiB) bounds the rows batched at once; ``progress`` shows a bar.
+    """
+    feed = model._inputs(corrupted_tokens, attention_mask)
+    batch, seq = feed["input_ids"].shape
+    kv_heads = model.cfg.n_key_value_heads or model.cfg.n_heads
+    heads = kv_heads if activation_name in ("k", "v") else model.cfg.n_heads
+    ranges = {"layer": model.cfg.n_layers, "pos": seq, "head_index": heads, "head": heads, "src_pos": seq, "dest_pos": seq}
+    if index_df is None:
+        if index_axis_names is None:
+            raise ValueError("give index_axis_names (e.g. ('layer', 'pos')) or index_df")
+        shape = [ranges[a] for a in index_axis_names]
+        rows = list(itertools.product(*[range(n) for n in shape]))
+        flat = False
+    else:
+        if index_axis_names is not None:
+            raise ValueError("give either index_axis_names or index_df, not both")
+        rows = _rows(index_df)
+        shape = [len(rows)]
+        flat = True
+    axes = getattr(patch_setter, "axes", None) or _KNOWN.get(getattr(patch_setter, "__name__", ""))
+    if axes is None:
+        out = _hooked_loop(model, feed, clean_cache, patching_metric, patch_setter, activation_name, rows)
+    else:
+        cells = []
+        for row in rows:
+            layer = row[0]
+            site = model.site_table[activation_name, layer]
+            if len(row) - 1 != len(axes):
+                raise ValueError(f"{patch_setter.__name__} takes indices (layer, {', '.join(axes)}); got {row}")
+            for a, v in zip(axes, row[1:]):
+                size = model.graph.shape(site, batch, seq)[site.axes.index(a)]
+                if not 0 <= v < size:
+                    raise IndexError(f"index {v} on axis {a} of {site.name} is out of range 0..{size - 1}")
+            cells.append(Cell(site, tuple(zip(axes, row[1:]))))
+        with torch.no_grad():
+            out = Sweep(model, compile=compile).run(cells, feed, clean_cache, patching_metric, memory_budget=memory_budget, progress=progress)
+    out = out if flat else out.view(*shape)
+    if return_index_df:
+        df = index_df if index_df is not None else make_df_from_ranges(shape, index_axis_names)
+        return out, df
+    return out
+
+
+def _hooked_loop(model, feed, clean_cache, metric, setter, activation_name, rows):
+    """TransformerLens' algorithm, for a patch setter fxlens cannot batch: one hooked forward per row."""
+    out = []
+    for row in rows:
+        name = model.get_act_name(activation_name, row[0])
+        clean = clean_cache[name]
+
+        def hook(value, hook, index=row, clean=clean):
+            return setter(value.clone(), list(index), clean)
+
+        with torch.no_grad():
+            logits = model.run_with_hooks(feed["input_ids"], feed.get("attention_mask"), fwd_hooks=[(name, hook)])
+        out.append(torch.as_tensor(metric(logits)).float().reshape(()))
+    return torch.stack(out)
+
+
+def _sweep(activation_name, setter, axes, doc):
+    fn = partial(generic_activation_patch, patch_setter=setter, activation_name=activation_name, index_axis_names=axes)
+    fn.__doc__ = doc
+    return fn
+
+
+get_act_patch_resid_pre = _sweep("resid_pre", layer_pos_patch_setter, ("layer", "pos"), "Patch each block's residual input by position: [n_layers, pos].")
+get_act_patch_resid_mid = _sweep("resid_mid", layer_pos_patch_setter, ("layer", "pos"), "Patch the residual between attention and MLP by position: [n_layers, pos].")
+get_act_patch_attn_out = _sweep("attn_out", layer_pos_patch_setter, ("layer", "pos"), "Patch each attention layer's output by position: [n_layers, pos].")
+get_act_patch_mlp_out = _sweep("mlp_out", layer_pos_patch_setter, ("layer", "pos"), "Patch each MLP's output by position: [n_layers, pos].")
+get_act_patch_attn_head_out_by_pos = _sweep("z", layer_pos_head_vector_patch_setter, ("layer", "pos", "head"), "Patch each head's output (z) by position: [n_layers, pos, n_heads].")
+get_act_patch_attn_head_q_by_pos = _sweep("q", layer_pos_head_vector_patch_setter, ("layer", "pos", "head"), "Patch each head's queries by position: [n_layers, pos, n_heads].")
+get_act_patch_attn_head_k_by_pos = _sweep("k", layer_pos_head_vector_patch_setter, ("layer", "pos", "head"), "Patch each KV head's keys by position: [n_layers, pos, n_key_value_heads].")
+get_act_patch_attn_head_v_by_pos = _sweep("v", layer_pos_head_vector_patch_setter, ("layer", "pos", "head"), "Patch each KV head's values by position: [n_layers, pos, n_key_value_heads].")
+get_act_patch_attn_head_pattern_by_pos = _sweep("pattern", layer_head_pos_pattern_patch_setter, ("layer", "head_index", "dest_pos"), "Patch each head's pattern row by destination: [n_layers, n_heads, dest_pos].")
+get_act_patch_attn_head_pattern_dest_src_pos = _sweep("pattern", layer_head_dest_src_pos_pattern_patch_setter, ("layer", "head_index", "dest_pos", "src_pos"), "Patch each pattern entry: [n_layers, n_heads, dest_pos, src_pos].")
+get_act_patch_attn_head_out_all_pos = _sweep("z", layer_head_vector_patch_setter, ("layer", "head"), "Patch each head's output (z) at every position: [n_layers, n_heads].")
+get_act_patch_attn_head_q_all_pos = _sweep("q", layer_head_vector_patch_setter, ("layer", "head"), "Patch each head's queries at every position: [n_layers, n_heads].")
+get_act_patch_attn_head_k_all_pos = _sweep("k", layer_head_vector_patch_setter, ("layer", "head"), "Patch each KV head's keys at every position: [n_layers, n_key_value_heads].")
+get_act_patch_attn_head_v_all_pos = _sweep("v", layer_head_vector_patch_setter, ("layer", "head"), "Patch each KV head's values at every position: [n_layers, n_key_value_heads].")
+get_act_patch_attn_head_pattern_all_pos = _sweep("pattern", layer_head_pattern_patch_setter, ("layer", "head_index"), "Patch each head's whole pattern: [n_layers, n_heads].")
+
+
+def get_act_patch_block_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """resid_pre, attn_out and mlp_out by position, stacked: [3, n_layers, pos]."""
+    return torch.stack([
+        get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, metric, **kwargs),
+        get_act_patch_attn_out(model, corrupted_tokens, clean_cache, metric, **kwargs),
+        get_act_patch_mlp_out(model, corrupted_tokens, clean_cache, metric, **kwargs),
+    ])
+
+
+def _pad_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, n_heads - t.shape[-1]))
+
+
+def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """Head output, q, k, v and pattern at every position, stacked: [5, n_layers, n_heads] (k, v zero-padded for GQA)."""
+    n = model.cfg.n_heads
+    parts = [
+        get_act_patch_attn_head_out_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+        get_act_patch_attn_head_q_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+        get_act_patch_attn_head_k_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+        get_act_patch_attn_head_v_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+        get_act_patch_attn_head_pattern_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+    ]
+    return torch.stack([_pad_heads(p, n) for p in parts])
+
+
+def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """Head output, q, k, v by position and pattern by destination, stacked: [5, n_layers, pos, n_heads]."""
+    n = model.cfg.n_heads
+    parts = [
+        get_act_patch_attn_head_out_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+        get_act_patch_attn_head_q_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+        get_act_patch_attn_head_k_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+        get_act_patch_attn_head_v_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+        get_act_patch_attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs).permute(0, 2, 1),
+    ]
+    return torch.stack([_pad_heads(p, n) for p in parts])
