@@ -74,7 +74,12 @@ class Rewrite:
         return node
 
     def after(self, node: fx.Node):
-        """Insert new nodes right after ``node``, in creation order (fx's inserting_after reverses them)."""
+        """Insert new nodes right after ``node``, in creation order (fx's inserting_after reverses them).
+
+        After a graph input means after the last graph input, so inputs added later stay in front.
+        """
+        if node.op == "placeholder":
+            node = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
         return self.graph.inserting_before(node.next)
 
     def erase_dead(self, node: fx.Node) -> None:
