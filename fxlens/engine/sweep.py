@@ -34,11 +34,12 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .. import passes
 from ..graphs.nodes import sym_dims
 from ..graphs.segments import split
 from ..graphs.sites import Site
 from ..metrics import Metric
-from ..passes import VOCAB_INPUT, Cache, Edit, Intervene, KVPrefix, PassError, Read, SelectVocab
+from ..passes import VOCAB_INPUT, Cache, Edit, FuseGelu, Intervene, KVPrefix, PassError, Read, SelectVocab
 from .programs import Programs, rewrites_for
 
 __all__ = ["Cell", "Sweep", "SweepError"]
@@ -55,15 +56,6 @@ class Cell:
     site: Site
     index: tuple  # ((axis name, int), ...) in the site's user layout; absent axes mean "all"
 
-    def start(self, causal: bool) -> int:
-        if not causal:
-            return 0
-        for axis in ("pos", "query_pos"):
-            for name, value in self.index:
-                if name == axis:
-                    return value
-        return 0
-
 
 @dataclass
 class Base:
@@ -73,6 +65,7 @@ class Base:
     logits: torch.Tensor | None
     batch: int
     seq: int
+    values: dict  # base values of the patched sites
 
 
 class Sweep:
@@ -85,11 +78,15 @@ class Sweep:
             self.seg = model._segments = split(mg)
         if not hasattr(model, "_segment_programs"):
             model._segment_programs = (
+                # the base run is bit-identical to a plain forward, so that a patch whose clean value
+                # equals the corrupted one is recognised; patched rows run blocks whose spelled-out
+                # GELU is one kernel
                 [Programs(gm) for gm in self.seg.blocks],
+                [Programs(passes.apply(gm, FuseGelu())) for gm in self.seg.blocks],
                 Programs(self.seg.head),
                 self.seg.prelude,
             )
-        self.blocks, self.head, self.prelude = model._segment_programs
+        self.base_blocks, self.blocks, self.head, self.prelude = model._segment_programs
         self.compile = compile
         self.causal = model.captured.is_causal
         syms = (model.captured.batch_symbol, model.captured.seq_symbol)
@@ -104,25 +101,34 @@ class Sweep:
             self.kv_uses.append(None if a is None else ((a.k_in, a.k_consumer, f"fxl_kpre_{i}"), (a.v_in, a.v_consumer, f"fxl_vpre_{i}")))
 
     # ---- the base run ---------------------------------------------------------------------------
-    def base(self, feed: dict, keep_kv: bool = True, keep_logits: bool = True) -> Base:
+    def base(self, feed: dict, keep_kv: bool = True, keep_logits: bool = True, sites=()) -> Base:
+        """The unpatched run, block by block, keeping what the patched rows will reuse.
+
+        ``sites``: sites whose base values are also kept (``Base.values``), to find where a patch
+        changes nothing.
+        """
         pre = self.prelude(**feed)
         context = pre["context"]
         h = pre["outputs"]["hidden"]
-        hidden, kv = [], []
-        for i, prog in enumerate(self.blocks):
+        hidden, kv, values = [], [], {}
+        by_layer = defaultdict(list)
+        for site in sites:
+            by_layer[site.layer].append(site)
+        for i, prog in enumerate(self.base_blocks):
             hidden.append(h)
-            reads = ()
+            reads = tuple(Read(s.name, s.node, s.layout) for s in by_layer.get(i, ()))
             if keep_kv and self.kv_uses[i] is not None:
                 (k, _, _), (v, _, _) = self.kv_uses[i]
-                reads = (Read("k", k), Read("v", v))
-            out = prog.get((Cache(reads),) if reads else ())(**self._block_feed(i, h, context))
-            kv.append((out["cache"]["k"], out["cache"]["v"]) if reads else None)
+                reads += (Read("fxl_k", k), Read("fxl_v", v))
+            plan = rewrites_for(self.mg, by_layer.get(i, ())) + ((Cache(reads),) if reads else ())
+            out = prog.get(plan)(**self._block_feed(i, h, context))
+            cache = out.get("cache", {})
+            kv.append((cache["fxl_k"], cache["fxl_v"]) if "fxl_k" in cache else None)
+            values.update({k: v for k, v in cache.items() if not k.startswith("fxl_")})
             h = out["outputs"]["hidden"]
-        logits = None
-        if keep_logits:
-            logits = self._head_full(h, context)
+        logits = self._head_full(h, context) if keep_logits else None
         batch, seq = feed["input_ids"].shape
-        return Base(hidden, kv, context, logits, batch, seq)
+        return Base(hidden, kv, context, logits, batch, seq, values)
 
     def _block_feed(self, i: int, h: torch.Tensor, context: dict, start: int = 0, rows: int = 1) -> dict:
         feed = {self.seg.hidden[i]: h}
@@ -154,12 +160,21 @@ class Sweep:
             if c.site.layer is None:
                 raise SweepError(f"sweeps patch sites inside blocks; {c.site.name} is not in a block")
         declared = isinstance(metric, Metric)
-        base = base or self.base(feed, keep_kv=self.causal, keep_logits=not declared or True)
+        sites = list({c.site.name: c.site for c in cells}.values())
+        base = base or self.base(feed, keep_kv=self.causal, sites=sites)
         values = self._sources(cells, source, base)
         out = torch.empty(len(cells), dtype=torch.float32)
         groups = defaultdict(list)
+        unchanged = []
         for idx, cell in enumerate(cells):
-            groups[cell.start(self.causal)].append(idx)
+            start = self._first_change(cell, values, base)
+            if start is None:
+                unchanged.append(idx)
+            else:
+                groups[start].append(idx)
+        if unchanged:
+            # the clean value equals the corrupted one wherever this patch writes: the run is the base run
+            out[torch.tensor(unchanged)] = self._base_metric(base, metric)
         per_row = self._row_bytes(base, declared)
         budget = int(memory_budget * 2**30)
         plan = []
@@ -175,6 +190,34 @@ class Sweep:
             out[torch.tensor(chunk)] = res.float().cpu()
         bar.close()
         return out
+
+    def _first_change(self, cell: Cell, values: dict, base: Base) -> int | None:
+        """The first position the patch changes (None: it changes nothing).
+
+        In a causal model, positions before it are identical to the base run in every later layer,
+        so the row starts there; a patch whose clean value equals the corrupted one is the base run.
+        """
+        axes = cell.site.axes
+        diff = values[cell.site.name] != base.values[cell.site.name].to(values[cell.site.name].dtype)
+        offset = 0
+        pos_axis = next((axes.index(a) for a in ("pos", "query_pos") if a in axes), None)
+        for a, v in cell.index:
+            diff = diff.narrow(axes.index(a), v, 1)
+            if axes.index(a) == pos_axis:
+                offset = v
+        if pos_axis is None:
+            return 0 if bool(diff.any()) else None
+        per_pos = diff.movedim(pos_axis, 0).reshape(diff.shape[pos_axis], -1).any(-1)
+        changed = per_pos.nonzero()
+        if changed.numel() == 0:
+            return None
+        return offset + int(changed[0]) if self.causal else 0
+
+    def _base_metric(self, base: Base, metric) -> float:
+        value = torch.as_tensor(metric(base.logits))
+        if value.numel() != 1:
+            raise SweepError(f"the patching metric must return a scalar; it returned shape {tuple(value.shape)}")
+        return float(value)
 
     def _sources(self, cells, source, base: Base) -> dict:
         values = {}
@@ -210,40 +253,72 @@ class Sweep:
     def _chunk(self, start: int, cells: list, base: Base, values: dict, metric, bar) -> torch.Tensor:
         b0, seq = base.batch, base.seq
         first = cells[0].site.layer
+        last = self.mg.n_layers - 1
         h = None
-        n_rows = 0
         joined = defaultdict(list)
         for row, cell in enumerate(cells):
             joined[cell.site.layer].append((row, cell))
-        for layer in range(first, self.mg.n_layers):
+        # a declared metric reads a few positions: the last block then needs keys and values at every
+        # position but everything else only from the first position read
+        read_from = self._first_read(metric, base, start)
+        for layer in range(first, last + 1):
             new = joined.get(layer, [])
             if new:
                 h_new = base.hidden[layer][:, start:].repeat(len(new), 1, 1)
                 h = h_new if h is None else torch.cat([h, h_new])
-            n_rows = h.shape[0] // b0
-            feed = self._block_feed(layer, h, base.context, start, n_rows)
-            plan = ()
-            if start and self.kv_uses[layer] is not None:
-                plan += (KVPrefix(self.kv_uses[layer]),)
-                k, v = base.kv[layer]
-                for (_, _, name), t in zip(self.kv_uses[layer], (k, v)):
-                    pre = t[..., :start, :]
-                    feed[name] = pre.repeat(n_rows, *([1] * (pre.dim() - 1))) if b0 > 1 else pre
-            if new:
-                edits, efeed, sites = self._edits(layer, new, values, start, n_rows, b0)
+            rows = h.shape[0] // b0
+            prefix = self._base_prefix(layer, base, start, rows) if start else None
+            if layer == last and read_from > start and self.kv_uses[layer] is not None:
+                k, v = self._block(layer, h, base, values, new, start, rows, prefix, keys_only=True)
+                cut = read_from - start
+                prefix = tuple(
+                    t[..., :cut, :] if pre is None else torch.cat([pre.expand(t.shape[0], *pre.shape[1:]), t[..., :cut, :]], dim=-2)
+                    for pre, t in zip(prefix or (None, None), (k, v))
+                )
+                h, start = h[:, cut:], read_from
+            h = self._block(layer, h, base, values, new, start, rows, prefix)
+            bar.update(1)
+        return self._metric(h, start, base, metric, h.shape[0] // b0)
+
+    def _first_read(self, metric, base: Base, start: int) -> int:
+        if not (isinstance(metric, Metric) and self.causal):
+            return start
+        pos, _ = metric.select(base.seq, base.batch)
+        return max(start, int(pos.min()))
+
+    def _base_prefix(self, layer: int, base: Base, start: int, rows: int):
+        if self.kv_uses[layer] is None:
+            return None
+        k, v = base.kv[layer]
+        tile = (lambda t: t.repeat(rows, *([1] * (t.dim() - 1)))) if base.batch > 1 else (lambda t: t)
+        return tile(k[..., :start, :]), tile(v[..., :start, :])
+
+    def _block(self, layer, h, base, values, new, start, rows, prefix, keys_only: bool = False):
+        """Run block ``layer`` on positions ``start..`` of ``rows`` rows (the new ones patched)."""
+        feed = self._block_feed(layer, h, base.context, start, rows)
+        plan = ()
+        if prefix is not None:
+            plan += (KVPrefix(self.kv_uses[layer]),)
+            for (_, _, name), t in zip(self.kv_uses[layer], prefix):
+                feed[name] = t
+        if new:
+            edits, efeed, sites = self._edits(layer, new, values, start, rows, base.batch)
+            if edits:
                 plan += rewrites_for(self.mg, sites, write=sites) + (Intervene(tuple(edits), prefix="fxl_s"),)
                 feed.update(efeed)
-            out = self.blocks[layer].get(plan, self.compile)(**feed)
-            h = out["outputs"]["hidden"]
-            bar.update(1)
-        return self._metric(h, start, base, metric, n_rows)
+        if keys_only:
+            (k, _, _), (v, _, _) = self.kv_uses[layer]
+            plan += (Cache((Read("k", k), Read("v", v)), keep_outputs=False),)
+            out = self.blocks[layer].get(plan, self.compile)(**feed)["cache"]
+            return out["k"], out["v"]
+        return self.blocks[layer].get(plan, self.compile)(**feed)["outputs"]["hidden"]
 
     def _edits(self, layer: int, new: list, values: dict, start: int, n_rows: int, b0: int):
         by_site = defaultdict(list)
         for row, cell in new:
             by_site[cell.site.name].append((row, cell))
         edits, feed, sites = [], {}, []
-        for i, (name, entries) in enumerate(by_site.items()):
+        for name, entries in by_site.items():
             site = entries[0][1].site
             value = values[name]
             axes = site.axes
@@ -259,7 +334,12 @@ class Sweep:
                 index = [slice(row * b0, (row + 1) * b0)] + [slice(None)] * (value.dim() - 1)
                 for a, v in cell.index:
                     index[axes.index(a)] = v - start if a in ("pos", "query_pos") else v
+                if any(isinstance(i, int) and i < 0 for i in index):
+                    continue  # a position before ``start``: it acts only through keys and values
                 mask[tuple(index)] = True
+            if not mask.any():
+                continue
+            i = len(edits)
             edits.append(Edit(name, site.node, site.layout, "replace", masked=True))
             feed[f"fxl_s{i}_value"] = value.repeat(n_rows, *([1] * (value.dim() - 1))) if b0 > 1 or n_rows > 1 else value
             feed[f"fxl_s{i}_mask"] = mask.to(value.device)

@@ -13,6 +13,7 @@ from .base import PassError
 from .cache import Cache, Read, cache
 from .decompose_norm import DecomposeNorm, decompose_norm
 from .expand_attention import ExpandAttention, expand_attention
+from .fuse_gelu import FuseGelu, fuse_gelu
 from .hooks import HOOKS_INPUT, HookAt, HookError, Hooks, hooks
 from .intervene import Edit, EditError, Intervene, intervene
 from .kv_prefix import KVPrefix, kv_prefix
@@ -28,6 +29,7 @@ _PASSES = {
     Intervene: intervene,
     KVPrefix: kv_prefix,
     SelectVocab: select_vocab,
+    FuseGelu: fuse_gelu,
 }
 
 
@@ -63,5 +65,6 @@ __all__ = [
     "Intervene",
     "KVPrefix",
     "SelectVocab",
+    "FuseGelu",
     "VOCAB_INPUT",
 ]
