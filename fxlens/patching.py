@@ -196,8 +196,10 @@ def generic_activation_patch(
                 if not 0 <= v < size:
                     raise IndexError(f"index {v} on axis {a} of {site.name} is out of range 0..{size - 1}")
             cells.append(Cell(site, tuple(zip(axes, row[1:]))))
+        sweep = Sweep(model, compile=compile)
         with torch.no_grad():
-            out = Sweep(model, compile=compile).run(cells, feed, clean_cache, patching_metric, memory_budget=memory_budget, progress=progress)
+            out = sweep.run(cells, feed, clean_cache, patching_metric, memory_budget=memory_budget, progress=progress)
+        model.last_sweep_stats = dict(sweep.stats)
     out = out if flat else out.view(*shape)
     if return_index_df:
         df = index_df if index_df is not None else make_df_from_ranges(shape, index_axis_names)

@@ -89,6 +89,8 @@ class Sweep:
         self.base_blocks, self.blocks, self.head, self.prelude = model._segment_programs
         self.compile = compile
         self.causal = model.captured.is_causal
+        # work done, in (row, position, layer) units: full block calls and keys-and-values-only calls
+        self.stats = {"token_layers": 0, "kv_token_layers": 0, "block_calls": 0, "cells_skipped": 0}
         syms = (model.captured.batch_symbol, model.captured.seq_symbol)
         nodes = {n.name: n for n in self.seg.prelude.graph.nodes}
         self.seq_dims = {}
@@ -122,6 +124,7 @@ class Sweep:
                 reads += (Read("fxl_k", k), Read("fxl_v", v))
             plan = rewrites_for(self.mg, by_layer.get(i, ())) + ((Cache(reads),) if reads else ())
             out = prog.get(plan)(**self._block_feed(i, h, context))
+            self.stats["token_layers"] += h.shape[0] * h.shape[1]
             cache = out.get("cache", {})
             kv.append((cache["fxl_k"], cache["fxl_v"]) if "fxl_k" in cache else None)
             values.update({k: v for k, v in cache.items() if not k.startswith("fxl_")})
@@ -172,9 +175,11 @@ class Sweep:
                 unchanged.append(idx)
             else:
                 groups[start].append(idx)
+        self.stats["cells_skipped"] += len(unchanged)
         if unchanged:
             # the clean value equals the corrupted one wherever this patch writes: the run is the base run
             out[torch.tensor(unchanged)] = self._base_metric(base, metric)
+        groups = self._merge_starts(groups, cells)
         per_row = self._row_bytes(base, declared)
         budget = int(memory_budget * 2**30)
         plan = []
@@ -185,11 +190,64 @@ class Sweep:
                 plan.append((start, idxs[k : k + rows]))
         steps = sum(self.mg.n_layers - cells[chunk[0]].site.layer for _, chunk in plan)
         bar = tqdm(total=steps, desc="patching", disable=not progress, leave=False)
-        for start, chunk in plan:
-            res = self._chunk(start, [cells[i] for i in chunk], base, values, metric, bar)
-            out[torch.tensor(chunk)] = res.float().cpu()
+        # chunks advance together, layer by layer, so that a block's weights are read from memory once
+        # per layer rather than once per chunk (small chunks are bound by weight bandwidth)
+        wave, used = [], 0
+        for start, chunk in plan + [(None, None)]:
+            cost = 0 if chunk is None else per_row(start) * len(chunk)
+            if wave and (chunk is None or used + cost > budget):
+                for idxs, res in zip([c for _, c in wave], self._wave(wave, cells, base, values, metric, bar)):
+                    out[torch.tensor(idxs)] = res.float().cpu()
+                wave, used = [], 0
+            if chunk is not None:
+                wave.append((start, chunk))
+                used += cost
         bar.close()
         return out
+
+    def _wave(self, wave, cells, base, values, metric, bar):
+        runs = [self._chunk(start, [cells[i] for i in chunk], base, values, metric, bar) for start, chunk in wave]
+        results = [None] * len(runs)
+        for layer in range(min(cells[chunk[0]].site.layer for _, chunk in wave), self.mg.n_layers):
+            for k, run in enumerate(runs):
+                if results[k] is None and cells[wave[k][1][0]].site.layer <= layer:
+                    try:
+                        next(run)
+                    except StopIteration as done:
+                        results[k] = done.value
+        for k, run in enumerate(runs):
+            while results[k] is None:
+                try:
+                    next(run)
+                except StopIteration as done:
+                    results[k] = done.value
+        return results
+
+    # A block call costs about as much as this many extra (row, position) tokens: reading the block's
+    # weights (and running its graph) once is worth computing a few positions twice.
+    BREAK_EVEN_TOKENS = 16
+
+    def _merge_starts(self, groups: dict, cells: list) -> dict:
+        """Merge start groups where computing a few more positions beats making more block calls.
+
+        Exact either way: positions before a cell's first change equal the base run's.
+        """
+        starts = sorted(groups, reverse=True)
+        merged: dict = {}
+        carry: list = []
+        for i, start in enumerate(starts):
+            idxs = carry + groups[start]
+            nxt = starts[i + 1] if i + 1 < len(starts) else None
+            if nxt is not None:
+                first = min(cells[j].site.layer for j in idxs)
+                calls = self.mg.n_layers - first
+                extra = sum(self.mg.n_layers - cells[j].site.layer for j in idxs) * (start - nxt)
+                if extra < calls * self.BREAK_EVEN_TOKENS:
+                    carry = idxs
+                    continue
+            merged[start] = idxs
+            carry = []
+        return merged
 
     def _first_change(self, cell: Cell, values: dict, base: Base) -> int | None:
         """The first position the patch changes (None: it changes nothing).
@@ -250,7 +308,8 @@ class Sweep:
 
         return per_row
 
-    def _chunk(self, start: int, cells: list, base: Base, values: dict, metric, bar) -> torch.Tensor:
+    def _chunk(self, start: int, cells: list, base: Base, values: dict, metric, bar):
+        """A generator: each ``next`` runs one more block; it returns the chunk's metric values."""
         b0, seq = base.batch, base.seq
         first = cells[0].site.layer
         last = self.mg.n_layers - 1
@@ -278,6 +337,8 @@ class Sweep:
                 h, start = h[:, cut:], read_from
             h = self._block(layer, h, base, values, new, start, rows, prefix)
             bar.update(1)
+            if layer < last:
+                yield layer
         return self._metric(h, start, base, metric, h.shape[0] // b0)
 
     def _first_read(self, metric, base: Base, start: int) -> int:
@@ -295,6 +356,8 @@ class Sweep:
 
     def _block(self, layer, h, base, values, new, start, rows, prefix, keys_only: bool = False):
         """Run block ``layer`` on positions ``start..`` of ``rows`` rows (the new ones patched)."""
+        self.stats["kv_token_layers" if keys_only else "token_layers"] += h.shape[0] * h.shape[1]
+        self.stats["block_calls"] += 1
         feed = self._block_feed(layer, h, base.context, start, rows)
         plan = ()
         if prefix is not None:
