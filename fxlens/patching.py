@@ -25,6 +25,7 @@ one hooked forward per cell, as TransformerLens does.
 from __future__ import annotations
 
 import itertools
+import sys
 from functools import partial
 
 import torch
@@ -223,35 +224,55 @@ def _hooked_loop(model, feed, clean_cache, metric, setter, activation_name, rows
     return torch.stack(out)
 
 
-def _sweep(activation_name, setter, axes, doc):
-    fn = partial(generic_activation_patch, patch_setter=setter, activation_name=activation_name, index_axis_names=axes)
-    fn.__doc__ = doc
+# name -> (activation, patch setter, swept axes, what the result holds); fxlens.attribution reuses it
+SWEEPS = {
+    "get_act_patch_resid_pre": ("resid_pre", layer_pos_patch_setter, ("layer", "pos"), "each block's residual input by position: [n_layers, pos]"),
+    "get_act_patch_resid_mid": ("resid_mid", layer_pos_patch_setter, ("layer", "pos"), "the residual between attention and MLP by position: [n_layers, pos]"),
+    "get_act_patch_attn_out": ("attn_out", layer_pos_patch_setter, ("layer", "pos"), "each attention layer's output by position: [n_layers, pos]"),
+    "get_act_patch_mlp_out": ("mlp_out", layer_pos_patch_setter, ("layer", "pos"), "each MLP's output by position: [n_layers, pos]"),
+    "get_act_patch_attn_head_out_by_pos": ("z", layer_pos_head_vector_patch_setter, ("layer", "pos", "head"), "each head's output (z) by position: [n_layers, pos, n_heads]"),
+    "get_act_patch_attn_head_q_by_pos": ("q", layer_pos_head_vector_patch_setter, ("layer", "pos", "head"), "each head's queries by position: [n_layers, pos, n_heads]"),
+    "get_act_patch_attn_head_k_by_pos": ("k", layer_pos_head_vector_patch_setter, ("layer", "pos", "head"), "each KV head's keys by position: [n_layers, pos, n_key_value_heads]"),
+    "get_act_patch_attn_head_v_by_pos": ("v", layer_pos_head_vector_patch_setter, ("layer", "pos", "head"), "each KV head's values by position: [n_layers, pos, n_key_value_heads]"),
+    "get_act_patch_attn_head_pattern_by_pos": ("pattern", layer_head_pos_pattern_patch_setter, ("layer", "head_index", "dest_pos"), "each head's pattern row by destination: [n_layers, n_heads, dest_pos]"),
+    "get_act_patch_attn_head_pattern_dest_src_pos": ("pattern", layer_head_dest_src_pos_pattern_patch_setter, ("layer", "head_index", "dest_pos", "src_pos"), "each pattern entry: [n_layers, n_heads, dest_pos, src_pos]"),
+    "get_act_patch_attn_head_out_all_pos": ("z", layer_head_vector_patch_setter, ("layer", "head"), "each head's output (z) at every position: [n_layers, n_heads]"),
+    "get_act_patch_attn_head_q_all_pos": ("q", layer_head_vector_patch_setter, ("layer", "head"), "each head's queries at every position: [n_layers, n_heads]"),
+    "get_act_patch_attn_head_k_all_pos": ("k", layer_head_vector_patch_setter, ("layer", "head"), "each KV head's keys at every position: [n_layers, n_key_value_heads]"),
+    "get_act_patch_attn_head_v_all_pos": ("v", layer_head_vector_patch_setter, ("layer", "head"), "each KV head's values at every position: [n_layers, n_key_value_heads]"),
+    "get_act_patch_attn_head_pattern_all_pos": ("pattern", layer_head_pattern_patch_setter, ("layer", "head_index"), "each head's whole pattern: [n_layers, n_heads]"),
+}
+
+
+def _sweep(name: str):
+    activation, setter, axes, what = SWEEPS[name]
+    fn = partial(generic_activation_patch, patch_setter=setter, activation_name=activation, index_axis_names=axes)
+    fn.__doc__ = f"Patch {what}. Arguments as generic_activation_patch (model, corrupted_tokens, clean_cache, metric)."
     return fn
 
 
-get_act_patch_resid_pre = _sweep("resid_pre", layer_pos_patch_setter, ("layer", "pos"), "Patch each block's residual input by position: [n_layers, pos].")
-get_act_patch_resid_mid = _sweep("resid_mid", layer_pos_patch_setter, ("layer", "pos"), "Patch the residual between attention and MLP by position: [n_layers, pos].")
-get_act_patch_attn_out = _sweep("attn_out", layer_pos_patch_setter, ("layer", "pos"), "Patch each attention layer's output by position: [n_layers, pos].")
-get_act_patch_mlp_out = _sweep("mlp_out", layer_pos_patch_setter, ("layer", "pos"), "Patch each MLP's output by position: [n_layers, pos].")
-get_act_patch_attn_head_out_by_pos = _sweep("z", layer_pos_head_vector_patch_setter, ("layer", "pos", "head"), "Patch each head's output (z) by position: [n_layers, pos, n_heads].")
-get_act_patch_attn_head_q_by_pos = _sweep("q", layer_pos_head_vector_patch_setter, ("layer", "pos", "head"), "Patch each head's queries by position: [n_layers, pos, n_heads].")
-get_act_patch_attn_head_k_by_pos = _sweep("k", layer_pos_head_vector_patch_setter, ("layer", "pos", "head"), "Patch each KV head's keys by position: [n_layers, pos, n_key_value_heads].")
-get_act_patch_attn_head_v_by_pos = _sweep("v", layer_pos_head_vector_patch_setter, ("layer", "pos", "head"), "Patch each KV head's values by position: [n_layers, pos, n_key_value_heads].")
-get_act_patch_attn_head_pattern_by_pos = _sweep("pattern", layer_head_pos_pattern_patch_setter, ("layer", "head_index", "dest_pos"), "Patch each head's pattern row by destination: [n_layers, n_heads, dest_pos].")
-get_act_patch_attn_head_pattern_dest_src_pos = _sweep("pattern", layer_head_dest_src_pos_pattern_patch_setter, ("layer", "head_index", "dest_pos", "src_pos"), "Patch each pattern entry: [n_layers, n_heads, dest_pos, src_pos].")
-get_act_patch_attn_head_out_all_pos = _sweep("z", layer_head_vector_patch_setter, ("layer", "head"), "Patch each head's output (z) at every position: [n_layers, n_heads].")
-get_act_patch_attn_head_q_all_pos = _sweep("q", layer_head_vector_patch_setter, ("layer", "head"), "Patch each head's queries at every position: [n_layers, n_heads].")
-get_act_patch_attn_head_k_all_pos = _sweep("k", layer_head_vector_patch_setter, ("layer", "head"), "Patch each KV head's keys at every position: [n_layers, n_key_value_heads].")
-get_act_patch_attn_head_v_all_pos = _sweep("v", layer_head_vector_patch_setter, ("layer", "head"), "Patch each KV head's values at every position: [n_layers, n_key_value_heads].")
-get_act_patch_attn_head_pattern_all_pos = _sweep("pattern", layer_head_pattern_patch_setter, ("layer", "head_index"), "Patch each head's whole pattern: [n_layers, n_heads].")
+get_act_patch_resid_pre = _sweep("get_act_patch_resid_pre")
+get_act_patch_resid_mid = _sweep("get_act_patch_resid_mid")
+get_act_patch_attn_out = _sweep("get_act_patch_attn_out")
+get_act_patch_mlp_out = _sweep("get_act_patch_mlp_out")
+get_act_patch_attn_head_out_by_pos = _sweep("get_act_patch_attn_head_out_by_pos")
+get_act_patch_attn_head_q_by_pos = _sweep("get_act_patch_attn_head_q_by_pos")
+get_act_patch_attn_head_k_by_pos = _sweep("get_act_patch_attn_head_k_by_pos")
+get_act_patch_attn_head_v_by_pos = _sweep("get_act_patch_attn_head_v_by_pos")
+get_act_patch_attn_head_pattern_by_pos = _sweep("get_act_patch_attn_head_pattern_by_pos")
+get_act_patch_attn_head_pattern_dest_src_pos = _sweep("get_act_patch_attn_head_pattern_dest_src_pos")
+get_act_patch_attn_head_out_all_pos = _sweep("get_act_patch_attn_head_out_all_pos")
+get_act_patch_attn_head_q_all_pos = _sweep("get_act_patch_attn_head_q_all_pos")
+get_act_patch_attn_head_k_all_pos = _sweep("get_act_patch_attn_head_k_all_pos")
+get_act_patch_attn_head_v_all_pos = _sweep("get_act_patch_attn_head_v_all_pos")
+get_act_patch_attn_head_pattern_all_pos = _sweep("get_act_patch_attn_head_pattern_all_pos")
 
 
-def get_act_patch_block_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
-    """resid_pre, attn_out and mlp_out by position, stacked: [3, n_layers, pos]."""
+def _block_every(ns, model, corrupted_tokens, clean_cache, metric, **kwargs):
     return torch.stack([
-        get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, metric, **kwargs),
-        get_act_patch_attn_out(model, corrupted_tokens, clean_cache, metric, **kwargs),
-        get_act_patch_mlp_out(model, corrupted_tokens, clean_cache, metric, **kwargs),
+        ns.get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, metric, **kwargs),
+        ns.get_act_patch_attn_out(model, corrupted_tokens, clean_cache, metric, **kwargs),
+        ns.get_act_patch_mlp_out(model, corrupted_tokens, clean_cache, metric, **kwargs),
     ])
 
 
@@ -259,27 +280,38 @@ def _pad_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, n_heads - t.shape[-1]))
 
 
+def _head_all_pos_every(ns, model, corrupted_tokens, clean_cache, metric, **kwargs):
+    parts = [
+        ns.get_act_patch_attn_head_out_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+        ns.get_act_patch_attn_head_q_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+        ns.get_act_patch_attn_head_k_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+        ns.get_act_patch_attn_head_v_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+        ns.get_act_patch_attn_head_pattern_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+    ]
+    return torch.stack([_pad_heads(p, model.cfg.n_heads) for p in parts])
+
+
+def _head_by_pos_every(ns, model, corrupted_tokens, clean_cache, metric, **kwargs):
+    parts = [
+        ns.get_act_patch_attn_head_out_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+        ns.get_act_patch_attn_head_q_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+        ns.get_act_patch_attn_head_k_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+        ns.get_act_patch_attn_head_v_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+        ns.get_act_patch_attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs).permute(0, 2, 1),
+    ]
+    return torch.stack([_pad_heads(p, model.cfg.n_heads) for p in parts])
+
+
+def get_act_patch_block_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """resid_pre, attn_out and mlp_out by position, stacked: [3, n_layers, pos]."""
+    return _block_every(sys.modules[__name__], model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+
 def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
     """Head output, q, k, v and pattern at every position, stacked: [5, n_layers, n_heads] (k, v zero-padded for GQA)."""
-    n = model.cfg.n_heads
-    parts = [
-        get_act_patch_attn_head_out_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
-        get_act_patch_attn_head_q_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
-        get_act_patch_attn_head_k_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
-        get_act_patch_attn_head_v_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
-        get_act_patch_attn_head_pattern_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
-    ]
-    return torch.stack([_pad_heads(p, n) for p in parts])
+    return _head_all_pos_every(sys.modules[__name__], model, corrupted_tokens, clean_cache, metric, **kwargs)
 
 
 def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
     """Head output, q, k, v by position and pattern by destination, stacked: [5, n_layers, pos, n_heads]."""
-    n = model.cfg.n_heads
-    parts = [
-        get_act_patch_attn_head_out_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
-        get_act_patch_attn_head_q_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
-        get_act_patch_attn_head_k_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
-        get_act_patch_attn_head_v_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
-        get_act_patch_attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs).permute(0, 2, 1),
-    ]
-    return torch.stack([_pad_heads(p, n) for p in parts])
+    return _head_by_pos_every(sys.modules[__name__], model, corrupted_tokens, clean_cache, metric, **kwargs)

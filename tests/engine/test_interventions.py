@@ -43,8 +43,7 @@ def inputs():
 def clean_cache(family):
     _, model = model_for(family)
     ids, mask, clean = inputs()
-    names = lambda name: True  # noqa: E731 - every site, per-head results included
-    return model.run_with_cache(clean, mask, names_filter=names)[1]
+    return model.run_with_cache(clean, mask, names_filter=model.sites)[1]  # per-head results included
 
 
 def max_diff(a, b):
