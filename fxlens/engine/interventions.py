@@ -55,6 +55,7 @@ class _Where:
     batch: Any = None
     query_pos: Any = None
     key_pos: Any = None
+    mask: Any = None  # an explicit boolean mask broadcastable to the site (and-ed with the indices)
 
 
 @dataclass
@@ -143,6 +144,11 @@ def mask_for(spec, site: Site, shape: tuple) -> torch.Tensor | None:
         view[axis] = shape[axis]
         m = m.view(view)
         mask = m if mask is None else mask & m
+    explicit = getattr(spec, "mask", None)
+    if explicit is not None:
+        explicit = torch.as_tensor(explicit, dtype=torch.bool)
+        _broadcastable(explicit, shape, spec, "the mask")
+        mask = explicit if mask is None else mask & explicit
     return mask
 
 

@@ -347,6 +347,18 @@ class Model:
             return result
         return result, ActivationCache({k: v.detach() for k, v in out["cache"].items()}, self.site_table, self)
 
+    def run_with_circuit(self, input, circuit, attention_mask=None, *, ablation="zero", reference=None, return_type="logits"):
+        """Run with every edge outside ``circuit`` ablated (see ``fxlens.circuits.run_with_circuit``)."""
+        from ..circuits import run_with_circuit
+
+        return run_with_circuit(self, input, circuit, ablation=ablation, reference=reference, attention_mask=attention_mask, return_type=return_type)
+
+    def run_with_edges(self, input, edges, attention_mask=None, *, ablation="zero", reference=None, return_type="logits"):
+        """Run with the given edges ablated or patched (see ``fxlens.circuits.run_with_edges``)."""
+        from ..circuits import run_with_edges
+
+        return run_with_edges(self, input, edges, ablation=ablation, reference=reference, attention_mask=attention_mask, return_type=return_type)
+
     def __repr__(self) -> str:
         c = self.cfg
         return (

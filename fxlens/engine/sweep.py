@@ -179,7 +179,8 @@ class Sweep:
         if unchanged:
             # the clean value equals the corrupted one wherever this patch writes: the run is the base run
             out[torch.tensor(unchanged)] = self._base_metric(base, metric)
-        groups = self._merge_starts(groups, cells)
+        if len(groups) > 1:
+            groups = self._merge_starts(groups, cells, self._break_even(base))
         per_row = self._row_bytes(base, declared)
         budget = int(memory_budget * 2**30)
         plan = []
@@ -223,11 +224,36 @@ class Sweep:
                     results[k] = done.value
         return results
 
-    # A block call costs about as much as this many extra (row, position) tokens: reading the block's
-    # weights (and running its graph) once is worth computing a few positions twice.
-    BREAK_EVEN_TOKENS = 16
+    def _break_even(self, base: Base) -> float:
+        """How many extra (row, position) tokens one block call costs: measured once per model.
 
-    def _merge_starts(self, groups: dict, cells: list) -> dict:
+        A call reads all of a block's weights and runs its graph in Python; for small batches that,
+        not the arithmetic, is the cost, so computing a few positions twice can beat another call.
+        """
+        cached = getattr(self.model, "_sweep_break_even", None)
+        if cached is not None:
+            return cached
+        import time
+
+        layer = self.mg.n_layers // 2
+        prog = self.base_blocks[layer].get(())
+        times = {}
+        for n in (1, 64):
+            h = base.hidden[layer][:1, :1].expand(n, 1, -1).contiguous()
+            feed = self._block_feed(layer, h, {c: v[:1, ..., :1, :1] if len(self.seq_dims.get(c, [])) == 2 else v[:1, :1] if self.seq_dims.get(c) else v for c, v in base.context.items()})
+            prog(**feed)
+            best = float("inf")
+            for _ in range(3):
+                t = time.perf_counter()
+                prog(**feed)
+                best = min(best, time.perf_counter() - t)
+            times[n] = best
+        per_token = max((times[64] - times[1]) / 63, 1e-9)
+        value = max(1.0, min(256.0, times[1] / per_token))
+        self.model._sweep_break_even = value
+        return value
+
+    def _merge_starts(self, groups: dict, cells: list, break_even: float) -> dict:
         """Merge start groups where computing a few more positions beats making more block calls.
 
         Exact either way: positions before a cell's first change equal the base run's.
@@ -242,7 +268,7 @@ class Sweep:
                 first = min(cells[j].site.layer for j in idxs)
                 calls = self.mg.n_layers - first
                 extra = sum(self.mg.n_layers - cells[j].site.layer for j in idxs) * (start - nxt)
-                if extra < calls * self.BREAK_EVEN_TOKENS:
+                if extra < calls * break_even:
                     carry = idxs
                     continue
             merged[start] = idxs

@@ -12,6 +12,7 @@ Example::
 from .base import PassError
 from .cache import Cache, Read, cache
 from .decompose_norm import DecomposeNorm, decompose_norm
+from .edges import ALT_INPUT, MASK_INPUT, EdgeReceiver, Edges, EdgeSender, edges
 from .expand_attention import ExpandAttention, expand_attention
 from .fuse_gelu import FuseGelu, fuse_gelu
 from .hooks import HOOKS_INPUT, HookAt, HookError, Hooks, hooks
@@ -30,6 +31,7 @@ _PASSES = {
     KVPrefix: kv_prefix,
     SelectVocab: select_vocab,
     FuseGelu: fuse_gelu,
+    Edges: edges,
 }
 
 
@@ -66,5 +68,10 @@ __all__ = [
     "KVPrefix",
     "SelectVocab",
     "FuseGelu",
+    "Edges",
+    "EdgeSender",
+    "EdgeReceiver",
+    "MASK_INPUT",
+    "ALT_INPUT",
     "VOCAB_INPUT",
 ]

@@ -10,8 +10,6 @@ nothing persists on the user's model, errors raised before any compute, and ``co
 
 import copy
 import functools
-import itertools
-import re
 import warnings
 
 import pytest
@@ -87,14 +85,10 @@ def hooked(model, ids, mask, *edits):
 # axes: resid/attn_out/mlp [batch, pos, d]; q/k/v/z [batch, pos, head, d_head]; result [batch, pos,
 # head, d_model]; pattern/scores [batch, head, query_pos, key_pos]; mlp.hook_post [batch, pos, d_mlp]
 
-g = torch.Generator().manual_seed(0)
-VEC = torch.randn(64, generator=g)
-VEC_HEAD = torch.randn(16, generator=g)
-FULL = torch.randn(B, S, 64, generator=g)
-
-
-def clean(site):
-    return lambda cc: cc[site]
+_gen = torch.Generator().manual_seed(0)
+VEC = torch.randn(64, generator=_gen)
+VEC_HEAD = torch.randn(16, generator=_gen)
+FULL = torch.randn(B, S, 64, generator=_gen)
 
 
 # name -> (spec factory(clean cache), site, reference fn(x, clean cache), selection)
@@ -226,6 +220,35 @@ def test_patch_source_may_be_a_plain_dict_and_a_cache_without_batch_dim():
     for source in ({"blocks.1.hook_resid_pre": value}, one, value):
         got = model.run_with_interventions(ids, [Patch("blocks.1.hook_resid_pre", source=source, pos=3)], mask)
         assert max_diff(got, want) <= TOL
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_sites_outside_the_blocks_take_interventions(family):
+    _, model = model_for(family)
+    ids, mask, _ = inputs()
+    embed, resid = ("hook_embed", lambda x: x + VEC, {1: 1}), ("blocks.0.hook_resid_pre", lambda x: x * 2.0, {1: [1, 2]})
+    steer, scale = Steer("hook_embed", vector=VEC, pos=1), Scale("blocks.0.hook_resid_pre", factor=2.0, pos=[1, 2])
+    # for some families the embedding is the first residual: then the order given is the order applied
+    assert max_diff(model.run_with_interventions(ids, [steer, scale], mask), hooked(model, ids, mask, embed, resid)) <= TOL
+    assert max_diff(model.run_with_interventions(ids, [scale, steer], mask), hooked(model, ids, mask, resid, embed)) <= TOL
+    if family != "bert":  # BERT's MLM head has no final norm site
+        got = model.run_with_interventions(ids, [Scale("ln_final.hook_scale", factor=2.0, pos=-1)], mask)
+        assert max_diff(got, hooked(model, ids, mask, ("ln_final.hook_scale", lambda x: x * 2.0, {1: -1}))) <= TOL
+
+
+def test_a_raw_hf_module_path_is_a_site_too():
+    hf, model = model_for("llama")
+    ids, mask, _ = inputs()
+
+    def triple_at_2(mod, args, out):
+        out = out.clone()
+        out[:, 2] *= 3
+        return out
+
+    want = hf_run("llama", ids, mask, "model.layers.0.mlp", triple_at_2)
+    got = model.run_with_interventions(ids, [Scale("model.layers.0.mlp", factor=3.0, pos=2)], mask)
+    assert max_diff(got, want) <= TOL
+    assert max_diff(got, model.run_with_interventions(ids, [Scale("blocks.0.hook_mlp_out", factor=3.0, pos=2)], mask)) <= TOL
 
 
 # ---- resample ablation ----------------------------------------------------------------------------
@@ -548,6 +571,9 @@ ERRORS = {
     "reference_cache_missing_the_site": (
         lambda: Ablate("blocks.1.hook_mlp_out", how="mean", reference=_cache_with("blocks.0.hook_resid_pre")),
         r"Ablate\('blocks\.1\.hook_mlp_out'\).*no value for blocks\.1\.hook_mlp_out"),
+    "reference_of_another_length": (
+        lambda: Ablate("blocks.0.hook_resid_pre", how="mean", reference=torch.zeros(2, S + 1, 64)),
+        r"Ablate\('blocks\.0\.hook_resid_pre'\).*\(1, 7, 64\).*\(3, 6, 64\)"),
     "from_rows_of_the_wrong_length": (
         lambda: Patch("blocks.0.hook_resid_pre", from_rows=[1, 0]),
         r"Patch\('blocks\.0\.hook_resid_pre'\).*from_rows.*\(3\)"),
@@ -615,4 +641,4 @@ def test_compiled_program_equals_uncompiled(family):
             want = model.run_with_interventions(ids, specs(scale), mask)
             got = model.run_with_interventions(ids, specs(scale), mask, compile=True)
             assert max_diff(got, want) <= 1e-4
-    assert not [w for w in caught if "torch.compile" in str(w.message)], "the program ran uncompiled"
+    assert not [w for w in caught if "could not compile" in str(w.message)], "the program ran uncompiled"

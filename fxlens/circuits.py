@@ -1,0 +1,453 @@
+"""Circuits as code: edges, edge interventions, circuit evaluation, path patching, EAP and ACDC.
+
+Problem: a circuit is a set of edges between components (the embedding, attention heads, MLPs, the
+logits) through the residual stream. Researchers evaluate, discover and test circuits with many
+hand-written hooked forwards; here a circuit is an object and every operation on it is one program.
+
+Names: senders are ``input``, ``a{layer}.h{head}`` and ``m{layer}``; receivers are
+``a{layer}.h{head}<q|k|v>`` (k and v index key/value heads in grouped-query models), ``m{layer}`` and
+``logits``. An edge is ``(sender, receiver)`` or the string ``"a0.h1->a1.h0<k>"``.
+
+Example::
+
+    from fxlens.circuits import Circuit, run_with_edges, eap_scores, acdc, path_patch
+    circuit = Circuit.from_edges(["input->a0.h0<q>", "a0.h0->a1.h0<k>", "a1.h0->logits"])
+    logits = model.run_with_circuit(tokens, circuit, ablation="zero")        # everything else ablated
+    scores = eap_scores(model, clean, corrupted, metric)                    # {edge: score}
+    found = acdc(model, clean, corrupted, threshold=0.05)                    # a Circuit
+    effects = path_patch(model, clean, corrupted, metric, receivers=["a9.h6<q>"])   # {sender: metric}
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+import networkx as nx
+import torch
+
+from .engine.interventions import Patch, prepare
+from .engine.programs import rewrites_for
+from .graphs.components import CircuitError, Components, components
+from .passes import ALT_INPUT, MASK_INPUT, EdgeReceiver, Edges, EdgeSender, Intervene
+
+__all__ = ["Circuit", "CircuitError", "model_components", "run_with_edges", "run_with_circuit", "eap_scores", "acdc", "path_patch"]
+
+
+def model_components(model) -> Components:
+    comp = getattr(model, "_components", None)
+    if comp is None:
+        comp = model._components = components(model.graph)
+    return comp
+
+
+def _edge(e) -> tuple:
+    if isinstance(e, str):
+        if "->" not in e:
+            raise CircuitError(f"an edge is 'sender->receiver' (e.g. 'a0.h1->a1.h0<k>'); got {e!r}")
+        s, r = e.split("->", 1)
+        return s.strip(), r.strip()
+    s, r = e
+    return str(s), str(r)
+
+
+class Circuit:
+    """A set of edges (sender, receiver). Immutable in spirit: operations return new circuits."""
+
+    def __init__(self, edges: Iterable = ()):
+        self.edges = frozenset(_edge(e) for e in edges)
+
+    @classmethod
+    def from_edges(cls, edges: Iterable) -> "Circuit":
+        return cls(edges)
+
+    @classmethod
+    def full(cls, model) -> "Circuit":
+        """Every edge of the model."""
+        comp = model_components(model)
+        return cls((s.name, r.name) for r in comp.receivers for s in comp.upstream(r))
+
+    @classmethod
+    def from_networkx(cls, graph: nx.DiGraph) -> "Circuit":
+        return cls(graph.edges())
+
+    def to_networkx(self) -> nx.DiGraph:
+        g = nx.DiGraph()
+        g.add_edges_from(sorted(self.edges))
+        return g
+
+    def to_json(self, path=None) -> str:
+        text = json.dumps({"format": "fxlens.circuit/1", "edges": [f"{s}->{r}" for s, r in sorted(self.edges)]}, indent=1)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str) -> "Circuit":
+        text = text_or_path
+        if not text_or_path.lstrip().startswith("{"):
+            with open(text_or_path) as f:
+                text = f.read()
+        data = json.loads(text)
+        if data.get("format") != "fxlens.circuit/1":
+            raise CircuitError(f"not an fxlens circuit file (format {data.get('format')!r})")
+        return cls(data["edges"])
+
+    def to_dot(self) -> str:
+        """Graphviz DOT: senders and receivers as nodes, edges as arrows (render with ``dot -Tpng``)."""
+        lines = ["digraph circuit {", "  rankdir=BT;", '  node [shape=box, fontname="Helvetica"];']
+        for s, r in sorted(self.edges):
+            lines.append(f'  "{s}" -> "{r}";')
+        lines.append("}")
+        return "\n".join(lines)
+
+    def validate(self, model) -> "Circuit":
+        """Raise CircuitError for unknown components or edges that point backwards in depth."""
+        comp = model_components(model)
+        for s_name, r_name in sorted(self.edges):
+            s, r = comp.sender(s_name), comp.receiver(r_name)
+            if not comp.reaches(s, r):
+                raise CircuitError(
+                    f"edge {s_name}->{r_name} points backwards in depth: {s_name} writes at layer {s.layer}, "
+                    f"after {r_name} reads the residual stream at layer {r.layer}"
+                )
+        return self
+
+    def __len__(self) -> int:
+        return len(self.edges)
+
+    def __iter__(self):
+        return iter(sorted(self.edges))
+
+    def __contains__(self, edge) -> bool:
+        return _edge(edge) in self.edges
+
+    def __or__(self, other: "Circuit") -> "Circuit":
+        return Circuit(self.edges | other.edges)
+
+    def __sub__(self, other: "Circuit") -> "Circuit":
+        return Circuit(self.edges - Circuit(other).edges if not isinstance(other, Circuit) else self.edges - other.edges)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Circuit) and self.edges == other.edges
+
+    def __hash__(self) -> int:
+        return hash(self.edges)
+
+    def __repr__(self) -> str:
+        by_receiver: dict = {}
+        for s, r in sorted(self.edges):
+            by_receiver.setdefault(r, []).append(s)
+        lines = [f"Circuit with {len(self.edges)} edges"]
+        for r, ss in by_receiver.items():
+            lines.append(f"  {r:14s} <- {', '.join(ss)}")
+        return "\n".join(lines)
+
+
+# ---- running edge interventions ---------------------------------------------------------------------
+def _sender_sites(model, comp: Components) -> list:
+    sites = [model.site_table["resid_pre", 0]]
+    for layer in range(comp.n_layers):
+        sites.append(model.site_table["result", layer])
+        sites.append(model.site_table["mlp_out", layer])
+    return sites
+
+
+def _sender_specs(model, comp: Components) -> tuple:
+    out = []
+    for s in comp.senders:
+        if s.kind == "input":
+            site = model.site_table["resid_pre", 0]
+            out.append(EdgeSender(s.name, site.node, site.layout, None))
+        elif s.kind == "head":
+            site = model.site_table["result", s.layer]
+            out.append(EdgeSender(s.name, site.node, site.layout, s.head))
+        else:
+            site = model.site_table["mlp_out", s.layer]
+            out.append(EdgeSender(s.name, site.node, site.layout, None))
+    return tuple(out)
+
+
+def _receiver_specs(comp: Components, names: Iterable[str]) -> tuple:
+    index = {s.name: i for i, s in enumerate(comp.senders)}
+    columns = {r.name: j for j, r in enumerate(comp.receivers)}
+    out = []
+    for r in comp.receivers:
+        if r.name not in names:
+            continue
+        upstream = tuple(index[s.name] for s in comp.upstream(r))
+        out.append(
+            EdgeReceiver(
+                r.name, r.kind, columns[r.name], upstream, r.entry,
+                r.target.node if r.target else "", r.target.layout if r.target else None or _identity(), r.head, r.cone, r.consumers,
+            )
+        )
+    return tuple(out)
+
+
+def _identity():
+    from .graphs.layout import IDENTITY
+
+    return IDENTITY
+
+
+def sender_values(model, tokens, attention_mask=None) -> torch.Tensor:
+    """Every sender's output on ``tokens``: [batch, pos, senders, d_model] (the ``alt`` of an ablation)."""
+    comp = model_components(model)
+    sites = _sender_sites(model, comp)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, attention_mask, names_filter=[s.name for s in sites], return_logits=False)
+    parts = []
+    for s in comp.senders:
+        if s.kind == "input":
+            parts.append(cache["resid_pre", 0])
+        elif s.kind == "head":
+            parts.append(cache["result", s.layer][:, :, s.head])
+        else:
+            parts.append(cache["mlp_out", s.layer])
+    return torch.stack(parts, dim=2)
+
+
+def _alt(model, ablation, tokens_shape, attention_mask, reference):
+    """The replacement sender outputs for an ablation name, tokens or a tensor."""
+    comp = model_components(model)
+    d = model.cfg.d_model
+    if isinstance(ablation, torch.Tensor):
+        return ablation
+    if ablation == "zero":
+        return torch.zeros(1, tokens_shape[1], len(comp.senders), d, dtype=model.captured.dtype)
+    if ablation == "mean":
+        ref = reference if reference is not None else None
+        if ref is None:
+            raise CircuitError("ablation='mean' needs reference tokens (reference=...) to average the sender outputs over")
+        return sender_values(model, ref).mean(0, keepdim=True)
+    if ablation in ("corrupted", "resample"):
+        if reference is None:
+            raise CircuitError(f"ablation={ablation!r} needs the corrupted tokens (reference=...)")
+        values = sender_values(model, reference)
+        if ablation == "resample":
+            g = torch.Generator().manual_seed(0)
+            values = values[torch.randint(0, values.shape[0], (tokens_shape[0],), generator=g)]
+        return values
+    raise CircuitError(f"ablation must be 'zero', 'mean', 'corrupted', 'resample' or a tensor of sender outputs; got {ablation!r}")
+
+
+def _edge_plan(model, receivers: tuple):
+    comp = model_components(model)
+    sites = [model.site_table["result", layer] for layer in range(comp.n_layers)]
+    return rewrites_for(model.graph, sites) + (Edges(_sender_specs(model, comp), receivers),)
+
+
+def _mask(comp: Components, edges: Iterable, rows: int = 1) -> torch.Tensor:
+    s_index = {s.name: i for i, s in enumerate(comp.senders)}
+    r_index = {r.name: j for j, r in enumerate(comp.receivers)}
+    mask = torch.zeros(rows, len(comp.senders), len(comp.receivers))
+    for s, r in edges:
+        mask[:, s_index[s], r_index[r]] = 1.0
+    return mask
+
+
+def run_with_edges(model, tokens, edges, *, ablation="zero", reference=None, attention_mask=None, return_type="logits"):
+    """Run with each edge in ``edges`` replaced (ablated, or patched from ``reference``'s run).
+
+    ``ablation``: "zero", "mean" (over ``reference`` tokens), "corrupted" (the sender outputs on
+    ``reference`` tokens: edge patching), "resample", or a tensor [batch or 1, pos, senders, d_model].
+    """
+    comp = model_components(model)
+    circuit = Circuit(edges).validate(model)
+    feed = model._inputs(tokens, attention_mask)
+    alt = _alt(model, ablation, feed["input_ids"].shape, attention_mask, reference)
+    receivers = {r for _, r in circuit.edges}
+    plan = _edge_plan(model, _receiver_specs(comp, receivers)) if receivers else ()
+    feed = dict(feed)
+    if receivers:
+        feed[MASK_INPUT] = _mask(comp, circuit.edges).to(model.captured.device)
+        feed[ALT_INPUT] = alt.to(model.captured.device, model.captured.dtype)
+    out = model.programs.get(plan)(**feed)
+    return model._outputs(out, feed, return_type)
+
+
+def run_with_circuit(model, tokens, circuit: Circuit, *, ablation="zero", reference=None, attention_mask=None, return_type="logits"):
+    """Run with every edge *outside* ``circuit`` ablated: the circuit's faithfulness in one call."""
+    circuit = Circuit(circuit.edges if isinstance(circuit, Circuit) else circuit).validate(model)
+    outside = Circuit.full(model).edges - circuit.edges
+    return run_with_edges(model, tokens, outside, ablation=ablation, reference=reference, attention_mask=attention_mask, return_type=return_type)
+
+
+# ---- edge attribution patching ---------------------------------------------------------------------
+def eap_scores(model, clean_tokens, corrupted_tokens, metric, *, attention_mask=None, corrupted_mask=None) -> dict:
+    """Edge attribution patching (Syed et al.): {(sender, receiver): score} from one forward and backward.
+
+    score = (corrupted_s - clean_s) . d metric / d (receiver input), on the clean run: the first-order
+    change of the metric when the edge is patched from the corrupted run. It is the gradient of the
+    metric with respect to the edge mask at zero.
+    """
+    comp = model_components(model)
+    feed = model._inputs(clean_tokens, attention_mask)
+    alt = sender_values(model, corrupted_tokens, corrupted_mask)
+    plan = _edge_plan(model, _receiver_specs(comp, {r.name for r in comp.receivers}))
+    mask = torch.zeros(1, len(comp.senders), len(comp.receivers), requires_grad=True)
+    with torch.enable_grad():
+        out = model.programs.get(plan)(**feed, **{MASK_INPUT: mask, ALT_INPUT: alt})
+        value = torch.as_tensor(metric(out["outputs"][model.captured.outputs[0]]))
+        (grad,) = torch.autograd.grad(value.reshape(()), [mask])
+    scores = {}
+    for j, r in enumerate(comp.receivers):
+        for s in comp.upstream(r):
+            i = comp.senders.index(s)
+            scores[(s.name, r.name)] = float(grad[0, i, j])
+    return scores
+
+
+# ---- ACDC ------------------------------------------------------------------------------------------
+def _kl_metric(reference_logits: torch.Tensor, pos: int = -1):
+    ref = reference_logits[:, pos].log_softmax(-1)
+
+    def metric(logits):
+        return torch.nn.functional.kl_div(logits[:, pos].log_softmax(-1), ref, log_target=True, reduction="batchmean")
+
+    return metric
+
+
+def acdc(model, clean_tokens, corrupted_tokens, *, threshold: float, metric=None, attention_mask=None, progress: bool = False) -> Circuit:
+    """ACDC (Conmy et al.): prune edges whose removal changes the metric by less than ``threshold``.
+
+    Receivers are visited from the logits back to the input; for each, every incoming edge's removal is
+    checked in one batched run (one row per candidate), then the candidates are removed in order of
+    increasing effect as long as removing them together stays within the threshold (checked in a second
+    batched run). Removed edges are patched from the corrupted run. The default metric is the KL
+    divergence of the last position's distribution from the full model's.
+    """
+    comp = model_components(model)
+    feed = model._inputs(clean_tokens, attention_mask)
+    batch = feed["input_ids"].shape[0]
+    with torch.no_grad():
+        full_logits = model(clean_tokens, attention_mask)
+    metric = metric or _kl_metric(full_logits)
+    alt = sender_values(model, corrupted_tokens)
+    plan = _edge_plan(model, _receiver_specs(comp, {r.name for r in comp.receivers}))
+    program = model.programs.get(plan)
+    current = set(Circuit.full(model).edges)
+
+    def evaluate(removed_sets: list) -> torch.Tensor:
+        """Metric for the current circuit with each extra set of edges removed: [len(removed_sets)]."""
+        rows = len(removed_sets)
+        base_mask = _mask(comp, Circuit.full(model).edges - current)
+        masks = base_mask.repeat(rows, 1, 1)
+        for k, extra in enumerate(removed_sets):
+            if extra:
+                masks[k] += _mask(comp, extra)[0]
+        masks = masks.clamp(max=1).repeat_interleave(batch, dim=0)
+        tiled = {k: v.repeat(rows, *([1] * (v.dim() - 1))) for k, v in feed.items()}
+        a = alt if alt.shape[0] == 1 else alt.repeat(rows, 1, 1, 1)
+        with torch.no_grad():
+            logits = program(**tiled, **{MASK_INPUT: masks, ALT_INPUT: a})["outputs"][model.captured.outputs[0]]
+        return torch.stack([torch.as_tensor(metric(logits[k * batch : (k + 1) * batch])).reshape(()) for k in range(rows)])
+
+    score = float(evaluate([set()])[0])
+    order = sorted(comp.receivers, key=lambda r: (-r.layer, -r.stage))
+    for r in order:
+        incoming = sorted(e for e in current if e[1] == r.name)
+        if not incoming:
+            continue
+        effects = evaluate([{e} for e in incoming]) - score
+        ranked = [incoming[i] for i in torch.argsort(effects).tolist() if effects[i] < threshold]
+        if not ranked:
+            continue
+        prefixes = [set(ranked[: k + 1]) for k in range(len(ranked))]
+        totals = evaluate(prefixes) - score
+        ok = [k for k in range(len(ranked)) if totals[k] < threshold]
+        if ok:
+            k = max(ok)
+            current -= prefixes[k]
+            score = score + float(totals[k])
+        if progress:
+            print(f"acdc: {r.name}: kept {sum(1 for e in current if e[1] == r.name)} of {len(incoming)} edges")
+    return Circuit(current)
+
+
+# ---- path patching ----------------------------------------------------------------------------------
+def path_patch(model, clean_tokens, corrupted_tokens, metric, *, receivers, senders=None, freeze_mlps: bool = False,
+               attention_mask=None) -> dict:
+    """Path patching (Wang et al., "Interpretability in the Wild"): {sender: metric}.
+
+    For each sender (a head ``a{l}.h{h}`` or an MLP ``m{l}``; default: every head), the metric of the
+    clean run in which the receivers (``a{l}.h{h}<q|k|v>`` or ``logits``) read the residual stream as it
+    is when the sender's output comes from the corrupted run and every other head is frozen at its
+    clean value (MLPs are recomputed, or frozen too with ``freeze_mlps``). Every sender is a pair of
+    rows of one batched program: the sender row computes the patched path, the receiver row is the
+    clean run whose receivers read their q/k/v from the sender row.
+    """
+    comp = model_components(model)
+    recv = [comp.receiver(r) for r in receivers]
+    if senders is None:  # every head upstream of every receiver
+        senders = [s.name for s in comp.senders if s.kind == "head" and all(comp.reaches(s, r) for r in recv)]
+    senders = [comp.sender(s) for s in senders]
+    if any(r.kind == "logits" for r in recv) and len(recv) > 1:
+        raise CircuitError("path patch to the logits alone, or to heads' q/k/v; not both in one call")
+    if any(r.kind == "mlp" for r in recv):
+        raise CircuitError("path patching receivers are heads' q/k/v inputs or the logits; for an MLP input use run_with_edges")
+    for s in senders:
+        if s.kind == "input":
+            raise CircuitError("path patching senders are heads or MLPs; the input has no corrupted-run output to patch")
+        for r in recv:
+            if not comp.reaches(s, r):
+                raise CircuitError(f"sender {s.name} does not reach receiver {r.name}: it writes after the receiver reads")
+    feed = model._inputs(clean_tokens, attention_mask)
+    batch, seq = feed["input_ids"].shape
+    n = len(senders)
+    names = [model.get_act_name(k, l) for l in range(comp.n_layers) for k in ("z", "mlp_out")]
+    with torch.no_grad():
+        _, clean = model.run_with_cache(clean_tokens, attention_mask, names_filter=names, return_logits=False)
+        _, corrupt = model.run_with_cache(corrupted_tokens, attention_mask, names_filter=names, return_logits=False)
+    total = 2 * n * batch  # rows [2k*b, (2k+1)*b): sender k's path; the next b rows: its receiver run
+    path_rows = torch.arange(total).view(n, 2, batch)[:, 0].flatten()
+    read_rows = torch.arange(total).view(n, 2, batch)[:, 1].flatten()
+
+    def tile(t):
+        return t.repeat(2 * n, *([1] * (t.dim() - 1)))
+
+    def rows_of(k, which=0):
+        start = (2 * k + which) * batch
+        return slice(start, start + batch)
+
+    specs = []
+    for layer in range(comp.n_layers):
+        z = model.get_act_name("z", layer)
+        source = tile(clean[z])
+        for k, s in enumerate(senders):
+            if s.kind == "head" and s.layer == layer:
+                source[rows_of(k), :, s.head] = corrupt[z][:, :, s.head]
+        freeze = torch.zeros(total, 1, 1, 1, dtype=torch.bool)
+        freeze[path_rows] = True  # every head of a path row is frozen (or, the sender, corrupted)
+        specs.append(Patch(z, source=source, mask=freeze))
+        mlp = model.get_act_name("mlp_out", layer)
+        m_source, m_mask = tile(clean[mlp]), torch.zeros(total, 1, 1, dtype=torch.bool)
+        for k, s in enumerate(senders):
+            if s.kind == "mlp" and s.layer == layer:
+                m_source[rows_of(k)] = corrupt[mlp]
+                m_mask[rows_of(k)] = True
+            elif freeze_mlps:
+                m_mask[rows_of(k)] = True
+        if m_mask.any():
+            specs.append(Patch(mlp, source=m_source, mask=m_mask))
+    logits_rows = None
+    for r in recv:
+        if r.kind == "logits":
+            logits_rows = path_rows
+            continue
+        site = model.site_table[model.get_act_name(r.kind, r.layer)]
+        heads = model.graph.shape(site, batch, seq)[2]
+        src = torch.arange(total)
+        src[read_rows] = path_rows
+        mask = torch.zeros(total, 1, heads, 1, dtype=torch.bool)
+        mask[read_rows, :, r.head] = True
+        specs.append(Patch(site.name, from_rows=src, mask=mask))
+    tiled = {k: tile(v) for k, v in feed.items()}
+    prep = prepare(specs, model, total, seq)
+    plan = rewrites_for(model.graph, prep.sites, write=prep.sites) + (Intervene(tuple(prep.edits)),)
+    with torch.no_grad():
+        logits = model.programs.get(plan)(**tiled, **prep.feed)["outputs"][model.captured.outputs[0]]
+    rows = (logits_rows if logits_rows is not None else read_rows).view(n, batch)
+    return {s.name: float(torch.as_tensor(metric(logits[rows[k]]))) for k, s in enumerate(senders)}

@@ -1,0 +1,131 @@
+"""The circuit view of a model: senders, receivers and the graph nodes behind each.
+
+Problem: a circuit edge (sender -> receiver) is "what the sender writes into the residual stream, as
+the receiver reads it". Its senders are the token embedding, each attention head's output and each
+MLP's output; its receivers are each head's query, key and value input, each MLP's input and the
+logits. The residual stream must be a plain sum of what the senders write for this to mean anything.
+
+Mechanism: from the structure analysis, each block contributes its heads (per-head results from the
+output projection, ``split_heads``) and its MLP output as senders; each receiver names the spine node
+its branch reads (``entry``) and how that read is replayed: for q/k/v, the nodes from the branch
+entry to the q/k/v node (the norm and the projection, whatever the family fuses); for an MLP or the
+logits, the nodes that read the entry inside the branch. A model whose residual stream is not a sum of
+component outputs (BERT's post-norm, Gemma 2's norms after each branch) is refused with the reason.
+
+Example::
+
+    cg = components(mg)
+    cg.senders[:3]          # [Sender('input', -1), Sender('a0.h0', 0, 'head', 0), Sender('a0.h1', 0, 'head', 1)]
+    cg.receiver("a1.h0<k>").cone     # node names replayed for head 0's keys
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .attention import View
+
+__all__ = ["Sender", "Receiver", "Components", "components", "CircuitError"]
+
+
+class CircuitError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Sender:
+    name: str
+    layer: int  # -1 for the input embedding
+    kind: str  # "input", "head", "mlp"
+    head: int | None = None
+    stage: int = 0  # 0: attention half of the layer, 1: MLP half
+
+
+@dataclass(frozen=True)
+class Receiver:
+    name: str
+    layer: int  # n_layers for the logits
+    kind: str  # "q", "k", "v", "mlp", "logits"
+    head: int | None = None
+    stage: int = 0
+    entry: str = ""  # the residual node the receiver reads
+    target: View | None = None  # q/k/v: the site the replay recomputes
+    cone: tuple = ()  # q/k/v: nodes from entry to target, in graph order
+    consumers: tuple = ()  # mlp/logits: nodes that read entry for this receiver
+
+
+@dataclass
+class Components:
+    senders: list
+    receivers: list
+    n_layers: int
+    parallel: bool  # attention and MLP of a block read the same residual
+
+    def sender(self, name: str) -> Sender:
+        for s in self.senders:
+            if s.name == name:
+                return s
+        raise CircuitError(f"unknown sender {name!r}; senders are 'input', 'a<layer>.h<head>', 'm<layer>' (e.g. 'a0.h1', 'm2')")
+
+    def receiver(self, name: str) -> Receiver:
+        for r in self.receivers:
+            if r.name == name:
+                return r
+        raise CircuitError(
+            f"unknown receiver {name!r}; receivers are 'a<layer>.h<head><q|k|v>', 'm<layer>' and 'logits' (e.g. 'a1.h0<k>')"
+        )
+
+    def reaches(self, s: Sender, r: Receiver) -> bool:
+        """Whether sender ``s`` writes into the residual stream before receiver ``r`` reads it."""
+        if r.kind == "logits":
+            return True
+        if s.layer < r.layer:
+            return True
+        return s.layer == r.layer and s.stage < r.stage
+
+    def upstream(self, r: Receiver) -> list:
+        return [s for s in self.senders if self.reaches(s, r)]
+
+
+def _between(dg, source: str, sink: str, within: set) -> list:
+    nodes = dg.between(source, sink, within) | {sink}
+    return dg.sorted(nodes)
+
+
+def components(mg) -> Components:
+    st, dg = mg.structure, mg.dg
+    senders = [Sender("input", -1, "input")]
+    receivers = []
+    parallel = False
+    for i, block in enumerate(st.blocks):
+        a, m = mg.attn[i], mg.mlp[i]
+        if block.attn is None or a is None or block.mlp is None:
+            raise CircuitError(f"block {i} has no attention or no MLP branch that fxlens can decompose")
+        if block.spine_norms:
+            raise CircuitError(
+                "circuits need a residual stream that is a sum of component outputs; this model normalises "
+                "the residual stream itself after each branch (post-norm, as BERT does)"
+            )
+        for br in (block.attn, block.mlp):
+            if br.post_norm is not None:
+                raise CircuitError(
+                    f"circuits need each component's output added to the residual stream as it is; "
+                    f"{br.post_norm} normalises the {br.kind} output first (Gemma 2/3 style), so per-head outputs do not sum to it"
+                )
+        parallel = block.attn.entry == block.mlp.entry
+        mlp_stage = 0 if parallel else 1
+        for h in range(a.n_heads):
+            senders.append(Sender(f"a{i}.h{h}", i, "head", h, 0))
+        senders.append(Sender(f"m{i}", i, "mlp", None, mlp_stage))
+        within = set(block.nodes) | {block.resid_pre}
+        for kind, view, n in (("q", a.q, a.n_heads), ("k", a.k, a.n_kv_heads), ("v", a.v, a.n_kv_heads)):
+            cone = tuple(_between(dg, block.attn.entry, view.node, within))
+            for h in range(n):
+                receivers.append(Receiver(f"a{i}.h{h}<{kind}>", i, kind, h, 0, block.attn.entry, view, cone))
+        consumers = tuple(u.name for u in dg.node(block.mlp.entry).users if u.name in block.mlp.nodes)
+        receivers.append(Receiver(f"m{i}", i, "mlp", None, mlp_stage, block.mlp.entry, None, (), consumers))
+    last = st.blocks[-1].resid_post
+    blocks = set().union(*(b.nodes for b in st.blocks))
+    consumers = tuple(u.name for u in dg.node(last).users if u.name not in blocks and u.op != "output")
+    receivers.append(Receiver("logits", len(st.blocks), "logits", None, 0, last, None, (), consumers))
+    return Components(senders, receivers, len(st.blocks), parallel)

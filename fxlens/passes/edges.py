@@ -1,0 +1,158 @@
+"""Edges pass: intervene on circuit edges (sender -> receiver) through the residual stream.
+
+Problem: an edge is the part of a receiver's input that one sender wrote. Patching or ablating an edge
+changes what that receiver reads and nothing else; every other reader of the residual stream still
+sees the sender's actual output. Heads read their own q, k and v inputs, so edges into different
+heads of one layer need different inputs to the same norm and projection.
+
+Mechanism: the sender outputs of the current run are gathered from the graph (per-head results, MLP
+outputs, the embedding). Each receiver reads ``entry + delta``, where
+``delta = sum_s mask[b, s, r] * (alt[b, s] - current[b, s])``: ``mask`` (graph input ``fxl_edge_mask``,
+[batch or 1, senders, receivers]) says which edges are replaced and ``alt`` (``fxl_edge_alt``, [batch
+or 1, pos, senders, d_model]) what each sender's output becomes (another run's, zero, a mean).
+For an MLP or the logits the receiver's own reads of ``entry`` are redirected. For q, k and v the
+nodes from ``entry`` to the q/k/v node (norm, projection, head split) are replayed on the receiver's
+input, and the receiver's head is taken from the replay. Only receivers named in the spec are rebuilt,
+so the cost grows with the receivers a request touches. The mask is differentiable: its gradient at
+zero is each edge's attribution score.
+
+Example::
+
+    gm = edges(gm, Edges(senders=(...), receivers=(...)))
+    gm(input_ids=ids, attention_mask=m, fxl_edge_mask=mask, fxl_edge_alt=alt)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..graphs.layout import IDENTITY, Layout
+from .base import PassError, rewrite
+
+__all__ = ["EdgeSender", "EdgeReceiver", "Edges", "edges", "MASK_INPUT", "ALT_INPUT"]
+
+MASK_INPUT = "fxl_edge_mask"
+ALT_INPUT = "fxl_edge_alt"
+
+
+@dataclass(frozen=True)
+class EdgeSender:
+    name: str
+    node: str  # [batch, pos, d_model], or [batch, pos, head, d_model] in the user's layout
+    layout: Layout = IDENTITY
+    head: int | None = None
+
+
+@dataclass(frozen=True)
+class EdgeReceiver:
+    name: str
+    kind: str  # "q", "k", "v", "mlp", "logits"
+    index: int  # column of the mask
+    upstream: tuple  # indices of the senders this receiver reads
+    entry: str
+    target: str = ""
+    target_layout: Layout = IDENTITY
+    head: int | None = None
+    cone: tuple = ()
+    consumers: tuple = ()
+
+
+@dataclass(frozen=True)
+class Edges:
+    senders: tuple  # of EdgeSender
+    receivers: tuple  # of EdgeReceiver
+
+
+def _gather(values: list, heads: list) -> torch.Tensor:
+    """Stack sender outputs as [batch, pos, senders, d_model]."""
+    parts = [v[:, :, h] if h is not None else v for v, h in zip(values, heads)]
+    return torch.stack(parts, dim=2)
+
+
+def _delta(current: torch.Tensor, alt: torch.Tensor, mask: torch.Tensor, upstream: list, columns: list) -> torch.Tensor:
+    """[batch, pos, receivers, d_model]: what replacing the masked edges adds to each receiver's input."""
+    diff = alt[:, :, upstream].to(current.dtype) - current
+    m = mask[:, upstream][:, :, columns].to(current.dtype)
+    return torch.einsum("bpsd,bsr->bprd", diff, m)
+
+
+def _input(entry: torch.Tensor, delta: torch.Tensor, j: int) -> torch.Tensor:
+    return entry + delta[:, :, j]
+
+
+def _set_heads(value: torch.Tensor, heads: list, *replayed: torch.Tensor) -> torch.Tensor:
+    out = value.clone()
+    for h, r in zip(heads, replayed):
+        out[:, :, h] = r[:, :, h]
+    return out
+
+
+def edges(gm: fx.GraphModule, spec: Edges) -> fx.GraphModule:
+    with rewrite(gm) as rw:
+        mask = rw.placeholder(MASK_INPUT)
+        alt = rw.placeholder(ALT_INPUT)
+        by_entry: dict = {}
+        for r in spec.receivers:
+            by_entry.setdefault((r.entry, r.upstream), []).append(r)
+        for (entry_name, upstream), group in by_entry.items():
+            entry = rw.node(entry_name)
+            # insert before the first node that reads this entry for one of these receivers
+            readers = [rw.node(c) for r in group for c in (r.consumers or r.cone[:1])]
+            if not readers:
+                raise PassError(f"receivers {[r.name for r in group]} read nothing from {entry_name}")
+            first = min(readers, key=lambda n: _order(rw.graph, n))
+            with rw.graph.inserting_before(first):
+                senders = [spec.senders[i] for i in upstream]
+                values = [s.layout.read(rw.graph, rw.node(s.node)) for s in senders]
+                current = rw.create(_gather, (values, [s.head for s in senders]))
+                delta = rw.create(_delta, (current, alt, mask, list(upstream), [r.index for r in group]))
+                inputs = [rw.create(_input, (entry, delta, j)) for j in range(len(group))]
+            replays: dict = {}
+            for r, x in zip(group, inputs):
+                if r.kind in ("mlp", "logits"):
+                    for c in r.consumers:
+                        rw.node(c).replace_input_with(entry, x)
+                else:
+                    replays.setdefault((r.target, r.target_layout), []).append((r, x))
+            for (target_name, layout), items in replays.items():
+                target = rw.node(target_name)
+                with rw.after(target):  # one insertion point: the replays, then the merge, in order
+                    outs = [layout.read(rw.graph, _replay(rw, r.cone, entry, x)) for r, x in items]
+                    read = layout.read(rw.graph, target)
+                    merged = rw.create(_set_heads, (read, [r.head for r, _ in items], *outs))
+                    written = layout.write(rw.graph, merged)
+                keep = {read, merged, written}
+                rw.supersede(target, written, keep=keep | _chain(read, target))
+    return rw.result
+
+
+def _chain(node: fx.Node, stop: fx.Node) -> set:
+    out = set()
+    while node is not stop and node.op != "placeholder":
+        out.add(node)
+        ins = node.all_input_nodes
+        if not ins:
+            break
+        node = ins[0]
+    return out
+
+
+def _order(graph: fx.Graph, node: fx.Node) -> int:
+    for i, n in enumerate(graph.nodes):
+        if n is node:
+            return i
+    return -1
+
+
+def _replay(rw, cone: tuple, entry: fx.Node, x: fx.Node) -> fx.Node:
+    """Copy the nodes of ``cone`` (entry's descendants up to a target) with ``entry`` read as ``x``."""
+    env = {entry: x}
+    last = None
+    for name in cone:
+        node = rw.node(name)
+        last = rw.graph.node_copy(node, lambda n: env.get(n, n))
+        env[node] = last
+    return last
