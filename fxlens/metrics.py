@@ -33,6 +33,14 @@ def _as_index(value, batch: int) -> torch.Tensor:
     return t.expand(batch) if t.dim() == 0 else t
 
 
+def _positions(value, batch: int, seq: int) -> torch.Tensor:
+    pos = _as_index(value, batch)
+    bad = pos[(pos >= seq) | (pos < -seq)]
+    if bad.numel():
+        raise IndexError(f"the metric reads position {int(bad[0])}, but the input has positions 0..{seq - 1} (or -{seq}..-1)")
+    return pos % seq
+
+
 class Metric:
     """A metric with declared reads. Subclasses implement ``from_selected``."""
 
@@ -63,7 +71,7 @@ class _LogitDiff(Metric):
     mean: bool = True
 
     def select(self, seq: int, batch: int):
-        pos = _as_index(self.pos, batch) % seq
+        pos = _positions(self.pos, batch, seq)
         tok = torch.stack([_as_index(self.answer, batch), _as_index(self.wrong, batch)], dim=1)
         return pos[:, None], tok
 
@@ -78,7 +86,7 @@ class _Logit(Metric):
     pos: object = -1
 
     def select(self, seq: int, batch: int):
-        return (_as_index(self.pos, batch) % seq)[:, None], _as_index(self.token, batch)[:, None]
+        return _positions(self.pos, batch, seq)[:, None], _as_index(self.token, batch)[:, None]
 
     def from_selected(self, selected: torch.Tensor) -> torch.Tensor:
         return selected[..., 0, 0].mean(-1)

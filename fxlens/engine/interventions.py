@@ -237,6 +237,11 @@ def _value(spec, site: Site, shape: tuple, model, batch: int):
             return "replace", _broadcastable(ref.to(dtype).mean(0, keepdim=True), shape, spec, "the reference mean")
         if spec.how == "resample":
             if spec.reference is None:
+                if batch < 2:
+                    raise InterventionError(
+                        f"{_spec_text(spec)}: how='resample' draws from other rows of the batch and needs at least two; give reference= "
+                        "(a cache or tensor of other inputs' activations) for a single input"
+                    )
                 return "rows", _derangement(batch, spec.seed)
             ref = spec.reference if isinstance(spec.reference, torch.Tensor) else _from_cache(spec.reference, site, spec, model.site_table)
             g = torch.Generator().manual_seed(spec.seed)

@@ -154,7 +154,8 @@ class Model:
         if isinstance(names, str) or isinstance(names, tuple):
             return [self.site_table[names]]
         if callable(names):
-            return [s for s in self.site_table.values() if not s.expensive and names(s.name)]
+            # a predicate sees every site; only names_filter=None leaves out the per-head results
+            return [s for s in self.site_table.values() if names(s.name)]
         return [self.site_table[n] for n in names]
 
     # ---- tokens ---------------------------------------------------------------------------------
@@ -240,8 +241,8 @@ class Model:
     ):
         """Run once and return ``(logits, ActivationCache)`` of the sites ``names_filter`` selects.
 
-        ``names_filter``: None (every site except per-head results), a name, a list of names, or a
-        predicate on names. With ``return_logits=False`` or ``stop_at_layer=L`` nothing after the last
+        ``names_filter``: None (every site except the per-head results ``attn.hook_result``), a name, a
+        list of names, or a predicate on names (which sees every site, per-head results included). With ``return_logits=False`` or ``stop_at_layer=L`` nothing after the last
         needed node runs; ``stop_at_layer=L`` returns ``blocks.L.hook_resid_pre`` in place of logits.
         """
         feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
