@@ -360,6 +360,23 @@ class Model:
 
         return run_with_edges(self, input, edges, ablation=ablation, reference=reference, attention_mask=attention_mask, return_type=return_type)
 
+    def edit_weights(self):
+        """Edit weights in place for the duration of a ``with`` block; every touched tensor is restored.
+
+        The HF model shares these tensors, so it sees the edits inside the block too.
+        """
+        from .weights import WeightEdits
+
+        return WeightEdits(self, in_place=True)
+
+    def with_weight_edits(self, edit) -> "Model":
+        """A new Model with ``edit(w)`` applied to copies of the touched tensors; this model is unchanged."""
+        from .weights import WeightEdits
+
+        w = WeightEdits(self, in_place=False)
+        edit(w)
+        return w.build()
+
     def __repr__(self) -> str:
         c = self.cfg
         return (
