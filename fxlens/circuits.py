@@ -369,31 +369,165 @@ def acdc(model, clean_tokens, corrupted_tokens, *, threshold: float, metric=None
 
 # ---- path patching ----------------------------------------------------------------------------------
 def path_patch(model, clean_tokens, corrupted_tokens, metric, *, receivers, senders=None, freeze_mlps: bool = False,
-               attention_mask=None) -> dict:
+               attention_mask=None, method: str = "auto") -> dict:
     """Path patching (Wang et al., "Interpretability in the Wild"): {sender: metric}.
 
-    For each sender (a head ``a{l}.h{h}`` or an MLP ``m{l}``; default: every head), the metric of the
-    clean run in which the receivers (``a{l}.h{h}<q|k|v>`` or ``logits``) read the residual stream as it
-    is when the sender's output comes from the corrupted run and every other head is frozen at its
-    clean value (MLPs are recomputed, or frozen too with ``freeze_mlps``). Every sender is a pair of
-    rows of one batched program: the sender row computes the patched path, the receiver row is the
-    clean run whose receivers read their q/k/v from the sender row.
+    For each sender (a head ``a{l}.h{h}`` or an MLP ``m{l}``; default: every head upstream of the
+    receivers), the metric of the clean run in which the receivers (``a{l}.h{h}<q|k|v>``, or ``logits``)
+    read the residual stream as it is when the sender's output comes from the corrupted run and every
+    other head is frozen at its clean value (MLPs are recomputed, or frozen too with ``freeze_mlps``).
+
+    With heads frozen, a sender changes the residual stream by its own output difference plus what the
+    MLPs after it make of that; so all senders run as rows of batched programs: the MLPs propagate
+    each row's difference layer by layer (rows join at their sender's layer), then the receivers' rows
+    run from the receivers' layer with their q/k/v read from the clean residual plus that difference.
+    ``method="rows"`` runs the literal two-row algorithm in one full-model program instead.
     """
     comp = model_components(model)
     recv = [comp.receiver(r) for r in receivers]
-    if senders is None:  # every head upstream of every receiver
-        senders = [s.name for s in comp.senders if s.kind == "head" and all(comp.reaches(s, r) for r in recv)]
-    senders = [comp.sender(s) for s in senders]
     if any(r.kind == "logits" for r in recv) and len(recv) > 1:
         raise CircuitError("path patch to the logits alone, or to heads' q/k/v; not both in one call")
     if any(r.kind == "mlp" for r in recv):
         raise CircuitError("path patching receivers are heads' q/k/v inputs or the logits; for an MLP input use run_with_edges")
+    if senders is None:  # every head upstream of every receiver
+        senders = [s.name for s in comp.senders if s.kind == "head" and all(comp.reaches(s, r) for r in recv)]
+    senders = [comp.sender(s) for s in senders]
     for s in senders:
         if s.kind == "input":
             raise CircuitError("path patching senders are heads or MLPs; the input has no corrupted-run output to patch")
         for r in recv:
             if not comp.reaches(s, r):
                 raise CircuitError(f"sender {s.name} does not reach receiver {r.name}: it writes after the receiver reads")
+    if not senders:
+        return {}
+    if method == "rows" or (method == "auto" and not _layered_ok(model)):
+        return _path_patch_rows(model, comp, clean_tokens, corrupted_tokens, metric, recv, senders, freeze_mlps, attention_mask)
+    if method not in ("auto", "layers"):
+        raise ValueError("method must be 'auto', 'layers' or 'rows'")
+    return _path_patch_layers(model, comp, clean_tokens, corrupted_tokens, metric, recv, senders, freeze_mlps, attention_mask)
+
+
+def _layered_ok(model) -> bool:
+    from .graphs.nodes import sym_dims
+
+    mg = model.graph
+    syms = (model.captured.batch_symbol, model.captured.seq_symbol)
+    return all(len(sym_dims(mg.dg.node(b.mlp.entry), *syms)) == 3 for b in mg.structure.blocks)
+
+
+def _mlp_programs(model):
+    progs = getattr(model, "_mlp_programs", None)
+    if progs is None:
+        from .graphs.segments import _subgraph
+
+        mg = model.graph
+        gm = mg.captured.module
+        by_name = {n.name: n for n in gm.graph.nodes}
+        syms = (model.captured.batch_symbol, model.captured.seq_symbol)
+        progs = []
+        for block in mg.structure.blocks:
+            nodes = [n for n in gm.graph.nodes if n.name in block.mlp.nodes]
+            sub, ctx = _subgraph(gm, nodes, by_name[block.mlp.entry], {"mlp": by_name[block.mlp.output]}, syms)
+            if ctx:
+                raise CircuitError(f"the MLP of {block.path} reads {ctx} besides the residual stream")
+            progs.append(sub)
+        model._mlp_programs = progs
+    return progs
+
+
+def _path_patch_layers(model, comp, clean_tokens, corrupted_tokens, metric, recv, senders, freeze_mlps, attention_mask):
+    from .engine.sweep import Sweep
+    from .passes import DELTA_INPUT
+
+    sweep = Sweep(model)
+    feed = model._inputs(clean_tokens, attention_mask)
+    batch = feed["input_ids"].shape[0]
+    mlp_sites = [model.site_table[model.get_act_name("resid_mid" if not comp.parallel else "resid_pre", l)] for l in range(comp.n_layers)]
+    with torch.no_grad():
+        base = sweep.base(feed, keep_kv=False, sites=mlp_sites)
+        clean = sender_values(model, clean_tokens, attention_mask)
+        corrupt = sender_values(model, corrupted_tokens, attention_mask)
+    index = {s.name: i for i, s in enumerate(comp.senders)}
+    mlps = _mlp_programs(model) if not freeze_mlps else None
+    order = sorted(range(len(senders)), key=lambda k: (senders[k].layer, senders[k].stage))
+    joined: list = []  # sender positions in the order their rows joined
+    delta = None  # [rows * batch, pos, d_model]: each row's residual minus the clean one
+    snapshots: dict = {}
+    read_points = sorted({(r.layer, r.stage) for r in recv if r.kind != "logits"})
+    last = read_points[-1] if read_points else (comp.n_layers, 0)
+    pending = list(order)
+
+    def join(upto):
+        nonlocal delta
+        while pending and (senders[pending[0]].layer, senders[pending[0]].stage) < upto:
+            k = pending.pop(0)
+            i = index[senders[k].name]
+            d = corrupt[:, :, i] - clean[:, :, i]
+            delta = d if delta is None else torch.cat([delta, d])
+            joined.append(k)
+
+    mlp_stage = 0 if comp.parallel else 1
+    with torch.no_grad():
+        for layer in range(comp.n_layers + 1):
+            for stage in (0, 1):
+                point = (layer, stage)
+                if point > last:
+                    break
+                join(point)  # senders that write before this point
+                if point in read_points:
+                    snapshots[point] = (delta.clone(), list(joined))
+                if layer < comp.n_layers and stage == mlp_stage and mlps is not None and delta is not None:
+                    # the MLP of this layer recomputes on every joined row's residual
+                    entry = base.values[mlp_sites[layer].name].repeat(len(joined), 1, 1)
+                    out = mlps[layer](**{model.graph.structure.blocks[layer].mlp.entry: entry + delta})["outputs"]["mlp"]
+                    m = index[f"m{layer}"]
+                    delta = delta + out - clean[:, :, m].repeat(len(joined), 1, 1)
+        join((comp.n_layers + 1, 0))
+    n = len(senders)
+
+    def by_sender(t, rows_joined):
+        """Rows of ``t`` (in join order, only the first ``rows_joined`` joined) put in sender order."""
+        pieces = t.view(len(rows_joined), batch, *t.shape[1:])
+        pos = {k: j for j, k in enumerate(rows_joined)}
+        return torch.cat([pieces[pos[k]] for k in range(n)])
+
+    if any(r.kind == "logits" for r in recv):
+        with torch.no_grad():
+            h = _final_residual(sweep, base).repeat(n, 1, 1) + by_sender(delta, joined)
+            return _per_sender(sweep, h, base, metric, senders)
+    first = read_points[0][0]
+    h = base.hidden[first].repeat(n, 1, 1)
+    with torch.no_grad():
+        for layer in range(first, comp.n_layers):
+            here = [r for r in recv if r.layer == layer]
+            feed_l = sweep._block_feed(layer, h, base.context, 0, n)
+            plan = ()
+            if here:
+                specs = _receiver_specs(comp, {r.name for r in here})
+                plan = (Edges((), specs, direct=True),)
+                d, rows_joined = snapshots[(layer, 0)]
+                absolute = base.hidden[layer].repeat(n, 1, 1) + by_sender(d, rows_joined)
+                for entry in {r.entry for r in here}:
+                    group = [r for r in specs if r.entry == entry]
+                    feed_l[f"{DELTA_INPUT}_{entry}"] = absolute[:, :, None].expand(-1, -1, len(group), -1)
+            h = sweep.blocks[layer].get(plan)(**feed_l)["outputs"]["hidden"]
+        values = sweep._metric(h, 0, base, metric, n)
+    return {s.name: float(values[k]) for k, s in enumerate(senders)}
+
+
+def _final_residual(sweep, base):
+    last = len(sweep.blocks) - 1
+    return sweep.blocks[last].get(())(**sweep._block_feed(last, base.hidden[last], base.context))["outputs"]["hidden"]
+
+
+def _per_sender(sweep, h, base, metric, senders):
+    values = sweep._metric(h, 0, base, metric, len(senders))
+    return {s.name: float(values[k]) for k, s in enumerate(senders)}
+
+
+def _path_patch_rows(model, comp, clean_tokens, corrupted_tokens, metric, recv, senders, freeze_mlps, attention_mask) -> dict:
+    """The literal algorithm: per sender a path row (sender corrupted, other heads frozen) and a row
+    whose receivers read their q/k/v from it, all in one full-model program."""
     feed = model._inputs(clean_tokens, attention_mask)
     batch, seq = feed["input_ids"].shape
     n = len(senders)

@@ -12,7 +12,7 @@ Example::
 from .base import PassError
 from .cache import Cache, Read, cache
 from .decompose_norm import DecomposeNorm, decompose_norm
-from .edges import ALT_INPUT, MASK_INPUT, EdgeReceiver, Edges, EdgeSender, edges
+from .edges import ALT_INPUT, DELTA_INPUT, MASK_INPUT, EdgeReceiver, Edges, EdgeSender, edges
 from .expand_attention import ExpandAttention, expand_attention
 from .fuse_gelu import FuseGelu, fuse_gelu
 from .hooks import HOOKS_INPUT, HookAt, HookError, Hooks, hooks
@@ -73,5 +73,6 @@ __all__ = [
     "EdgeReceiver",
     "MASK_INPUT",
     "ALT_INPUT",
+    "DELTA_INPUT",
     "VOCAB_INPUT",
 ]

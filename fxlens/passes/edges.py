@@ -32,7 +32,7 @@ import torch.fx as fx
 from ..graphs.layout import IDENTITY, Layout
 from .base import PassError, rewrite
 
-__all__ = ["EdgeSender", "EdgeReceiver", "Edges", "edges", "MASK_INPUT", "ALT_INPUT"]
+__all__ = ["EdgeSender", "EdgeReceiver", "Edges", "edges", "MASK_INPUT", "ALT_INPUT", "DELTA_INPUT"]
 
 MASK_INPUT = "fxl_edge_mask"
 ALT_INPUT = "fxl_edge_alt"
@@ -64,6 +64,12 @@ class EdgeReceiver:
 class Edges:
     senders: tuple  # of EdgeSender
     receivers: tuple  # of EdgeReceiver
+    # direct=True: no mask or alternatives; each group of receivers reading one residual node gets
+    # its inputs themselves, [batch, pos, receivers, d_model], from the graph input f"{DELTA_INPUT}_{entry}"
+    direct: bool = False
+
+
+DELTA_INPUT = "fxl_recv_delta"
 
 
 def _gather(values: list, heads: list) -> torch.Tensor:
@@ -83,6 +89,10 @@ def _input(entry: torch.Tensor, delta: torch.Tensor, j: int) -> torch.Tensor:
     return entry + delta[:, :, j]
 
 
+def _given(inputs: torch.Tensor, j: int) -> torch.Tensor:
+    return inputs[:, :, j]
+
+
 def _set_heads(value: torch.Tensor, heads: list, *replayed: torch.Tensor) -> torch.Tensor:
     out = value.clone()
     for h, r in zip(heads, replayed):
@@ -92,8 +102,9 @@ def _set_heads(value: torch.Tensor, heads: list, *replayed: torch.Tensor) -> tor
 
 def edges(gm: fx.GraphModule, spec: Edges) -> fx.GraphModule:
     with rewrite(gm) as rw:
-        mask = rw.placeholder(MASK_INPUT)
-        alt = rw.placeholder(ALT_INPUT)
+        if not spec.direct:
+            mask = rw.placeholder(MASK_INPUT)
+            alt = rw.placeholder(ALT_INPUT)
         by_entry: dict = {}
         for r in spec.receivers:
             by_entry.setdefault((r.entry, r.upstream), []).append(r)
@@ -104,12 +115,18 @@ def edges(gm: fx.GraphModule, spec: Edges) -> fx.GraphModule:
             if not readers:
                 raise PassError(f"receivers {[r.name for r in group]} read nothing from {entry_name}")
             first = min(readers, key=lambda n: _order(rw.graph, n))
+            if spec.direct:
+                delta = rw.placeholder(f"{DELTA_INPUT}_{entry_name}")
             with rw.graph.inserting_before(first):
-                senders = [spec.senders[i] for i in upstream]
-                values = [s.layout.read(rw.graph, rw.node(s.node)) for s in senders]
-                current = rw.create(_gather, (values, [s.head for s in senders]))
-                delta = rw.create(_delta, (current, alt, mask, list(upstream), [r.index for r in group]))
-                inputs = [rw.create(_input, (entry, delta, j)) for j in range(len(group))]
+                if not spec.direct:
+                    senders = [spec.senders[i] for i in upstream]
+                    values = [s.layout.read(rw.graph, rw.node(s.node)) for s in senders]
+                    current = rw.create(_gather, (values, [s.head for s in senders]))
+                    delta = rw.create(_delta, (current, alt, mask, list(upstream), [r.index for r in group]))
+                if spec.direct:
+                    inputs = [rw.create(_given, (delta, j)) for j in range(len(group))]
+                else:
+                    inputs = [rw.create(_input, (entry, delta, j)) for j in range(len(group))]
             replays: dict = {}
             for r, x in zip(group, inputs):
                 if r.kind in ("mlp", "logits"):
