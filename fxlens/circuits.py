@@ -31,7 +31,18 @@ from .engine.programs import rewrites_for
 from .graphs.components import CircuitError, Components, components
 from .passes import ALT_INPUT, MASK_INPUT, EdgeReceiver, Edges, EdgeSender, Intervene
 
-__all__ = ["Circuit", "CircuitError", "model_components", "run_with_edges", "run_with_circuit", "eap_scores", "acdc", "path_patch"]
+__all__ = [
+    "Circuit",
+    "CircuitError",
+    "model_components",
+    "sender_values",
+    "run_with_edges",
+    "run_with_circuit",
+    "edge_sweep",
+    "eap_scores",
+    "acdc",
+    "path_patch",
+]
 
 
 def model_components(model) -> Components:
@@ -275,28 +286,75 @@ def run_with_circuit(model, tokens, circuit: Circuit, *, ablation="zero", refere
     return run_with_edges(model, tokens, outside, ablation=ablation, reference=reference, attention_mask=attention_mask, return_type=return_type)
 
 
+def edge_sweep(model, tokens, edge_sets, metric, *, ablation="zero", reference=None, attention_mask=None,
+               max_rows: int = 64) -> torch.Tensor:
+    """The metric with each set of edges replaced, one batched row per set: [len(edge_sets)].
+
+    The same replacement as ``run_with_edges`` (``ablation``, ``reference``) for many edge sets at
+    once, e.g. every later head's query input patched from one source head (TransformerLens'
+    direct path patching), or ACDC's candidate removals.
+    """
+    comp = model_components(model)
+    sets = [Circuit(e).validate(model).edges for e in edge_sets]
+    return _edge_rows(model, comp, tokens, sets, metric, ablation, reference, attention_mask, max_rows)
+
+
+def _edge_rows(model, comp, tokens, sets, metric, ablation, reference, attention_mask, max_rows=64) -> torch.Tensor:
+    feed = model._inputs(tokens, attention_mask)
+    batch = feed["input_ids"].shape[0]
+    alt = _alt(model, ablation, feed["input_ids"].shape, attention_mask, reference).to(model.captured.dtype)
+    receivers = {r for edges in sets for _, r in edges}
+    program = model.programs.get(_edge_plan(model, _receiver_specs(comp, receivers)))
+    out = []
+    for start in range(0, len(sets), max_rows):
+        chunk = sets[start : start + max_rows]
+        rows = len(chunk)
+        masks = torch.cat([_mask(comp, edges) for edges in chunk]).repeat_interleave(batch, dim=0)
+        tiled = {k: v.repeat(rows, *([1] * (v.dim() - 1))) for k, v in feed.items()}
+        a = alt if alt.shape[0] == 1 else alt.repeat(rows, 1, 1, 1)
+        with torch.no_grad():
+            logits = program(**tiled, **{MASK_INPUT: masks, ALT_INPUT: a})["outputs"][model.captured.outputs[0]]
+        out += [torch.as_tensor(metric(logits[k * batch : (k + 1) * batch])).reshape(()) for k in range(rows)]
+    return torch.stack(out)
+
+
 # ---- edge attribution patching ---------------------------------------------------------------------
 def eap_scores(model, clean_tokens, corrupted_tokens, metric, *, attention_mask=None, corrupted_mask=None) -> dict:
     """Edge attribution patching (Syed et al.): {(sender, receiver): score} from one forward and backward.
 
-    score = (corrupted_s - clean_s) . d metric / d (receiver input), on the clean run: the first-order
-    change of the metric when the edge is patched from the corrupted run. It is the gradient of the
-    metric with respect to the edge mask at zero.
+    score = sum over batch and positions of (corrupted_s - clean_s) . d metric / d (receiver input),
+    on the clean run: the first-order change of the metric when the edge is patched from the corrupted
+    run. The gradient is taken once per receiver (a zero added to each receiver's input), so the cost
+    is one backward whatever the number of edges.
     """
+    from .passes import DELTA_INPUT
+
     comp = model_components(model)
     feed = model._inputs(clean_tokens, attention_mask)
-    alt = sender_values(model, corrupted_tokens, corrupted_mask)
-    plan = _edge_plan(model, _receiver_specs(comp, {r.name for r in comp.receivers}))
-    mask = torch.zeros(1, len(comp.senders), len(comp.receivers), requires_grad=True)
+    batch, seq = feed["input_ids"].shape
+    specs = _receiver_specs(comp, {r.name for r in comp.receivers})
+    plan = rewrites_for(model.graph, []) + (Edges((), specs, mode="delta"),)
+    groups: dict = {}
+    for r in specs:
+        groups.setdefault(r.entry, []).append(r)
+    zeros = {
+        entry: torch.zeros(batch, seq, len(group), model.cfg.d_model, dtype=model.captured.dtype, requires_grad=True)
+        for entry, group in groups.items()
+    }
     with torch.enable_grad():
-        out = model.programs.get(plan)(**feed, **{MASK_INPUT: mask, ALT_INPUT: alt})
+        out = model.programs.get(plan)(**feed, **{f"{DELTA_INPUT}_{e}": z for e, z in zeros.items()})
         value = torch.as_tensor(metric(out["outputs"][model.captured.outputs[0]]))
-        (grad,) = torch.autograd.grad(value.reshape(()), [mask])
-    scores = {}
-    for j, r in enumerate(comp.receivers):
-        for s in comp.upstream(r):
-            i = comp.senders.index(s)
-            scores[(s.name, r.name)] = float(grad[0, i, j])
+        grads = torch.autograd.grad(value.reshape(()), list(zeros.values()))
+    with torch.no_grad():
+        diff = (sender_values(model, corrupted_tokens, corrupted_mask) - sender_values(model, clean_tokens, attention_mask)).to(model.captured.dtype)
+        flat = diff.permute(2, 0, 1, 3).reshape(len(comp.senders), -1)  # [senders, batch*pos*d]
+        scores = {}
+        for (entry, group), grad in zip(groups.items(), grads):
+            g = grad.permute(2, 0, 1, 3).reshape(len(group), -1)  # [receivers, batch*pos*d]
+            table = flat @ g.T  # [senders, receivers]
+            for j, r in enumerate(group):
+                for i in r.upstream:
+                    scores[(comp.senders[i].name, r.name)] = float(table[i, j])
     return scores
 
 
@@ -320,48 +378,33 @@ def acdc(model, clean_tokens, corrupted_tokens, *, threshold: float, metric=None
     divergence of the last position's distribution from the full model's.
     """
     comp = model_components(model)
-    feed = model._inputs(clean_tokens, attention_mask)
-    batch = feed["input_ids"].shape[0]
     with torch.no_grad():
         full_logits = model(clean_tokens, attention_mask)
     metric = metric or _kl_metric(full_logits)
     alt = sender_values(model, corrupted_tokens)
-    plan = _edge_plan(model, _receiver_specs(comp, {r.name for r in comp.receivers}))
-    program = model.programs.get(plan)
-    current = set(Circuit.full(model).edges)
+    full = Circuit.full(model).edges
+    current = set(full)
 
-    def evaluate(removed_sets: list) -> torch.Tensor:
-        """Metric for the current circuit with each extra set of edges removed: [len(removed_sets)]."""
-        rows = len(removed_sets)
-        base_mask = _mask(comp, Circuit.full(model).edges - current)
-        masks = base_mask.repeat(rows, 1, 1)
-        for k, extra in enumerate(removed_sets):
-            if extra:
-                masks[k] += _mask(comp, extra)[0]
-        masks = masks.clamp(max=1).repeat_interleave(batch, dim=0)
-        tiled = {k: v.repeat(rows, *([1] * (v.dim() - 1))) for k, v in feed.items()}
-        a = alt if alt.shape[0] == 1 else alt.repeat(rows, 1, 1, 1)
-        with torch.no_grad():
-            logits = program(**tiled, **{MASK_INPUT: masks, ALT_INPUT: a})["outputs"][model.captured.outputs[0]]
-        return torch.stack([torch.as_tensor(metric(logits[k * batch : (k + 1) * batch])).reshape(()) for k in range(rows)])
+    def evaluate(extras: list) -> torch.Tensor:
+        """The metric with the edges outside the current circuit, and each extra set, removed."""
+        removed = full - current
+        return _edge_rows(model, comp, clean_tokens, [removed | extra for extra in extras], metric, alt, None, attention_mask)
 
     score = float(evaluate([set()])[0])
-    order = sorted(comp.receivers, key=lambda r: (-r.layer, -r.stage))
-    for r in order:
+    for r in sorted(comp.receivers, key=lambda r: (-r.layer, -r.stage)):
         incoming = sorted(e for e in current if e[1] == r.name)
         if not incoming:
             continue
         effects = evaluate([{e} for e in incoming]) - score
         ranked = [incoming[i] for i in torch.argsort(effects).tolist() if effects[i] < threshold]
-        if not ranked:
-            continue
-        prefixes = [set(ranked[: k + 1]) for k in range(len(ranked))]
-        totals = evaluate(prefixes) - score
-        ok = [k for k in range(len(ranked)) if totals[k] < threshold]
-        if ok:
-            k = max(ok)
-            current -= prefixes[k]
-            score = score + float(totals[k])
+        if ranked:
+            prefixes = [set(ranked[: k + 1]) for k in range(len(ranked))]
+            totals = evaluate(prefixes) - score
+            ok = [k for k in range(len(ranked)) if totals[k] < threshold]
+            if ok:
+                k = max(ok)
+                current -= prefixes[k]
+                score += float(totals[k])
         if progress:
             print(f"acdc: {r.name}: kept {sum(1 for e in current if e[1] == r.name)} of {len(incoming)} edges")
     return Circuit(current)
@@ -504,7 +547,7 @@ def _path_patch_layers(model, comp, clean_tokens, corrupted_tokens, metric, recv
             plan = ()
             if here:
                 specs = _receiver_specs(comp, {r.name for r in here})
-                plan = (Edges((), specs, direct=True),)
+                plan = (Edges((), specs, mode="absolute"),)
                 d, rows_joined = snapshots[(layer, 0)]
                 absolute = base.hidden[layer].repeat(n, 1, 1) + by_sender(d, rows_joined)
                 for entry in {r.entry for r in here}:

@@ -64,9 +64,11 @@ class EdgeReceiver:
 class Edges:
     senders: tuple  # of EdgeSender
     receivers: tuple  # of EdgeReceiver
-    # direct=True: no mask or alternatives; each group of receivers reading one residual node gets
-    # its inputs themselves, [batch, pos, receivers, d_model], from the graph input f"{DELTA_INPUT}_{entry}"
-    direct: bool = False
+    # "edges": inputs from the mask and the alternative sender outputs (above). "delta" / "absolute":
+    # each group of receivers reading one residual node gets, from the graph input
+    # f"{DELTA_INPUT}_{entry}" [batch, pos, receivers, d_model], what to add to the residual it reads /
+    # the input itself (path patching; gradients with respect to receiver inputs for EAP)
+    mode: str = "edges"
 
 
 DELTA_INPUT = "fxl_recv_delta"
@@ -102,7 +104,9 @@ def _set_heads(value: torch.Tensor, heads: list, *replayed: torch.Tensor) -> tor
 
 def edges(gm: fx.GraphModule, spec: Edges) -> fx.GraphModule:
     with rewrite(gm) as rw:
-        if not spec.direct:
+        if spec.mode not in ("edges", "delta", "absolute"):
+            raise PassError(f"{spec.mode!r} is not an Edges mode")
+        if spec.mode == "edges":
             mask = rw.placeholder(MASK_INPUT)
             alt = rw.placeholder(ALT_INPUT)
         by_entry: dict = {}
@@ -115,15 +119,15 @@ def edges(gm: fx.GraphModule, spec: Edges) -> fx.GraphModule:
             if not readers:
                 raise PassError(f"receivers {[r.name for r in group]} read nothing from {entry_name}")
             first = min(readers, key=lambda n: _order(rw.graph, n))
-            if spec.direct:
+            if spec.mode != "edges":
                 delta = rw.placeholder(f"{DELTA_INPUT}_{entry_name}")
             with rw.graph.inserting_before(first):
-                if not spec.direct:
+                if spec.mode == "edges":
                     senders = [spec.senders[i] for i in upstream]
                     values = [s.layout.read(rw.graph, rw.node(s.node)) for s in senders]
                     current = rw.create(_gather, (values, [s.head for s in senders]))
                     delta = rw.create(_delta, (current, alt, mask, list(upstream), [r.index for r in group]))
-                if spec.direct:
+                if spec.mode == "absolute":
                     inputs = [rw.create(_given, (delta, j)) for j in range(len(group))]
                 else:
                     inputs = [rw.create(_input, (entry, delta, j)) for j in range(len(group))]
