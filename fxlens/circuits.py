@@ -296,25 +296,149 @@ def edge_sweep(model, tokens, edge_sets, metric, *, ablation="zero", reference=N
     """
     comp = model_components(model)
     sets = [Circuit(e).validate(model).edges for e in edge_sets]
+    points = {(r.layer, r.stage) for edges in sets for r in (comp.receiver(n) for _, n in edges)}
+    single = all(len({(comp.receiver(n).layer, comp.receiver(n).stage) for _, n in edges}) <= 1 for edges in sets)
+    if single and _layered_ok(model) and not any(p[0] == comp.n_layers for p in points):
+        if all(len({r for _, r in edges}) == 1 for edges in sets):
+            # one receiver per set: an activation-patching sweep of what that receiver computes
+            return _edge_cells(model, comp, tokens, sets, metric, ablation, reference, attention_mask)
+        # each set changes receivers at one point only: rows start there, on the unpatched run
+        return _edge_rows_layered(model, comp, tokens, sets, metric, ablation, reference, attention_mask)
     return _edge_rows(model, comp, tokens, sets, metric, ablation, reference, attention_mask, max_rows)
 
 
-def _edge_rows(model, comp, tokens, sets, metric, ablation, reference, attention_mask, max_rows=64) -> torch.Tensor:
+def _edge_cells(model, comp, tokens, sets, metric, ablation, reference, attention_mask) -> torch.Tensor:
+    """Sets with one receiver each, as cells of the batched patching sweep.
+
+    With nothing upstream changed, a receiver reads the unpatched residual plus its replaced edges'
+    differences; its q/k/v (or an MLP's output) on that input is computed for every set at once and
+    each set becomes a cell patching that value, so the sweep's prefix sharing, first-change start
+    and last-block pruning all apply.
+    """
+    from .engine.sweep import Cell, Sweep
+    from .passes import Cache, Read
+
+    sweep = Sweep(model)
     feed = model._inputs(tokens, attention_mask)
     batch = feed["input_ids"].shape[0]
     alt = _alt(model, ablation, feed["input_ids"].shape, attention_mask, reference).to(model.captured.dtype)
+    s_index = {s.name: i for i, s in enumerate(comp.senders)}
+    receivers = [comp.receiver(next(iter(edges))[1]) for edges in sets]
+    targets = {}
+    for r in receivers:
+        name = model.get_act_name(r.kind if r.kind != "mlp" else "mlp_out", r.layer)
+        targets[r.name] = model.site_table[name]
+    entries = [model.site_table[model.get_act_name("resid_mid" if not comp.parallel else "resid_pre", r.layer)]
+               for r in receivers if r.kind == "mlp"]
+    with torch.no_grad():
+        base = sweep.base(feed, keep_kv=sweep.causal, sites=list({s.name: s for s in list(targets.values()) + entries}.values()))
+        diff = alt - sender_values(model, tokens, attention_mask)
+        cells = [None] * len(sets)
+        by_receiver: dict = {}
+        for k, r in enumerate(receivers):
+            by_receiver.setdefault(r.name, []).append(k)
+        for name, ks in by_receiver.items():
+            r, site = comp.receiver(name), targets[name]
+            delta = torch.stack([diff[:, :, [s_index[s] for s, _ in sets[k]]].sum(2).expand(batch, -1, -1) for k in ks])
+            delta = delta.flatten(0, 1)  # [sets * batch, pos, d_model]
+            n = len(ks)
+            if r.kind == "mlp":
+                entry = base.values[model.get_act_name("resid_mid" if not comp.parallel else "resid_pre", r.layer)]
+                prog = _mlp_programs(model)[r.layer]
+                value = prog(**{model.graph.structure.blocks[r.layer].mlp.entry: entry.repeat(n, 1, 1) + delta})["outputs"]["mlp"]
+                index = ()
+            else:
+                h = base.hidden[r.layer].repeat(n, 1, 1) + delta
+                plan = (Cache((Read("v", site.node, site.layout),), keep_outputs=False),)
+                value = sweep.base_blocks[r.layer].get(plan)(**sweep._block_feed(r.layer, h, base.context, 0, n))["cache"]["v"]
+                index = (("head", r.head),)
+            for j, k in enumerate(ks):
+                cells[k] = Cell(site, index, source=value[j * batch : (j + 1) * batch])
+        return sweep.run(cells, feed, None, metric, base=base)
+
+
+def _edge_rows_layered(model, comp, tokens, sets, metric, ablation, reference, attention_mask) -> torch.Tensor:
+    """Edge sets whose receivers sit at one point each: a row joins the batch at that point.
+
+    Nothing upstream of the receivers changes, so each sender's current output is its output in the
+    unpatched run and a receiver reads the unpatched residual plus the sum of its replaced edges'
+    differences (the Edges pass in "delta" mode; each receiver replays only the rows it changes in).
+    """
+    from .engine.sweep import Sweep
+    from .passes import DELTA_INPUT
+
+    sweep = Sweep(model)
+    feed = model._inputs(tokens, attention_mask)
+    batch = feed["input_ids"].shape[0]
+    alt = _alt(model, ablation, feed["input_ids"].shape, attention_mask, reference).to(model.captured.dtype)
+    s_index = {s.name: i for i, s in enumerate(comp.senders)}
+    with torch.no_grad():
+        base = sweep.base(feed, keep_kv=False)
+        diff = alt - sender_values(model, tokens, attention_mask)  # [batch or 1, pos, senders, d_model]
+        order = sorted(range(len(sets)), key=lambda k: min((comp.receiver(r).layer for _, r in sets[k]), default=comp.n_layers))
+        layer_of = {k: min((comp.receiver(r).layer for _, r in sets[k]), default=comp.n_layers) for k in order}
+        h, joined = None, []
+        for layer in range(min(layer_of.values()), comp.n_layers):
+            new = [k for k in order if layer_of[k] == layer]
+            if new:
+                h_new = base.hidden[layer].repeat(len(new), 1, 1)
+                h = h_new if h is None else torch.cat([h, h_new])
+                joined += new
+            rows = len(joined)
+            feed_l = sweep._block_feed(layer, h, base.context, 0, rows)
+            here = sorted({r for k in new for _, r in sets[k]}, key=lambda n: [x.name for x in comp.receivers].index(n))
+            plan = ()
+            if here:
+                specs = _receiver_specs(comp, set(here))
+                plan = (Edges((), specs, mode="delta"),)
+                for entry in dict.fromkeys(r.entry for r in specs):
+                    group = [r for r in specs if r.entry == entry]
+                    delta = torch.zeros(rows * batch, h.shape[1], len(group), model.cfg.d_model, dtype=h.dtype)
+                    column = {r.name: j for j, r in enumerate(group)}
+                    first_new = rows - len(new)  # rows that joined earlier change nothing here
+                    for pos_k, k in enumerate(new, start=first_new):
+                        for s, rn in sets[k]:
+                            if rn in column:
+                                delta[pos_k * batch : (pos_k + 1) * batch, :, column[rn]] += diff[:, :, s_index[s]]
+                    feed_l[f"{DELTA_INPUT}_{entry}"] = delta
+            h = sweep.blocks[layer].get(plan)(**feed_l)["outputs"]["hidden"]
+        values = sweep._metric(h, 0, base, metric, len(joined))
+    out = torch.empty(len(sets))
+    out[torch.tensor(joined)] = values.float()
+    return out
+
+
+def _edge_rows(model, comp, tokens, sets, metric, ablation, reference, attention_mask, max_rows=64) -> torch.Tensor:
+    from .metrics import Metric
+    from .passes import VOCAB_INPUT, SelectVocab
+
+    feed = model._inputs(tokens, attention_mask)
+    batch, seq = feed["input_ids"].shape
+    alt = _alt(model, ablation, feed["input_ids"].shape, attention_mask, reference).to(model.captured.dtype)
     receivers = {r for edges in sets for _, r in edges}
-    program = model.programs.get(_edge_plan(model, _receiver_specs(comp, receivers)))
+    plan = _edge_plan(model, _receiver_specs(comp, receivers))
+    if isinstance(metric, Metric):
+        # a declared metric reads a few vocabulary entries: unembed only those
+        pos, tok = metric.select(seq, batch)
+        vocab, inverse = torch.unique(tok.flatten(), return_inverse=True)
+        plan += (SelectVocab(model.graph.structure.unembed),)
+        feed = {**feed, VOCAB_INPUT: vocab}
+    program = model.programs.get(plan)
     out = []
     for start in range(0, len(sets), max_rows):
         chunk = sets[start : start + max_rows]
         rows = len(chunk)
         masks = torch.cat([_mask(comp, edges) for edges in chunk]).repeat_interleave(batch, dim=0)
-        tiled = {k: v.repeat(rows, *([1] * (v.dim() - 1))) for k, v in feed.items()}
+        tiled = {k: (v.repeat(rows, *([1] * (v.dim() - 1))) if k != VOCAB_INPUT else v) for k, v in feed.items()}
         a = alt if alt.shape[0] == 1 else alt.repeat(rows, 1, 1, 1)
         with torch.no_grad():
             logits = program(**tiled, **{MASK_INPUT: masks, ALT_INPUT: a})["outputs"][model.captured.outputs[0]]
-        out += [torch.as_tensor(metric(logits[k * batch : (k + 1) * batch])).reshape(()) for k in range(rows)]
+        if isinstance(metric, Metric):
+            b_idx = torch.arange(batch)[:, None, None].repeat(rows, 1, 1) + torch.arange(rows).repeat_interleave(batch)[:, None, None] * batch
+            sel = logits[b_idx, pos.repeat(rows, 1)[:, :, None], inverse.view(batch, 1, -1).repeat(rows, 1, 1)]
+            out += list(metric.from_selected(sel.view(rows, batch, *sel.shape[1:])))
+        else:
+            out += [torch.as_tensor(metric(logits[k * batch : (k + 1) * batch])).reshape(()) for k in range(rows)]
     return torch.stack(out)
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -51,10 +51,15 @@ class SweepError(ValueError):
 
 @dataclass(frozen=True)
 class Cell:
-    """One patched run: ``site`` takes the clean value at ``index`` (axis name -> index)."""
+    """One patched run: ``site`` takes the clean value at ``index`` (axis name -> index).
+
+    ``source``, when given, is this cell's own value for the site ([batch, ...] in the site's layout),
+    used instead of the clean run's (edge sweeps precompute what a receiver would read).
+    """
 
     site: Site
     index: tuple  # ((axis name, int), ...) in the site's user layout; absent axes mean "all"
+    source: torch.Tensor | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -282,7 +287,8 @@ class Sweep:
         so the row starts there; a patch whose clean value equals the corrupted one is the base run.
         """
         axes = cell.site.axes
-        diff = values[cell.site.name] != base.values[cell.site.name].to(values[cell.site.name].dtype)
+        value = cell.source if cell.source is not None else values[cell.site.name]
+        diff = value != base.values[cell.site.name].to(value.dtype)
         offset = 0
         pos_axis = next((axes.index(a) for a in ("pos", "query_pos") if a in axes), None)
         for a, v in cell.index:
@@ -307,7 +313,7 @@ class Sweep:
         values = {}
         for cell in cells:
             name = cell.site.name
-            if name in values:
+            if name in values or cell.source is not None:
                 continue
             try:
                 value = source[name]
@@ -409,8 +415,9 @@ class Sweep:
         edits, feed, sites = [], {}, []
         for name, entries in by_site.items():
             site = entries[0][1].site
-            value = values[name]
             axes = site.axes
+            own = [c for _, c in entries if c.source is not None]
+            value = values[name] if name in values else own[0].source
             for axis in ("pos", "query_pos"):
                 if axis in axes and start:
                     value = value.narrow(axes.index(axis), start, value.shape[axes.index(axis)] - start)
@@ -430,7 +437,17 @@ class Sweep:
                 continue
             i = len(edits)
             edits.append(Edit(name, site.node, site.layout, "replace", masked=True))
-            feed[f"fxl_s{i}_value"] = value.repeat(n_rows, *([1] * (value.dim() - 1))) if b0 > 1 or n_rows > 1 else value
+            tiled = value.repeat(n_rows, *([1] * (value.dim() - 1))) if b0 > 1 or n_rows > 1 else value
+            if own:
+                tiled = tiled.clone()
+                for row, cell in entries:
+                    if cell.source is not None:
+                        src = cell.source
+                        for axis in ("pos", "query_pos"):
+                            if axis in axes and start:
+                                src = src.narrow(axes.index(axis), start, src.shape[axes.index(axis)] - start)
+                        tiled[row * b0 : (row + 1) * b0] = src
+            feed[f"fxl_s{i}_value"] = tiled
             feed[f"fxl_s{i}_mask"] = mask.to(value.device)
             sites.append(site)
         return edits, feed, sites

@@ -80,11 +80,20 @@ def _gather(values: list, heads: list) -> torch.Tensor:
     return torch.stack(parts, dim=2)
 
 
-def _delta(current: torch.Tensor, alt: torch.Tensor, mask: torch.Tensor, upstream: list, columns: list) -> torch.Tensor:
-    """[batch, pos, receivers, d_model]: what replacing the masked edges adds to each receiver's input."""
-    diff = alt[:, :, upstream].to(current.dtype) - current
-    m = mask[:, upstream][:, :, columns].to(current.dtype)
-    return torch.einsum("bpsd,bsr->bprd", diff, m)
+def _delta(values: list, heads: list, alt: torch.Tensor, mask: torch.Tensor, upstream: list, columns: list) -> torch.Tensor:
+    """[batch, pos, receivers, d_model]: what replacing the masked edges adds to each receiver's input.
+
+    Only senders with a replaced edge into one of these receivers are gathered, so a request that
+    touches a few edges costs a few sender tensors, not every sender upstream.
+    """
+    m = mask[:, upstream][:, :, columns]
+    used = m.ne(0).any(0).any(-1).nonzero().flatten().tolist()
+    ref = values[0]
+    if not used:
+        return ref.new_zeros(ref.shape[0], ref.shape[1], len(columns), ref.shape[-1])
+    current = _gather([values[i] for i in used], [heads[i] for i in used])
+    diff = alt[:, :, [upstream[i] for i in used]].to(current.dtype) - current
+    return torch.einsum("bpsd,bsr->bprd", diff, m[:, used].to(current.dtype))
 
 
 def _input(entry: torch.Tensor, delta: torch.Tensor, j: int) -> torch.Tensor:
@@ -95,10 +104,37 @@ def _given(inputs: torch.Tensor, j: int) -> torch.Tensor:
     return inputs[:, :, j]
 
 
-def _set_heads(value: torch.Tensor, heads: list, *replayed: torch.Tensor) -> torch.Tensor:
+def _changed(source: torch.Tensor, upstream, column: int, x: torch.Tensor) -> torch.Tensor:
+    """Per batch row: does this receiver's input change? ``source`` is the edge mask (with
+    ``upstream``) or, with ``upstream=None``, the receivers' deltas."""
+    if upstream is None:
+        m = source[:, :, column].ne(0).flatten(1).any(-1)
+    else:
+        m = source[:, upstream, column].ne(0).any(-1)
+    return m.expand(x.shape[0]) if m.shape[0] == 1 else m
+
+
+def _active_rows(source: torch.Tensor, upstream, column: int, x: torch.Tensor) -> torch.Tensor:
+    """Batch rows whose input to this receiver changes (all rows for a shared mask).
+
+    Never empty: with no such row, row 0 is replayed (reshapes cannot infer sizes of empty tensors)
+    and ``_set_heads`` writes nothing back, because ``_written`` is empty.
+    """
+    rows = _changed(source, upstream, column, x).nonzero().flatten().to(x.device)
+    return rows if rows.numel() else torch.zeros(1, dtype=torch.long, device=x.device)
+
+
+def _written(source: torch.Tensor, upstream, column: int, x: torch.Tensor) -> torch.Tensor:
+    return _changed(source, upstream, column, x).nonzero().flatten().to(x.device)
+
+
+def _set_heads(value: torch.Tensor, heads: list, rows: list, *replayed: torch.Tensor) -> torch.Tensor:
     out = value.clone()
-    for h, r in zip(heads, replayed):
-        out[:, :, h] = r[:, :, h]
+    for h, r, new in zip(heads, rows, replayed):
+        if r is None:
+            out[:, :, h] = new[:, :, h]
+        elif r.numel():
+            out[r, :, h] = new[: r.numel(), :, h]
     return out
 
 
@@ -125,8 +161,7 @@ def edges(gm: fx.GraphModule, spec: Edges) -> fx.GraphModule:
                 if spec.mode == "edges":
                     senders = [spec.senders[i] for i in upstream]
                     values = [s.layout.read(rw.graph, rw.node(s.node)) for s in senders]
-                    current = rw.create(_gather, (values, [s.head for s in senders]))
-                    delta = rw.create(_delta, (current, alt, mask, list(upstream), [r.index for r in group]))
+                    delta = rw.create(_delta, (values, [s.head for s in senders], alt, mask, list(upstream), [r.index for r in group]))
                 if spec.mode == "absolute":
                     inputs = [rw.create(_given, (delta, j)) for j in range(len(group))]
                 else:
@@ -141,9 +176,20 @@ def edges(gm: fx.GraphModule, spec: Edges) -> fx.GraphModule:
             for (target_name, layout), items in replays.items():
                 target = rw.node(target_name)
                 with rw.after(target):  # one insertion point: the replays, then the merge, in order
-                    outs = [layout.read(rw.graph, _replay(rw, r.cone, entry, x)) for r, x in items]
+                    outs, rows = [], []
+                    for r, x in items:
+                        if spec.mode != "absolute":
+                            # replay only the rows whose input to this receiver changes
+                            key = (mask, list(upstream), r.index) if spec.mode == "edges" else (delta, None, group.index(r))
+                            active = rw.create(_active_rows, (*key, x))
+                            written = rw.create(_written, (*key, x))
+                            x = rw.create(torch.index_select, (x, 0, active))
+                        else:
+                            written = None
+                        outs.append(layout.read(rw.graph, _replay(rw, r.cone, entry, x)))
+                        rows.append(written)
                     read = layout.read(rw.graph, target)
-                    merged = rw.create(_set_heads, (read, [r.head for r, _ in items], *outs))
+                    merged = rw.create(_set_heads, (read, [r.head for r, _ in items], rows, *outs))
                     written = layout.write(rw.graph, merged)
                 keep = {read, merged, written}
                 rw.supersede(target, written, keep=keep | _chain(read, target))
@@ -169,11 +215,26 @@ def _order(graph: fx.Graph, node: fx.Node) -> int:
 
 
 def _replay(rw, cone: tuple, entry: fx.Node, x: fx.Node) -> fx.Node:
-    """Copy the nodes of ``cone`` (entry's descendants up to a target) with ``entry`` read as ``x``."""
+    """Copy the nodes of ``cone`` (entry's descendants up to a target) with ``entry`` read as ``x``.
+
+    Reshapes in the cone name the batch size; the copies read it from ``x``, which may hold only
+    some of the rows.
+    """
     env = {entry: x}
+    batch = []
+
+    def arg(n):
+        if n in env:
+            return env[n]
+        if n.op == "call_function" and n.target is torch.ops.aten.sym_size.int and n.args[1] == 0:
+            if not batch:
+                batch.append(rw.graph.call_function(torch.ops.aten.sym_size.int, (x, 0)))
+            return batch[0]
+        return n
+
     last = None
     for name in cone:
         node = rw.node(name)
-        last = rw.graph.node_copy(node, lambda n: env.get(n, n))
+        last = rw.graph.node_copy(node, arg)
         env[node] = last
     return last
