@@ -49,11 +49,13 @@ def main() -> None:
         t_attr = time.perf_counter() - t
         corr = torch.corrcoef(torch.stack([exact.flatten(), estimate.flatten()]))[0, 1].item()
         print(f"\n{name}: {exact.numel()} cells; exact {t_exact:.1f} s, attribution {t_attr:.1f} s; correlation {corr:.3f}")
-        effect = exact - metric(corrupted_logits)
+        base = metric(corrupted_logits)
+        effect, estimated = exact - base, estimate - base
+        print("  strongest cells: change of the logit difference when the clean activation is patched in")
         for value, index in zip(*effect.flatten().abs().topk(5)):
             cell = torch.unravel_index(index, exact.shape)
             where = ", ".join(f"{label} {int(i)}" for label, i in zip(labels, cell))
-            print(f"  {where:20s} exact {exact[cell]:+.2f}  estimate {estimate[cell]:+.2f}")
+            print(f"  {where:20s} exact {effect[cell]:+.2f}  attribution estimate {estimated[cell]:+.2f}")
 
 
 if __name__ == "__main__":
