@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 
 import networkx as nx
@@ -95,9 +96,10 @@ class Circuit:
         return text
 
     @classmethod
-    def from_json(cls, text_or_path: str) -> "Circuit":
+    def from_json(cls, text_or_path) -> "Circuit":
+        """A circuit from JSON text or from a file (a path string or ``pathlib.Path``)."""
         text = text_or_path
-        if not text_or_path.lstrip().startswith("{"):
+        if isinstance(text_or_path, os.PathLike) or not str(text_or_path).lstrip().startswith("{"):
             with open(text_or_path) as f:
                 text = f.read()
         data = json.loads(text)
@@ -134,11 +136,14 @@ class Circuit:
     def __contains__(self, edge) -> bool:
         return _edge(edge) in self.edges
 
-    def __or__(self, other: "Circuit") -> "Circuit":
-        return Circuit(self.edges | other.edges)
+    def __or__(self, other) -> "Circuit":
+        return Circuit(self.edges | _circuit(other).edges)
 
-    def __sub__(self, other: "Circuit") -> "Circuit":
-        return Circuit(self.edges - Circuit(other).edges if not isinstance(other, Circuit) else self.edges - other.edges)
+    def __and__(self, other) -> "Circuit":
+        return Circuit(self.edges & _circuit(other).edges)
+
+    def __sub__(self, other) -> "Circuit":
+        return Circuit(self.edges - _circuit(other).edges)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Circuit) and self.edges == other.edges
@@ -154,6 +159,10 @@ class Circuit:
         for r, ss in by_receiver.items():
             lines.append(f"  {r:14s} <- {', '.join(ss)}")
         return "\n".join(lines)
+
+
+def _circuit(x) -> Circuit:
+    return x if isinstance(x, Circuit) else Circuit(x)
 
 
 # ---- running edge interventions ---------------------------------------------------------------------

@@ -50,8 +50,8 @@ class Receiver:
     stage: int = 0
     entry: str = ""  # the residual node the receiver reads
     target: View | None = None  # q/k/v: the site the replay recomputes
-    cone: tuple = ()  # q/k/v: nodes from entry to target, in graph order
-    consumers: tuple = ()  # mlp/logits: nodes that read entry for this receiver
+    cone: tuple = ()  # q/k/v: nodes from entry to target; mlp: nodes shared with attention; graph order
+    consumers: tuple = ()  # mlp/logits: nodes that read entry (or the cone) for this receiver
 
 
 @dataclass
@@ -61,18 +61,27 @@ class Components:
     n_layers: int
     parallel: bool  # attention and MLP of a block read the same residual
 
+    def _range(self) -> str:
+        heads = sum(1 for s in self.senders if s.kind == "head" and s.layer == 0)
+        kv = sum(1 for r in self.receivers if r.kind == "k" and r.layer == 0)
+        kv_note = f" (keys and values: heads 0-{kv - 1})" if kv != heads else ""
+        return f"this model has layers 0-{self.n_layers - 1} and heads 0-{heads - 1}{kv_note}"
+
     def sender(self, name: str) -> Sender:
-        for s in self.senders:
-            if s.name == name:
-                return s
-        raise CircuitError(f"unknown sender {name!r}; senders are 'input', 'a<layer>.h<head>', 'm<layer>' (e.g. 'a0.h1', 'm2')")
+        by_name = self.__dict__.setdefault("_senders", {s.name: s for s in self.senders})
+        if name in by_name:
+            return by_name[name]
+        raise CircuitError(
+            f"unknown sender {name!r}; senders are 'input', 'a<layer>.h<head>', 'm<layer>' (e.g. 'a0.h1', 'm2'); {self._range()}"
+        )
 
     def receiver(self, name: str) -> Receiver:
-        for r in self.receivers:
-            if r.name == name:
-                return r
+        by_name = self.__dict__.setdefault("_receivers", {r.name: r for r in self.receivers})
+        if name in by_name:
+            return by_name[name]
         raise CircuitError(
-            f"unknown receiver {name!r}; receivers are 'a<layer>.h<head><q|k|v>', 'm<layer>' and 'logits' (e.g. 'a1.h0<k>')"
+            f"unknown receiver {name!r}; receivers are 'a<layer>.h<head><q|k|v>', 'm<layer>' and 'logits' "
+            f"(e.g. 'a1.h0<k>'); {self._range()}"
         )
 
     def reaches(self, s: Sender, r: Receiver) -> bool:
@@ -90,6 +99,24 @@ class Components:
 def _between(dg, source: str, sink: str, within: set) -> list:
     nodes = dg.between(source, sink, within) | {sink}
     return dg.sorted(nodes)
+
+
+def _mlp_reads(dg, block) -> tuple:
+    """(cone, consumers) of a block's MLP receiver.
+
+    Usually the cone is empty and the consumers are the MLP nodes that read the entry. Where the MLP
+    shares nodes with the attention branch (Phi: one input norm for both), those shared nodes are the
+    cone, replayed on the receiver's input, and the consumers are the MLP-only nodes that read the
+    entry or the cone; so an edge into the MLP leaves the heads of its layer alone.
+    """
+    mlp = block.mlp.nodes
+    shared = mlp & block.attn.nodes
+    cone = tuple(n for n in dg.sorted(shared)) if shared else ()
+    reads = {block.mlp.entry, *cone}
+    consumers = tuple(
+        dg.sorted({u.name for n in reads for u in dg.node(n).users if u.name in mlp and u.name not in shared})
+    )
+    return cone, consumers
 
 
 def components(mg) -> Components:
@@ -122,8 +149,8 @@ def components(mg) -> Components:
             cone = tuple(_between(dg, block.attn.entry, view.node, within))
             for h in range(n):
                 receivers.append(Receiver(f"a{i}.h{h}<{kind}>", i, kind, h, 0, block.attn.entry, view, cone))
-        consumers = tuple(u.name for u in dg.node(block.mlp.entry).users if u.name in block.mlp.nodes)
-        receivers.append(Receiver(f"m{i}", i, "mlp", None, mlp_stage, block.mlp.entry, None, (), consumers))
+        cone, consumers = _mlp_reads(dg, block)
+        receivers.append(Receiver(f"m{i}", i, "mlp", None, mlp_stage, block.mlp.entry, None, cone, consumers))
     last = st.blocks[-1].resid_post
     blocks = set().union(*(b.nodes for b in st.blocks))
     consumers = tuple(u.name for u in dg.node(last).users if u.name not in blocks and u.op != "output")

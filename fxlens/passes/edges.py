@@ -106,7 +106,10 @@ def _given(inputs: torch.Tensor, j: int) -> torch.Tensor:
 
 def _changed(source: torch.Tensor, upstream, column: int, x: torch.Tensor) -> torch.Tensor:
     """Per batch row: does this receiver's input change? ``source`` is the edge mask (with
-    ``upstream``) or, with ``upstream=None``, the receivers' deltas."""
+    ``upstream``) or, with ``upstream=None``, the receivers' deltas. A source that requires grad
+    changes every row: its gradient at zero must flow through every replay (attribution)."""
+    if source.requires_grad:
+        return torch.ones(x.shape[0], dtype=torch.bool, device=source.device)
     if upstream is None:
         m = source[:, :, column].ne(0).flatten(1).any(-1)
     else:
@@ -169,8 +172,13 @@ def edges(gm: fx.GraphModule, spec: Edges) -> fx.GraphModule:
             replays: dict = {}
             for r, x in zip(group, inputs):
                 if r.kind in ("mlp", "logits"):
+                    env = {entry: x}
+                    if r.cone:  # nodes shared with the attention branch: replayed for this receiver
+                        with rw.graph.inserting_before(rw.node(r.consumers[0])):
+                            env = _replay(rw, r.cone, entry, x, env=True)
                     for c in r.consumers:
-                        rw.node(c).replace_input_with(entry, x)
+                        for old, new in env.items():
+                            rw.node(c).replace_input_with(old, new)
                 else:
                     replays.setdefault((r.target, r.target_layout), []).append((r, x))
             for (target_name, layout), items in replays.items():
@@ -214,18 +222,19 @@ def _order(graph: fx.Graph, node: fx.Node) -> int:
     return -1
 
 
-def _replay(rw, cone: tuple, entry: fx.Node, x: fx.Node) -> fx.Node:
-    """Copy the nodes of ``cone`` (entry's descendants up to a target) with ``entry`` read as ``x``.
+def _replay(rw, cone: tuple, entry: fx.Node, x: fx.Node, env: bool = False):
+    """Copy the nodes of ``cone`` (entry's descendants up to a target) with ``entry`` read as ``x``;
+    the copy of the last node, or with ``env`` the map from each original node to its copy.
 
     Reshapes in the cone name the batch size; the copies read it from ``x``, which may hold only
     some of the rows.
     """
-    env = {entry: x}
+    copies = {entry: x}
     batch = []
 
     def arg(n):
-        if n in env:
-            return env[n]
+        if n in copies:
+            return copies[n]
         if n.op == "call_function" and n.target is torch.ops.aten.sym_size.int and n.args[1] == 0:
             if not batch:
                 batch.append(rw.graph.call_function(torch.ops.aten.sym_size.int, (x, 0)))
@@ -236,5 +245,5 @@ def _replay(rw, cone: tuple, entry: fx.Node, x: fx.Node) -> fx.Node:
     for name in cone:
         node = rw.node(name)
         last = rw.graph.node_copy(node, arg)
-        env[node] = last
-    return last
+        copies[node] = last
+    return copies if env else last
