@@ -55,16 +55,18 @@ def _scores(q, k, mask, is_causal, scale, enable_gqa):
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    # in place on the fresh matmul output: none of these ops needs its input for backward
+    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
     if is_causal:
         ql, kl = q.shape[-2], k.shape[-2]
         causal = torch.ones(ql, kl, dtype=torch.bool, device=q.device).tril(diagonal=kl - ql)
-        scores = scores.masked_fill(~causal, float("-inf"))
+        scores.masked_fill_(~causal, float("-inf"))
     if mask is not None:
+        inplace = torch.broadcast_shapes(scores.shape, mask.shape) == scores.shape
         if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores = scores.masked_fill_(~mask, float("-inf")) if inplace else scores.masked_fill(~mask, float("-inf"))
         else:
-            scores = scores + mask
+            scores = scores.add_(mask) if inplace else scores + mask
     return scores
 
 
