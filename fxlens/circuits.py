@@ -30,7 +30,8 @@ import torch
 from .engine.interventions import Patch, prepare
 from .engine.programs import rewrites_for
 from .graphs.components import CircuitError, Components, components
-from .passes import ALT_INPUT, MASK_INPUT, EdgeReceiver, Edges, EdgeSender, Intervene
+from . import passes
+from .passes import ALT_INPUT, MASK_INPUT, EdgeReceiver, Edges, EdgeSender, FuseGelu, Intervene, KVPrefix
 
 __all__ = [
     "Circuit",
@@ -606,7 +607,7 @@ def _mlp_programs(model):
             sub, ctx = _subgraph(gm, nodes, by_name[block.mlp.entry], {"mlp": by_name[block.mlp.output]}, syms)
             if ctx:
                 raise CircuitError(f"the MLP of {block.path} reads {ctx} besides the residual stream")
-            progs.append(sub)
+            progs.append(passes.apply(sub, FuseGelu()))  # rows of differences: GELU as one kernel
         model._mlp_programs = progs
     return progs
 
@@ -620,7 +621,7 @@ def _path_patch_layers(model, comp, clean_tokens, corrupted_tokens, metric, recv
     batch = feed["input_ids"].shape[0]
     mlp_sites = [model.site_table[model.get_act_name("resid_mid" if not comp.parallel else "resid_pre", l)] for l in range(comp.n_layers)]
     with torch.no_grad():
-        base = sweep.base(feed, keep_kv=False, sites=mlp_sites)
+        base = sweep.base(feed, keep_kv=sweep.causal, sites=mlp_sites)
         clean = sender_values(model, clean_tokens, attention_mask)
         corrupt = sender_values(model, corrupted_tokens, attention_mask)
     index = {s.name: i for i, s in enumerate(comp.senders)}
@@ -653,11 +654,15 @@ def _path_patch_layers(model, comp, clean_tokens, corrupted_tokens, metric, recv
                 if point in read_points:
                     snapshots[point] = (delta.clone(), list(joined))
                 if layer < comp.n_layers and stage == mlp_stage and mlps is not None and delta is not None:
-                    # the MLP of this layer recomputes on every joined row's residual
-                    entry = base.values[mlp_sites[layer].name].repeat(len(joined), 1, 1)
-                    out = mlps[layer](**{model.graph.structure.blocks[layer].mlp.entry: entry + delta})["outputs"]["mlp"]
-                    m = index[f"m{layer}"]
-                    delta = delta + out - clean[:, :, m].repeat(len(joined), 1, 1)
+                    # the MLP of this layer recomputes on every joined row's residual, from the first
+                    # position where a row differs from the clean run (an MLP works position by position)
+                    p0 = _first_change(delta)
+                    if p0 < delta.shape[1]:
+                        entry = base.values[mlp_sites[layer].name][:, p0:].repeat(len(joined), 1, 1)
+                        x = entry + delta[:, p0:]
+                        out = mlps[layer](**{model.graph.structure.blocks[layer].mlp.entry: x})["outputs"]["mlp"]
+                        m = index[f"m{layer}"]
+                        delta[:, p0:] += out - clean[:, p0:, m].repeat(len(joined), 1, 1)
         join((comp.n_layers + 1, 0))
     n = len(senders)
 
@@ -672,23 +677,37 @@ def _path_patch_layers(model, comp, clean_tokens, corrupted_tokens, metric, recv
             h = _final_residual(sweep, base).repeat(n, 1, 1) + by_sender(delta, joined)
             return _per_sender(sweep, h, base, metric, senders)
     first = read_points[0][0]
-    h = base.hidden[first].repeat(n, 1, 1)
+    # in a causal model, positions before the first one any receiver's input changes at keep their
+    # clean values in every row: the rows run from there, attending to the clean run's keys and values
+    start = min(min(_first_change(snapshots[p][0]) for p in read_points), base.seq - 1) if sweep.causal else 0
+    h = base.hidden[first][:, start:].repeat(n, 1, 1)
     with torch.no_grad():
         for layer in range(first, comp.n_layers):
             here = [r for r in recv if r.layer == layer]
-            feed_l = sweep._block_feed(layer, h, base.context, 0, n)
+            feed_l = sweep._block_feed(layer, h, base.context, start, n)
             plan = ()
+            prefix = sweep._base_prefix(layer, base, start, n) if start else None
+            if prefix is not None:
+                plan += (KVPrefix(sweep.kv_uses[layer]),)
+                for (_, _, name), t in zip(sweep.kv_uses[layer], prefix):
+                    feed_l[name] = t
             if here:
                 specs = _receiver_specs(comp, {r.name for r in here})
-                plan = (Edges((), specs, mode="absolute"),)
+                plan += (Edges((), specs, mode="absolute"),)
                 d, rows_joined = snapshots[(layer, 0)]
-                absolute = base.hidden[layer].repeat(n, 1, 1) + by_sender(d, rows_joined)
+                absolute = (base.hidden[layer].repeat(n, 1, 1) + by_sender(d, rows_joined))[:, start:]
                 for entry in {r.entry for r in here}:
                     group = [r for r in specs if r.entry == entry]
                     feed_l[f"{DELTA_INPUT}_{entry}"] = absolute[:, :, None].expand(-1, -1, len(group), -1)
             h = sweep.blocks[layer].get(plan)(**feed_l)["outputs"]["hidden"]
-        values = sweep._metric(h, 0, base, metric, n)
+        values = sweep._metric(h, start, base, metric, n)
     return {s.name: float(values[k]) for k, s in enumerate(senders)}
+
+
+def _first_change(delta: torch.Tensor) -> int:
+    """The first position at which any row of ``delta`` [rows, pos, d_model] is non-zero (pos if none)."""
+    changed = delta.ne(0).any(-1).any(0).nonzero()
+    return int(changed[0]) if changed.numel() else delta.shape[1]
 
 
 def _final_residual(sweep, base):

@@ -396,6 +396,24 @@ def test_path_patch_equals_the_three_step_algorithm(family, case, freeze_mlps, m
     assert max(abs(v - base) for v in want.values()) > 1e-4  # some path matters
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("case", ["q", "kv_and_mlp_senders", "several_layers"])
+@pytest.mark.parametrize("changed_from", [2, S - 1])
+def test_path_patch_with_a_shared_prefix_equals_the_three_step_algorithm(family, case, changed_from):
+    """Clean and corrupted prompts share their first tokens: rows run from the first changed position
+    on the clean run's keys and values (and the metric's earlier position reads the clean logits)."""
+    _, model = model_for(family)
+    receivers, senders = PP_CASES[case]
+    clean = clean_ids()
+    corrupt = clean.clone()
+    corrupt[:, changed_from:] = corrupt_ids()[:, changed_from:]
+    got = path_patch(model, clean, corrupt, pp_metric, receivers=receivers, senders=senders)
+    first = min(parse(r)[1] for r in receivers)
+    for s in senders if senders is not None else upstream_heads(model, first):
+        want = naive_path_patch(model, clean, corrupt, pp_metric, receivers, s, False)
+        assert abs(got[s] - want) <= TOL, (s, got[s], want)
+
+
 def test_freezing_mlps_changes_the_path_through_an_mlp():
     _, model = model_for("gpt2")
     clean, corrupt = clean_ids(), corrupt_ids()
