@@ -213,14 +213,23 @@ def _identity():
     return IDENTITY
 
 
-def sender_values(model, tokens, attention_mask=None) -> torch.Tensor:
-    """Every sender's output on ``tokens``: [batch, pos, senders, d_model] (the ``alt`` of an ablation)."""
+def sender_values(model, tokens, attention_mask=None, senders=None) -> torch.Tensor:
+    """Every sender's output on ``tokens``: [batch, pos, senders, d_model] (the ``alt`` of an ablation).
+
+    ``senders``: names of the senders wanted, in that order (default: all of them); the run then
+    caches only their sites and stops after the last one.
+    """
     comp = model_components(model)
-    sites = _sender_sites(model, comp)
+    wanted = comp.senders if senders is None else [comp.sender(n) for n in senders]
+    sites = []
+    for s in wanted:
+        site = model.site_table["resid_pre", 0] if s.kind == "input" else model.site_table["result" if s.kind == "head" else "mlp_out", s.layer]
+        if site not in sites:
+            sites.append(site)
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, attention_mask, names_filter=[s.name for s in sites], return_logits=False)
     parts = []
-    for s in comp.senders:
+    for s in wanted:
         if s.kind == "input":
             parts.append(cache["resid_pre", 0])
         elif s.kind == "head":
@@ -230,23 +239,34 @@ def sender_values(model, tokens, attention_mask=None) -> torch.Tensor:
     return torch.stack(parts, dim=2)
 
 
-def _alt(model, ablation, tokens_shape, attention_mask, reference):
-    """The replacement sender outputs for an ablation name, tokens or a tensor."""
+def _alt(model, ablation, tokens_shape, attention_mask, reference, senders=None):
+    """The replacement sender outputs for an ablation name, tokens or a tensor (of ``senders`` only,
+    in that order, where given)."""
     comp = model_components(model)
     d = model.cfg.d_model
     if isinstance(ablation, torch.Tensor):
-        return ablation
+        want = (len(comp.senders), d)
+        if ablation.dim() != 4 or tuple(ablation.shape[2:]) != want or ablation.shape[1] != tokens_shape[1]:
+            raise CircuitError(
+                f"an ablation tensor holds every sender's output, [batch or 1, {tokens_shape[1]} positions, "
+                f"{want[0]} senders, {d}] (e.g. circuits.sender_values(model, tokens)); got {tuple(ablation.shape)}"
+            )
+        if senders is None:
+            return ablation
+        index = {s.name: i for i, s in enumerate(comp.senders)}
+        return ablation[:, :, [index[n] for n in senders]]
     if ablation == "zero":
-        return torch.zeros(1, tokens_shape[1], len(comp.senders), d, dtype=model.captured.dtype)
+        n = len(comp.senders) if senders is None else len(senders)
+        return torch.zeros(1, tokens_shape[1], n, d, dtype=model.captured.dtype)
     if ablation == "mean":
         ref = reference if reference is not None else None
         if ref is None:
             raise CircuitError("ablation='mean' needs reference tokens (reference=...) to average the sender outputs over")
-        return sender_values(model, ref).mean(0, keepdim=True)
+        return sender_values(model, ref, senders=senders).mean(0, keepdim=True)
     if ablation in ("corrupted", "resample"):
         if reference is None:
             raise CircuitError(f"ablation={ablation!r} needs the corrupted tokens (reference=...)")
-        values = sender_values(model, reference)
+        values = sender_values(model, reference, senders=senders)
         if ablation == "resample":
             g = torch.Generator().manual_seed(0)
             values = values[torch.randint(0, values.shape[0], (tokens_shape[0],), generator=g)]
@@ -331,8 +351,10 @@ def _edge_cells(model, comp, tokens, sets, metric, ablation, reference, attentio
     sweep = Sweep(model)
     feed = model._inputs(tokens, attention_mask)
     batch = feed["input_ids"].shape[0]
-    alt = _alt(model, ablation, feed["input_ids"].shape, attention_mask, reference).to(model.captured.dtype)
-    s_index = {s.name: i for i, s in enumerate(comp.senders)}
+    order = {s.name: i for i, s in enumerate(comp.senders)}
+    used = sorted({s for edges in sets for s, _ in edges}, key=order.__getitem__)  # only these are computed
+    alt = _alt(model, ablation, feed["input_ids"].shape, attention_mask, reference, used).to(model.captured.dtype)
+    s_index = {name: i for i, name in enumerate(used)}
     receivers = [comp.receiver(next(iter(edges))[1]) for edges in sets]
     targets = {}
     for r in receivers:
@@ -342,28 +364,31 @@ def _edge_cells(model, comp, tokens, sets, metric, ablation, reference, attentio
                for r in receivers if r.kind == "mlp"]
     with torch.no_grad():
         base = sweep.base(feed, keep_kv=sweep.causal, sites=list({s.name: s for s in list(targets.values()) + entries}.values()))
-        diff = alt - sender_values(model, tokens, attention_mask)
+        diff = alt - sender_values(model, tokens, attention_mask, used)
         cells = [None] * len(sets)
-        by_receiver: dict = {}
+        # receivers of one kind in one layer read the same site: one call computes it for every
+        # distinct set of replaced senders among them (each set's receiver then takes its head)
+        groups: dict = {}
         for k, r in enumerate(receivers):
-            by_receiver.setdefault(r.name, []).append(k)
-        for name, ks in by_receiver.items():
-            r, site = comp.receiver(name), targets[name]
-            delta = torch.stack([diff[:, :, [s_index[s] for s, _ in sets[k]]].sum(2).expand(batch, -1, -1) for k in ks])
-            delta = delta.flatten(0, 1)  # [sets * batch, pos, d_model]
-            n = len(ks)
-            if r.kind == "mlp":
-                entry = base.values[model.get_act_name("resid_mid" if not comp.parallel else "resid_pre", r.layer)]
-                prog = _mlp_programs(model)[r.layer]
-                value = prog(**{model.graph.structure.blocks[r.layer].mlp.entry: entry.repeat(n, 1, 1) + delta})["outputs"]["mlp"]
-                index = ()
+            senders = tuple(sorted(s_index[s] for s, _ in sets[k]))
+            groups.setdefault((r.layer, r.kind), {}).setdefault(senders, []).append(k)
+        for (layer, kind), by_senders in groups.items():
+            site = targets[receivers[next(iter(by_senders.values()))[0]].name]
+            delta = torch.stack([diff[:, :, list(ss)].sum(2).expand(batch, -1, -1) for ss in by_senders])
+            delta = delta.flatten(0, 1)  # [distinct sender sets * batch, pos, d_model]
+            n = len(by_senders)
+            if kind == "mlp":
+                entry = base.values[model.get_act_name("resid_mid" if not comp.parallel else "resid_pre", layer)]
+                prog = _mlp_programs(model, fused=False)[layer]
+                value = prog(**{model.graph.structure.blocks[layer].mlp.entry: entry.repeat(n, 1, 1) + delta})["outputs"]["mlp"]
             else:
-                h = base.hidden[r.layer].repeat(n, 1, 1) + delta
+                h = base.hidden[layer].repeat(n, 1, 1) + delta
                 plan = (Cache((Read("v", site.node, site.layout),), keep_outputs=False),)
-                value = sweep.base_blocks[r.layer].get(plan)(**sweep._block_feed(r.layer, h, base.context, 0, n))["cache"]["v"]
-                index = (("head", r.head),)
-            for j, k in enumerate(ks):
-                cells[k] = Cell(site, index, source=value[j * batch : (j + 1) * batch])
+                value = sweep.base_blocks[layer].get(plan)(**sweep._block_feed(layer, h, base.context, 0, n))["cache"]["v"]
+            for j, ks in enumerate(by_senders.values()):
+                for k in ks:
+                    index = () if kind == "mlp" else (("head", receivers[k].head),)
+                    cells[k] = Cell(site, index, source=value[j * batch : (j + 1) * batch])
         return sweep.run(cells, feed, None, metric, base=base)
 
 
@@ -592,7 +617,10 @@ def _layered_ok(model) -> bool:
     return all(len(sym_dims(mg.dg.node(b.mlp.entry), *syms)) == 3 for b in mg.structure.blocks)
 
 
-def _mlp_programs(model):
+def _mlp_programs(model, fused: bool = True):
+    """Each block's MLP as a program of its input. ``fused``: a spelled-out GELU runs as one kernel
+    (for rows of differences); unfused, values are bit-identical to the model's own (for cells whose
+    unchanged positions must be recognised as unchanged)."""
     progs = getattr(model, "_mlp_programs", None)
     if progs is None:
         from .graphs.segments import _subgraph
@@ -601,15 +629,15 @@ def _mlp_programs(model):
         gm = mg.captured.module
         by_name = {n.name: n for n in gm.graph.nodes}
         syms = (model.captured.batch_symbol, model.captured.seq_symbol)
-        progs = []
+        plain = []
         for block in mg.structure.blocks:
             nodes = [n for n in gm.graph.nodes if n.name in block.mlp.nodes]
             sub, ctx = _subgraph(gm, nodes, by_name[block.mlp.entry], {"mlp": by_name[block.mlp.output]}, syms)
             if ctx:
                 raise CircuitError(f"the MLP of {block.path} reads {ctx} besides the residual stream")
-            progs.append(passes.apply(sub, FuseGelu()))  # rows of differences: GELU as one kernel
-        model._mlp_programs = progs
-    return progs
+            plain.append(sub)
+        progs = model._mlp_programs = {False: plain, True: [passes.apply(sub, FuseGelu()) for sub in plain]}
+    return progs[fused]
 
 
 def _path_patch_layers(model, comp, clean_tokens, corrupted_tokens, metric, recv, senders, freeze_mlps, attention_mask):

@@ -735,6 +735,21 @@ def test_ablation_errors():
             run_with_edges(model, ids, ["input->m0"], ablation=ablation)
     with pytest.raises(CircuitError, match="ablation must be"):
         run_with_edges(model, ids, ["input->m0"], ablation="gaussian", reference=ids)
+    values = sender_values(model, ids)
+    for bad in (values[:, :, 1:], values[:, 1:], values[0]):
+        with pytest.raises(CircuitError, match="an ablation tensor holds every sender's output"):
+            run_with_edges(model, ids, ["input->m0"], ablation=bad)
+        with pytest.raises(CircuitError, match="an ablation tensor holds every sender's output"):
+            circuits.edge_sweep(model, ids, [["input->m0"]], pp_metric, ablation=bad)
+
+
+def test_sender_values_of_chosen_senders_are_columns_of_all_of_them():
+    _, model = model_for("llama")
+    ids = clean_ids()
+    names = [s.name for s in circuits.model_components(model).senders]
+    chosen = ["m1", "a0.h2", "input", "a2.h3"]
+    got = sender_values(model, ids, senders=chosen)
+    assert torch.equal(got, sender_values(model, ids)[:, :, [names.index(n) for n in chosen]])
 
 
 @pytest.mark.parametrize("family, reason", [("bert", "post-norm"), ("gemma2", "normalises the")])
