@@ -31,7 +31,7 @@ from .engine.interventions import Patch, prepare
 from .engine.programs import rewrites_for
 from .graphs.components import CircuitError, Components, components
 from . import passes
-from .passes import ALT_INPUT, MASK_INPUT, EdgeReceiver, Edges, EdgeSender, FuseGelu, Intervene, KVPrefix
+from .passes import ALT_INPUT, MASK_INPUT, EdgeReceiver, Edges, EdgeSender, FuseGelu, Intervene
 
 __all__ = [
     "Circuit",
@@ -167,26 +167,18 @@ def _circuit(x) -> Circuit:
 
 
 # ---- running edge interventions ---------------------------------------------------------------------
-def _sender_sites(model, comp: Components) -> list:
-    sites = [model.site_table["resid_pre", 0]]
-    for layer in range(comp.n_layers):
-        sites.append(model.site_table["result", layer])
-        sites.append(model.site_table["mlp_out", layer])
-    return sites
+def _sender_site(model, s):
+    """The site a sender's output is read from: the embedding (resid_pre 0), per-head results, MLP out."""
+    if s.kind == "input":
+        return model.site_table["resid_pre", 0]
+    return model.site_table["result" if s.kind == "head" else "mlp_out", s.layer]
 
 
 def _sender_specs(model, comp: Components) -> tuple:
     out = []
     for s in comp.senders:
-        if s.kind == "input":
-            site = model.site_table["resid_pre", 0]
-            out.append(EdgeSender(s.name, site.node, site.layout, None))
-        elif s.kind == "head":
-            site = model.site_table["result", s.layer]
-            out.append(EdgeSender(s.name, site.node, site.layout, s.head))
-        else:
-            site = model.site_table["mlp_out", s.layer]
-            out.append(EdgeSender(s.name, site.node, site.layout, None))
+        site = _sender_site(model, s)
+        out.append(EdgeSender(s.name, site.node, site.layout, s.head if s.kind == "head" else None))
     return tuple(out)
 
 
@@ -221,21 +213,13 @@ def sender_values(model, tokens, attention_mask=None, senders=None) -> torch.Ten
     """
     comp = model_components(model)
     wanted = comp.senders if senders is None else [comp.sender(n) for n in senders]
-    sites = []
-    for s in wanted:
-        site = model.site_table["resid_pre", 0] if s.kind == "input" else model.site_table["result" if s.kind == "head" else "mlp_out", s.layer]
-        if site not in sites:
-            sites.append(site)
+    names = list(dict.fromkeys(_sender_site(model, s).name for s in wanted))
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, attention_mask, names_filter=[s.name for s in sites], return_logits=False)
+        _, cache = model.run_with_cache(tokens, attention_mask, names_filter=names, return_logits=False)
     parts = []
     for s in wanted:
-        if s.kind == "input":
-            parts.append(cache["resid_pre", 0])
-        elif s.kind == "head":
-            parts.append(cache["result", s.layer][:, :, s.head])
-        else:
-            parts.append(cache["mlp_out", s.layer])
+        value = cache[_sender_site(model, s).name]
+        parts.append(value[:, :, s.head] if s.kind == "head" else value)
     return torch.stack(parts, dim=2)
 
 
@@ -636,7 +620,9 @@ def _mlp_programs(model, fused: bool = True):
             if ctx:
                 raise CircuitError(f"the MLP of {block.path} reads {ctx} besides the residual stream")
             plain.append(sub)
-        progs = model._mlp_programs = {False: plain, True: [passes.apply(sub, FuseGelu()) for sub in plain]}
+        progs = model._mlp_programs = {False: plain}
+    if fused not in progs:
+        progs[True] = [passes.apply(sub, FuseGelu()) for sub in progs[False]]
     return progs[fused]
 
 
@@ -713,12 +699,7 @@ def _path_patch_layers(model, comp, clean_tokens, corrupted_tokens, metric, recv
         for layer in range(first, comp.n_layers):
             here = [r for r in recv if r.layer == layer]
             feed_l = sweep._block_feed(layer, h, base.context, start, n)
-            plan = ()
-            prefix = sweep._base_prefix(layer, base, start, n) if start else None
-            if prefix is not None:
-                plan += (KVPrefix(sweep.kv_uses[layer]),)
-                for (_, _, name), t in zip(sweep.kv_uses[layer], prefix):
-                    feed_l[name] = t
+            plan = sweep._prefix_plan(layer, feed_l, sweep._base_prefix(layer, base, start, n) if start else None)
             if here:
                 specs = _receiver_specs(comp, {r.name for r in here})
                 plan += (Edges((), specs, mode="absolute"),)

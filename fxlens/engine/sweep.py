@@ -387,16 +387,21 @@ class Sweep:
         tile = (lambda t: t.repeat(rows, *([1] * (t.dim() - 1)))) if base.batch > 1 else (lambda t: t)
         return tile(k[..., :start, :]), tile(v[..., :start, :])
 
+    def _prefix_plan(self, layer: int, feed: dict, prefix) -> tuple:
+        """The rewrite that makes block ``layer`` attend to ``prefix`` (keys, values of the positions
+        before the rows' start) as well, with the prefix added to ``feed``; () without a prefix."""
+        if prefix is None:
+            return ()
+        for (_, _, name), t in zip(self.kv_uses[layer], prefix):
+            feed[name] = t
+        return (KVPrefix(self.kv_uses[layer]),)
+
     def _block(self, layer, h, base, values, new, start, rows, prefix, keys_only: bool = False):
         """Run block ``layer`` on positions ``start..`` of ``rows`` rows (the new ones patched)."""
         self.stats["kv_token_layers" if keys_only else "token_layers"] += h.shape[0] * h.shape[1]
         self.stats["block_calls"] += 1
         feed = self._block_feed(layer, h, base.context, start, rows)
-        plan = ()
-        if prefix is not None:
-            plan += (KVPrefix(self.kv_uses[layer]),)
-            for (_, _, name), t in zip(self.kv_uses[layer], prefix):
-                feed[name] = t
+        plan = self._prefix_plan(layer, feed, prefix)
         if new:
             edits, efeed, sites = self._edits(layer, new, values, start, rows, base.batch)
             if edits:

@@ -67,18 +67,20 @@ class Components:
         kv_note = f" (keys and values: heads 0-{kv - 1})" if kv != heads else ""
         return f"this model has layers 0-{self.n_layers - 1} and heads 0-{heads - 1}{kv_note}"
 
+    def __post_init__(self):
+        self._senders = {s.name: s for s in self.senders}
+        self._receivers = {r.name: r for r in self.receivers}
+
     def sender(self, name: str) -> Sender:
-        by_name = self.__dict__.setdefault("_senders", {s.name: s for s in self.senders})
-        if name in by_name:
-            return by_name[name]
+        if name in self._senders:
+            return self._senders[name]
         raise CircuitError(
             f"unknown sender {name!r}; senders are 'input', 'a<layer>.h<head>', 'm<layer>' (e.g. 'a0.h1', 'm2'); {self._range()}"
         )
 
     def receiver(self, name: str) -> Receiver:
-        by_name = self.__dict__.setdefault("_receivers", {r.name: r for r in self.receivers})
-        if name in by_name:
-            return by_name[name]
+        if name in self._receivers:
+            return self._receivers[name]
         raise CircuitError(
             f"unknown receiver {name!r}; receivers are 'a<layer>.h<head><q|k|v>', 'm<layer>' and 'logits' "
             f"(e.g. 'a1.h0<k>'); {self._range()}"
@@ -111,7 +113,7 @@ def _mlp_reads(dg, block) -> tuple:
     """
     mlp = block.mlp.nodes
     shared = mlp & block.attn.nodes
-    cone = tuple(n for n in dg.sorted(shared)) if shared else ()
+    cone = tuple(dg.sorted(shared))
     reads = {block.mlp.entry, *cone}
     consumers = tuple(
         dg.sorted({u.name for n in reads for u in dg.node(n).users if u.name in mlp and u.name not in shared})

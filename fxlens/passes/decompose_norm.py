@@ -6,8 +6,9 @@ LayerNorm; HF's LayerNorm is a single fused node that exposes neither.
 Mechanism: compute ``xc = x - mean(x)``,
 ``scale = sqrt(mean(xc^2) + eps)`` (named ``{ln}__scale``), ``normalized = xc / scale`` (named
 ``{ln}__normalized``) from the norm's input. For reading they sit beside the fused node, which still
-produces the output (and, without gradients, come from one fused pass); with ``replace=True`` the output becomes ``normalized * w + b``, so patching the
-scale or the normalised value changes what the rest of the model sees, as in TransformerLens.
+produces the output (and, without gradients, they come from one fused pass); with ``replace=True``
+the output becomes ``normalized * w + b``, so patching the scale or the normalised value changes what
+the rest of the model sees, as in TransformerLens.
 
 Example::
 
