@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 import warnings
 import logging
 

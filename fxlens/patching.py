@@ -33,6 +33,7 @@ import torch
 from .engine.sweep import Cell, Sweep, SweepError
 
 __all__ = [
+    "SweepError",
     "generic_activation_patch",
     "layer_pos_patch_setter",
     "layer_pos_head_vector_patch_setter",

@@ -166,7 +166,7 @@ def alternatives(model, ablation, reference):
 def naive_edges(family, hf, model, ids, edges, alt):
     """Logits with each edge replaced, by one hooked forward: every receiver reads the residual at its
     read point, minus each replaced edge's sender output in this run, plus the sender's alternative."""
-    L, H = model.cfg.n_layers, model.cfg.n_heads
+    L = model.cfg.n_layers
     into: dict = {}
     for e in edges:
         s, r = e.split("->")

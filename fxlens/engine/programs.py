@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from .. import passes
-from ..graphs.sites import ModelGraph, Site
+from ..graphs.sites import ModelGraph
 from ..passes import DecomposeNorm, ExpandAttention, SplitHeads
 from ..passes.split_heads import Head
 

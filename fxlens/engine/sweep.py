@@ -12,7 +12,12 @@ Mechanism (``Sweep.run``):
 - a chunk runs the blocks from its lowest patched layer; at layer L the rows that patch layer L join
   the batch (their residual is the base run's), and block L's program replaces the patched values
   with ``where(row mask, clean value, value)``. Rows only compute positions ``start..``; the attention
-  reads the base run's keys and values for earlier positions (the KV-prefix pass);
+  reads the base run's keys and values for earlier positions;
+- in a causal model, rows of every start share one block call per layer: their tokens are packed
+  end to end into one sequence, and only the attention core sees them padded, one row each, with the
+  base run's keys and values in the slots a row does not compute (``passes/pack_rows.py``). Where a
+  block cannot be packed, each start runs as its own batch (the KV-prefix pass), and starts a few
+  positions apart merge where computing those positions twice costs less than another call;
 - the head runs the final norm on the positions the metric reads and, for a declared metric, the
   unembedding on the vocabulary entries it reads; any other callable gets full logits per row.
 
@@ -21,13 +26,12 @@ Example::
     sweep = Sweep(model)
     values = sweep.run(cells, corrupted_tokens, clean_cache, metric)    # [len(cells)]
 
-Gotchas: block programs are cached per (layer, patched sites, prefix or not), so a new position or a
-new head never builds a new program. Results equal one hooked forward per patch to float rounding.
+Gotchas: block programs are cached per (layer, patched sites, packed or prefixed), so a new position
+or a new head never builds a new program. Results equal one hooked forward per patch to float rounding.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -39,7 +43,8 @@ from ..graphs.nodes import sym_dims
 from ..graphs.segments import split
 from ..graphs.sites import Site
 from ..metrics import Metric
-from ..passes import VOCAB_INPUT, Cache, Edit, FuseGelu, Intervene, KVPrefix, PassError, Read, SelectVocab
+from ..passes import VOCAB_INPUT, Cache, Edit, FuseGelu, Intervene, KVPrefix, PackRows, PassError, Read, SelectVocab
+from ..passes.pack_rows import GRID, POS, ROW, core_contexts, unpack
 from .programs import Programs, rewrites_for
 
 __all__ = ["Cell", "Sweep", "SweepError"]
@@ -67,10 +72,12 @@ class Base:
     hidden: list  # residual input of each block [B0, S, d]
     kv: list  # (k, v) each attention op reads, per block (None where the block has no attention)
     context: dict
-    logits: torch.Tensor | None
+    final: torch.Tensor  # output of the last block [B0, S, d]
     batch: int
     seq: int
     values: dict  # base values of the patched sites
+    full_logits: torch.Tensor | None = None  # computed when a plain callable metric asks for them
+    selected: dict = field(default_factory=dict)  # metric -> logits it reads [B0, n_pos, n_tok]
 
 
 class Sweep:
@@ -108,7 +115,7 @@ class Sweep:
             self.kv_uses.append(None if a is None else ((a.k_in, a.k_consumer, f"fxl_kpre_{i}"), (a.v_in, a.v_consumer, f"fxl_vpre_{i}")))
 
     # ---- the base run ---------------------------------------------------------------------------
-    def base(self, feed: dict, keep_kv: bool = True, keep_logits: bool = True, sites=()) -> Base:
+    def base(self, feed: dict, keep_kv: bool = True, sites=()) -> Base:
         """The unpatched run, block by block, keeping what the patched rows will reuse.
 
         ``sites``: sites whose base values are also kept (``Base.values``), to find where a patch
@@ -134,9 +141,28 @@ class Sweep:
             kv.append((cache["fxl_k"], cache["fxl_v"]) if "fxl_k" in cache else None)
             values.update({k: v for k, v in cache.items() if not k.startswith("fxl_")})
             h = out["outputs"]["hidden"]
-        logits = self._head_full(h, context) if keep_logits else None
         batch, seq = feed["input_ids"].shape
-        return Base(hidden, kv, context, logits, batch, seq, values)
+        return Base(hidden, kv, context, h, batch, seq, values)
+
+    def _base_logits(self, base: Base) -> torch.Tensor:
+        if base.full_logits is None:
+            base.full_logits = self._head_full(base.final, base.context)
+        return base.full_logits
+
+    def _base_selected(self, base: Base, metric: Metric) -> torch.Tensor:
+        """The base run's logits a declared metric reads, [B0, n_pos, n_tok], without the full unembedding."""
+        key = id(metric)
+        if key not in base.selected:
+            pos, tok = metric.select(base.seq, base.batch)
+            if base.full_logits is not None:
+                sel = base.full_logits[torch.arange(base.batch)[:, None, None], pos[:, :, None], tok[:, None, :]]
+            else:
+                vocab, inverse = torch.unique(tok.flatten(), return_inverse=True)
+                hs = base.final[torch.arange(base.batch)[:, None], pos]  # [B0, n_pos, d]
+                logits = self._head_select(hs, base.context, vocab)
+                sel = logits.gather(-1, inverse.view(base.batch, 1, -1).expand(-1, pos.shape[1], -1))
+            base.selected[key] = (metric, sel)  # the metric is kept so that its id stays its own
+        return base.selected[key][1]
 
     def _block_feed(self, i: int, h: torch.Tensor, context: dict, start: int = 0, rows: int = 1) -> dict:
         feed = {self.seg.hidden[i]: h}
@@ -184,10 +210,14 @@ class Sweep:
         if unchanged:
             # the clean value equals the corrupted one wherever this patch writes: the run is the base run
             out[torch.tensor(unchanged)] = self._base_metric(base, metric)
-        if len(groups) > 1:
-            groups = self._merge_starts(groups, cells, self._break_even(base))
         per_row = self._row_bytes(base, declared)
         budget = int(memory_budget * 2**30)
+        packing = self._packing() if len(groups) > 1 else None
+        if packing is not None:
+            self._run_packed(groups, cells, base, values, metric, out, budget, per_row, progress)
+            return out
+        if len(groups) > 1:
+            groups = self._merge_starts(groups, cells, self._break_even(base))
         plan = []
         for start, idxs in sorted(groups.items()):
             idxs.sort(key=lambda i: cells[i].site.layer)
@@ -305,7 +335,9 @@ class Sweep:
         return offset + int(changed[0]) if self.causal else 0
 
     def _base_metric(self, base: Base, metric) -> float:
-        value = torch.as_tensor(metric(base.logits))
+        if isinstance(metric, Metric):
+            return float(metric.from_selected(self._base_selected(base, metric)[None])[0])
+        value = torch.as_tensor(metric(self._base_logits(base)))
         if value.numel() != 1:
             raise SweepError(f"the patching metric must return a scalar; it returned shape {tuple(value.shape)}")
         return float(value)
@@ -343,7 +375,7 @@ class Sweep:
 
     def _chunk(self, start: int, cells: list, base: Base, values: dict, metric, bar):
         """A generator: each ``next`` runs one more block; it returns the chunk's metric values."""
-        b0, seq = base.batch, base.seq
+        b0 = base.batch
         first = cells[0].site.layer
         last = self.mg.n_layers - 1
         h = None
@@ -469,12 +501,12 @@ class Sweep:
             sel = logits.gather(-1, inverse.view(b0, 1, -1).repeat(n_rows, pos.shape[1], 1))
             early = pos < start
             if early.any():
-                full = base.logits[torch.arange(b0)[:, None, None], pos[:, :, None], tok[:, None, :]]
+                full = self._base_selected(base, metric)
                 sel = torch.where(early.repeat(n_rows, 1)[..., None], full.repeat(n_rows, 1, 1), sel)
             return metric.from_selected(sel.view(n_rows, b0, *sel.shape[1:]))
         logits = self._head_full(h, base.context)
         if start:
-            logits = torch.cat([base.logits[:, :start].repeat(n_rows, 1, 1), logits], dim=1)
+            logits = torch.cat([self._base_logits(base)[:, :start].repeat(n_rows, 1, 1), logits], dim=1)
         out = []
         for r in range(n_rows):
             value = torch.as_tensor(metric(logits[r * b0 : (r + 1) * b0]))
@@ -492,3 +524,212 @@ class Sweep:
             return self.head.get(())(**feed)["outputs"][self.seg.outputs[0]][..., vocab]
         feed[VOCAB_INPUT] = vocab.to(hs.device)
         return prog(**feed)["outputs"][self.seg.outputs[0]]
+
+    # ---- packed rows: every start in one block call per layer ----------------------------------
+    def _packing(self):
+        """Per block, (PackRows spec or None, contexts the attention reads, contexts the rest reads);
+        None where rows of different starts cannot share a call (not causal, or an unusual block)."""
+        cached = getattr(self.model, "_sweep_packing", False)
+        if cached is not False:
+            return cached
+        packing = [] if self.causal else None
+        for i, programs in enumerate(self.blocks if self.causal else ()):
+            a = self.mg.attn[i]
+            contexts = frozenset(self.seg.block_context[i])
+            if a is None:
+                packing.append((None, frozenset(), contexts))
+                continue
+            spec = PackRows(((a.q_in, a.k_in, a.v_in, a.z_heads, str(i)),))
+            try:
+                inside, outside = core_contexts(programs.base, spec, self.seg.hidden[i])
+            except PassError:
+                packing = None
+                break
+            if any(len(self.seq_dims.get(c, [])) > 1 for c in outside):
+                packing = None  # a [q, k]-shaped input outside attention: no per-token gather exists
+                break
+            packing.append((spec, inside & contexts, outside & contexts))
+        self.model._sweep_packing = packing
+        return packing
+
+    def _run_packed(self, groups: dict, cells: list, base: Base, values: dict, metric, out, budget: int, per_row, progress: bool):
+        start_of = {i: start for start, idxs in groups.items() for i in idxs}
+        order = sorted(start_of, key=lambda i: (cells[i].site.layer, start_of[i]))
+        # padded attention holds every position of every row
+        d = self.mg.dims
+        padded = 4 * base.batch * base.seq * (int(d.get("n_heads") or 1) * base.seq + 4 * int(d.get("d_model", 1)))
+        chunks, chunk, used = [], [], 0
+        for i in order:
+            cost = per_row(start_of[i]) + padded
+            if chunk and used + cost > budget:
+                chunks.append(chunk)
+                chunk, used = [], 0
+            chunk.append(i)
+            used += cost
+        chunks.append(chunk)
+        steps = sum(self.mg.n_layers - cells[c[0]].site.layer for c in chunks)
+        bar = tqdm(total=steps, desc="patching", disable=not progress, leave=False)
+        for chunk in chunks:
+            rows = [(cells[i], start_of[i]) for i in chunk]
+            out[torch.tensor(chunk)] = self._packed_chunk(rows, base, values, metric, bar).float().cpu()
+        bar.close()
+
+    def _packed_chunk(self, rows: list, base: Base, values: dict, metric, bar) -> torch.Tensor:
+        """Run ``rows`` ((cell, start) sorted by layer) to the metric, all starts in one call per layer."""
+        seq = base.seq
+        first, last = rows[0][0].site.layer, self.mg.n_layers - 1
+        joined = defaultdict(list)
+        for r, (cell, start) in enumerate(rows):
+            joined[cell.site.layer].append((r, cell, start))
+        h, row, pos = None, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        n_rows = 0
+        read_from = self._first_read(metric, base, 0)
+        work: dict = {}  # padded q, k, v workspaces shared by every layer of the chunk
+        for layer in range(first, last + 1):
+            new = joined.get(layer, [])
+            if new:
+                parts = [base.hidden[layer][:, start:] for _, _, start in new]
+                h = torch.cat(([h] if h is not None else []) + parts, dim=1)
+                row = torch.cat([row] + [torch.full((seq - start,), r) for r, _, start in new])
+                pos = torch.cat([pos] + [torch.arange(start, seq) for _, _, start in new])
+                n_rows += len(new)
+            grid = torch.empty((n_rows, seq), dtype=torch.bool)
+            fills = None
+            if layer == last and read_from > 0 and self.kv_uses[layer] is not None:
+                early = pos < read_from
+                if bool(early.any()):
+                    k, v = self._packed_block(layer, h[:, early], base, values, new, (row[early], pos[early], grid), keys_only=True)
+                    fills = tuple(unpack(t, row[early], pos[early], grid, full) for t, full in zip((k, v), base.kv[layer]))
+                    h, row, pos = h[:, ~early], row[~early], pos[~early]
+            h = self._packed_block(layer, h, base, values, new, (row, pos, grid), fills=fills, work=(work, len(rows)))
+            bar.update(1)
+        return self._packed_metric(h, row, pos, n_rows, base, metric)
+
+    def _packed_block(self, layer: int, h, base: Base, values: dict, new: list, packed: tuple, fills=None,
+                      keys_only: bool = False, work=None):
+        """Block ``layer`` on packed tokens ``h`` [batch, T, d] at (row, pos) ``packed``."""
+        row, pos, grid = packed
+        n_rows = grid.shape[0]
+        spec, inside, _ = self._packing()[layer]
+        self.stats["kv_token_layers" if keys_only else "token_layers"] += h.shape[0] * h.shape[1]
+        self.stats["block_calls"] += 1
+        feed = {self.seg.hidden[layer]: h}
+        for c in self.seg.block_context[layer]:
+            value = base.context[c]
+            dims = self.seq_dims.get(c, [])
+            if c in inside:
+                if n_rows > 1 and value.shape[0] > 1:
+                    value = value.repeat(n_rows, *([1] * (value.dim() - 1)))
+            elif dims:
+                value = value.index_select(dims[0], pos)
+            feed[c] = value
+        plan = ()
+        if spec is not None and not keys_only:
+            plan = (spec,)
+            feed.update({ROW: row, POS: pos, GRID: grid})
+            k, v = fills or base.kv[layer]
+            feed[f"fxl_kfill_{layer}"], feed[f"fxl_vfill_{layer}"] = k, v
+            a = self.mg.attn[layer]
+            q_shape = (base.batch, a.n_heads, base.seq, a.d_head)
+            for which, shape in zip("qkv", (q_shape, tuple(base.kv[layer][0].shape), tuple(base.kv[layer][1].shape))):
+                feed[f"fxl_{which}buf_{layer}"] = self._workspace(work, which, shape, h.dtype)
+        if new:
+            edits, efeed, sites = self._packed_edits(new, values, row, pos, n_rows, base.batch)
+            if edits:
+                plan += rewrites_for(self.mg, sites, write=sites) + (Intervene(tuple(edits), prefix="fxl_s"),)
+                feed.update(efeed)
+        if keys_only:
+            (k, _, _), (v, _, _) = self.kv_uses[layer]
+            plan += (Cache((Read("k", k), Read("v", v)), keep_outputs=False),)
+            cache = self.blocks[layer].get(plan, self.compile)(**feed)["cache"]
+            return cache["k"], cache["v"]
+        return self.blocks[layer].get(plan, self.compile)(**feed)["outputs"]["hidden"]
+
+    @staticmethod
+    def _workspace(work, which: str, shape: tuple, dtype) -> torch.Tensor | None:
+        if work is None:
+            return None
+        store, rows = work
+        key = (which, shape, dtype)
+        if key not in store:
+            # q slots no token writes are read by the attention (their outputs are dropped): zeros, not garbage
+            store[key] = (torch.zeros if which == "q" else torch.empty)((rows, *shape), dtype=dtype)
+        return store[key]
+
+    def _packed_edits(self, new: list, values: dict, row, pos, n_rows: int, b0: int):
+        """Edits for the rows joining now: sites in the attention core (a key axis) are seen padded,
+        [rows * batch, ...] over every position; every other site packed, [batch, T, ...]."""
+        by_site = defaultdict(list)
+        for r, cell, _ in new:
+            by_site[cell.site.name].append((r, cell))
+        padded = [(r, cell) for r, cell, _ in new if "key_pos" in cell.site.axes]
+        edits, feed, sites = [], {}, []
+        if padded:
+            edits, feed, sites = self._edits(None, padded, values, 0, n_rows, b0)
+        for name, entries in by_site.items():
+            site = entries[0][1].site
+            axes = site.axes
+            if "key_pos" in axes:
+                continue
+            p_axis = next(axes.index(a) for a in ("pos", "query_pos") if a in axes)
+            own = [c for _, c in entries if c.source is not None]
+            clean = values[name] if name in values else own[0].source
+            value = clean.index_select(p_axis, pos)  # a new tensor: rows' own values can go in place
+            mask_shape = [1] * value.dim()
+            mask_shape[p_axis] = value.shape[p_axis]
+            indexed = sorted({a for _, c in entries for a, _ in c.index})
+            for a in indexed:
+                mask_shape[axes.index(a)] = value.shape[axes.index(a)]
+            mask = torch.zeros(mask_shape, dtype=torch.bool)
+            for r, cell in entries:
+                tokens = row == r
+                index = dict(cell.index)
+                if axes[p_axis] in index:
+                    tokens = tokens & (pos == index[axes[p_axis]])
+                at = tokens.nonzero().flatten()
+                if at.numel() == 0:
+                    continue  # a position before the row's start: it acts only through keys and values
+                sel = [slice(None)] * value.dim()
+                sel[p_axis] = at
+                for a, v in cell.index:
+                    if axes.index(a) != p_axis:
+                        sel[axes.index(a)] = v
+                mask[tuple(sel)] = True
+                if cell.source is not None:  # this row's own value at its tokens
+                    idx = [slice(None)] * value.dim()
+                    idx[p_axis] = at
+                    value[tuple(idx)] = cell.source.index_select(p_axis, pos[at]).to(value.dtype)
+            if not mask.any():
+                continue
+            i = len(edits)
+            edits.append(Edit(name, site.node, site.layout, "replace", masked=True))
+            feed[f"fxl_s{i}_value"] = value
+            feed[f"fxl_s{i}_mask"] = mask.to(value.device)
+            sites.append(site)
+        return edits, feed, sites
+
+    def _packed_metric(self, h, row, pos, n_rows: int, base: Base, metric) -> torch.Tensor:
+        b0, seq = base.batch, base.seq
+        slot = torch.full((n_rows, seq), -1, dtype=torch.long)
+        slot[row, pos] = torch.arange(row.shape[0])
+        if isinstance(metric, Metric):
+            p, tok = metric.select(seq, b0)  # [b0, n_pos], [b0, n_tok]
+            idx = slot[:, p]  # [rows, b0, n_pos]
+            hs = h[torch.arange(b0)[None, :, None], idx.clamp(min=0)].reshape(n_rows * b0, p.shape[1], -1)
+            vocab, inverse = torch.unique(tok.flatten(), return_inverse=True)
+            logits = self._head_select(hs, base.context, vocab)  # [rows*b0, n_pos, |vocab|]
+            sel = logits.gather(-1, inverse.view(b0, 1, -1).repeat(n_rows, p.shape[1], 1))
+            early = (idx < 0).reshape(n_rows * b0, -1)
+            if early.any():
+                sel = torch.where(early[..., None], self._base_selected(base, metric).repeat(n_rows, 1, 1), sel)
+            return metric.from_selected(sel.view(n_rows, b0, *sel.shape[1:]))
+        logits = self._head_full(h, base.context)  # [b0, T, vocab]
+        full = self._base_logits(base).unsqueeze(0).repeat(n_rows, 1, 1, 1)
+        full[row, :, pos] = logits.permute(1, 0, 2).to(full.dtype)
+        out = []
+        for r in range(n_rows):
+            value = torch.as_tensor(metric(full[r]))
+            if value.numel() != 1:
+                raise SweepError(f"the patching metric must return a scalar; it returned shape {tuple(value.shape)}")
+            out.append(value.reshape(()))
+        return torch.stack(out)

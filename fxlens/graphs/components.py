@@ -127,7 +127,7 @@ def components(mg) -> Components:
     receivers = []
     parallel = False
     for i, block in enumerate(st.blocks):
-        a, m = mg.attn[i], mg.mlp[i]
+        a = mg.attn[i]
         if block.attn is None or a is None or block.mlp is None:
             raise CircuitError(f"block {i} has no attention or no MLP branch that fxlens can decompose")
         if block.spine_norms:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from .attention import View, _is_layout, _walk_back
 from .dataflow import DataGraph
-from .nodes import MATMUL_OPS, is_op, is_tensor, op_name, scope
+from .nodes import MATMUL_OPS, is_op, is_tensor, op_name
 
 __all__ = ["Mlp", "find_mlp"]
 

@@ -25,14 +25,13 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import torch
 
 from .attention import Attention, AttentionError, View, find_attention
 from .capture import CapturedGraph
 from .dataflow import DataGraph
 from .layout import IDENTITY, Layout
 from .mlp import Mlp, find_mlp
-from .nodes import is_tensor, op_name, scope, sym_dims, tensor_meta
+from .nodes import is_tensor, op_name, sym_dims
 from .norms import Norm, find_norm
 from .structure import Structure, StructureError, _escaping, _module_nodes, _norm_modules, find_structure
 

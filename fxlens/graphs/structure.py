@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 
 from .dataflow import DataGraph

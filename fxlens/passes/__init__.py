@@ -18,6 +18,7 @@ from .fuse_gelu import FuseGelu, fuse_gelu
 from .hooks import HOOKS_INPUT, HookAt, HookError, Hooks, hooks
 from .intervene import Edit, EditError, Intervene, intervene
 from .kv_prefix import KVPrefix, kv_prefix
+from .pack_rows import PackRows, pack_rows
 from .select_vocab import VOCAB_INPUT, SelectVocab, select_vocab
 from .split_heads import SplitHeads, split_heads
 
@@ -29,6 +30,7 @@ _PASSES = {
     Hooks: hooks,
     Intervene: intervene,
     KVPrefix: kv_prefix,
+    PackRows: pack_rows,
     SelectVocab: select_vocab,
     FuseGelu: fuse_gelu,
     Edges: edges,
@@ -66,6 +68,7 @@ __all__ = [
     "EditError",
     "Intervene",
     "KVPrefix",
+    "PackRows",
     "SelectVocab",
     "FuseGelu",
     "Edges",

@@ -1,6 +1,5 @@
 """Capture: the graph reproduces the HF model exactly and leaves the model as it was."""
 
-import copy
 
 import pytest
 import torch
