@@ -20,6 +20,8 @@ it again with ``Model.from_hf``.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import weakref
 from dataclasses import dataclass, field
 
@@ -247,7 +249,6 @@ class Model:
         """
         feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
         sites = self._resolve(names_filter)
-        reads = [Read(s.name, s.node, s.layout) for s in sites]
         stop = None
         if stop_at_layer is not None:
             if not 0 <= stop_at_layer <= self.cfg.n_layers:
@@ -257,12 +258,11 @@ class Model:
             stop_node = block.resid_pre if stop_at_layer < self.cfg.n_layers else block.resid_post
             limit = self.graph.dg.order[stop_node]
             sites = [s for s in sites if self.graph.dg.order.get(s.rewrite[1] if s.rewrite else s.node, 0) <= limit]
-            reads = [Read(s.name, s.node, s.layout) for s in sites] + [Read("fxl_stop", stop_node)]
             stop = stop_node
         keep_outputs = return_logits and stop is None and return_type is not None
-        plan = rewrites_for(self.graph, sites) + (Cache(tuple(reads), keep_outputs=keep_outputs),)
+        plan = self._cache_plan(sites, stop, keep_outputs)
         out = self.programs.get(plan)(**feed)
-        values = {k: v.detach() for k, v in out["cache"].items()}
+        values = {k: v.detach() if v.requires_grad else v for k, v in out["cache"].items()}
         stopped = values.pop("fxl_stop", None)
         cache = ActivationCache(values, self.site_table, self)
         if remove_batch_dim:
@@ -270,6 +270,22 @@ class Model:
         if stop is not None:
             return stopped, cache
         return (self._outputs(out, feed, return_type) if keep_outputs else None), cache
+
+    def _cache_plan(self, sites, stop: str | None, keep_outputs: bool) -> tuple:
+        """The plan that caches ``sites`` (and the residual at node ``stop`` as ``fxl_stop``): the same
+        object for the same request, so that looking its program up hashes it once (a cache of every
+        site holds hundreds of reads)."""
+        key = (tuple(s.name for s in sites), stop, keep_outputs)
+        memo = self.__dict__.setdefault("_cache_plans", OrderedDict())
+        plan = memo.get(key)
+        if plan is None:
+            reads = [Read(s.name, s.node, s.layout) for s in sites] + ([Read("fxl_stop", stop)] if stop else [])
+            plan = memo[key] = rewrites_for(self.graph, sites) + (Cache(tuple(reads), keep_outputs=keep_outputs),)
+            while len(memo) > 16:
+                memo.popitem(last=False)
+        else:
+            memo.move_to_end(key)
+        return plan
 
     def run_with_hooks(
         self,

@@ -38,6 +38,14 @@ class Cache:
     reads: tuple  # of Read
     keep_outputs: bool = True
 
+    def __hash__(self):
+        # a plan is hashed on every call that looks up its program; hundreds of reads make that slow
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.reads, self.keep_outputs))
+            object.__setattr__(self, "_hash", h)
+        return h
+
 
 def cache(gm: fx.GraphModule, spec: Cache) -> fx.GraphModule:
     with rewrite(gm) as rw:

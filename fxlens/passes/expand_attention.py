@@ -62,7 +62,8 @@ def _scores(q, k, mask, is_causal, scale, enable_gqa):
         causal = torch.ones(ql, kl, dtype=torch.bool, device=q.device).tril(diagonal=kl - ql)
         scores.masked_fill_(~causal, float("-inf"))
     if mask is not None:
-        inplace = torch.broadcast_shapes(scores.shape, mask.shape) == scores.shape
+        # the mask broadcasts to the scores' shape (torch.broadcast_shapes is Python and slow here)
+        inplace = mask.dim() <= scores.dim() and all(m in (1, s) for m, s in zip(reversed(mask.shape), reversed(scores.shape)))
         if mask.dtype == torch.bool:
             scores = scores.masked_fill_(~mask, float("-inf")) if inplace else scores.masked_fill(~mask, float("-inf"))
         else:

@@ -161,3 +161,20 @@ def test_packed_and_unpacked_sweeps_agree(family, name):
         assert (packed - unpacked).abs().max().item() <= 1e-5
         # every start in one call per layer (and the last layer's keys-and-values call)
         assert stats["block_calls"] <= model.cfg.n_layers + 1
+
+
+def test_a_compiled_packed_sweep_equals_the_uncompiled_one():
+    import warnings
+
+    model = model_for("llama")
+    ids = torch.randint(3, 100, (1, SEQ), generator=torch.Generator().manual_seed(4))
+    corrupted = ids.clone()
+    corrupted[0, [1, 4]] = (ids[0, [1, 4]] + 40) % 97 + 3
+    _, cache = model.run_with_cache(ids)
+    metric = metrics.logit_diff(5, 9)
+    want = patching.get_act_patch_resid_pre(model, corrupted, cache, metric)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="torch.compile could not compile")
+        got = patching.get_act_patch_resid_pre(model, corrupted, cache, metric, compile=True)
+    assert model.last_sweep_stats["block_calls"] <= model.cfg.n_layers + 1  # the packed path ran
+    assert (got - want).abs().max().item() <= 1e-4
