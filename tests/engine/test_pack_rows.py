@@ -174,6 +174,7 @@ def test_a_compiled_packed_sweep_equals_the_uncompiled_one():
     metric = metrics.logit_diff(5, 9)
     want = patching.get_act_patch_resid_pre(model, corrupted, cache, metric)
     with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own deprecation notices while compiling
         warnings.filterwarnings("error", message="torch.compile could not compile")
         got = patching.get_act_patch_resid_pre(model, corrupted, cache, metric, compile=True)
     assert model.last_sweep_stats["block_calls"] <= model.cfg.n_layers + 1  # the packed path ran
