@@ -434,11 +434,16 @@ class Sweep:
         self.stats["block_calls"] += 1
         feed = self._block_feed(layer, h, base.context, start, rows)
         plan = self._prefix_plan(layer, feed, prefix)
-        if new:
-            edits, efeed, sites = self._edits(layer, new, values, start, rows, base.batch)
-            if edits:
-                plan += rewrites_for(self.mg, sites, write=sites) + (Intervene(tuple(edits), prefix="fxl_s"),)
-                feed.update(efeed)
+        edited = self._edits(layer, new, values, start, rows, base.batch) if new else None
+        return self._call(layer, plan, feed, edited, keys_only)
+
+    def _call(self, layer: int, plan: tuple, feed: dict, edited, keys_only: bool):
+        """Run block ``layer`` with ``plan`` plus the edits ``edited`` ((edits, their inputs, sites) or
+        None): its output, or with ``keys_only`` the keys and values its attention reads."""
+        if edited is not None and edited[0]:
+            edits, efeed, sites = edited
+            plan += rewrites_for(self.mg, sites, write=sites) + (Intervene(tuple(edits), prefix="fxl_s"),)
+            feed.update(efeed)
         if keys_only:
             (k, _, _), (v, _, _) = self.kv_uses[layer]
             plan += (Cache((Read("k", k), Read("v", v)), keep_outputs=False),)
@@ -633,17 +638,8 @@ class Sweep:
             q_shape = (base.batch, a.n_heads, base.seq, a.d_head)
             for which, shape in zip("qkv", (q_shape, tuple(base.kv[layer][0].shape), tuple(base.kv[layer][1].shape))):
                 feed[f"fxl_{which}buf_{layer}"] = self._workspace(work, which, shape, h.dtype)
-        if new:
-            edits, efeed, sites = self._packed_edits(new, values, row, pos, n_rows, base.batch)
-            if edits:
-                plan += rewrites_for(self.mg, sites, write=sites) + (Intervene(tuple(edits), prefix="fxl_s"),)
-                feed.update(efeed)
-        if keys_only:
-            (k, _, _), (v, _, _) = self.kv_uses[layer]
-            plan += (Cache((Read("k", k), Read("v", v)), keep_outputs=False),)
-            cache = self.blocks[layer].get(plan, self.compile)(**feed)["cache"]
-            return cache["k"], cache["v"]
-        return self.blocks[layer].get(plan, self.compile)(**feed)["outputs"]["hidden"]
+        edited = self._packed_edits(new, values, row, pos, n_rows, base.batch) if new else None
+        return self._call(layer, plan, feed, edited, keys_only)
 
     @staticmethod
     def _workspace(work, which: str, shape: tuple, dtype) -> torch.Tensor | None:
