@@ -545,6 +545,12 @@ class Sweep:
                 packing.append((None, frozenset(), contexts))
                 continue
             spec = PackRows(((a.q_in, a.k_in, a.v_in, a.z_heads, str(i)),))
+            nodes = {n.name: n for n in programs.base.graph.nodes}
+            syms = (self.model.captured.batch_symbol, self.model.captured.seq_symbol)
+            dims = [sym_dims(nodes[n], *syms) for n in (a.q_in, a.k_in, a.v_in, a.z_heads)]
+            if not all(len(d) == 4 and d[0] == "B" and d[2] == "S" for d in dims):
+                packing = None  # the attention's operands are not [batch, heads, seq, d]: unpack cannot place them
+                break
             try:
                 inside, outside = core_contexts(programs.base, spec, self.seg.hidden[i])
             except PassError:
