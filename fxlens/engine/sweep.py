@@ -632,35 +632,36 @@ class Sweep:
                 if n_rows > 1 and value.shape[0] > 1:
                     value = value.repeat(n_rows, *([1] * (value.dim() - 1)))
             elif dims:
-                value = value.index_select(dims[0], pos)
+                value = value.index_select(dims[0], pos.to(value.device))
             feed[c] = value
         plan = ()
         if spec is not None and not keys_only:
             plan = (spec,)
-            feed.update({ROW: row, POS: pos, GRID: grid})
+            feed.update({ROW: row.to(h.device), POS: pos.to(h.device), GRID: grid})
             k, v = fills or base.kv[layer]
             feed[f"fxl_kfill_{layer}"], feed[f"fxl_vfill_{layer}"] = k, v
             a = self.mg.attn[layer]
             q_shape = (base.batch, a.n_heads, base.seq, a.d_head)
             for which, shape in zip("qkv", (q_shape, tuple(base.kv[layer][0].shape), tuple(base.kv[layer][1].shape))):
-                feed[f"fxl_{which}buf_{layer}"] = self._workspace(work, which, shape, h.dtype)
+                feed[f"fxl_{which}buf_{layer}"] = self._workspace(work, which, shape, h.dtype, h.device)
         edited = self._packed_edits(new, values, row, pos, n_rows, base.batch) if new else None
         return self._call(layer, plan, feed, edited, keys_only)
 
     @staticmethod
-    def _workspace(work, which: str, shape: tuple, dtype) -> torch.Tensor | None:
+    def _workspace(work, which: str, shape: tuple, dtype, device) -> torch.Tensor | None:
         if work is None:
             return None
         store, rows = work
-        key = (which, shape, dtype)
+        key = (which, shape, dtype, device)
         if key not in store:
             # q slots no token writes are read by the attention (their outputs are dropped): zeros, not garbage
-            store[key] = (torch.zeros if which == "q" else torch.empty)((rows, *shape), dtype=dtype)
+            store[key] = (torch.zeros if which == "q" else torch.empty)((rows, *shape), dtype=dtype, device=device)
         return store[key]
 
     def _packed_edits(self, new: list, values: dict, row, pos, n_rows: int, b0: int):
         """Edits for the rows joining now: sites in the attention core (a key axis) are seen padded,
-        [rows * batch, ...] over every position; every other site packed, [batch, T, ...]."""
+        [rows * batch, ...] over every position; every other site packed, [batch, T, ...].
+        ``row`` and ``pos`` stay on the CPU (bookkeeping); what the graph reads goes to the model's device."""
         by_site = defaultdict(list)
         for r, cell, _ in new:
             by_site[cell.site.name].append((r, cell))
@@ -676,7 +677,7 @@ class Sweep:
             p_axis = next(axes.index(a) for a in ("pos", "query_pos") if a in axes)
             own = [c for _, c in entries if c.source is not None]
             clean = values[name] if name in values else own[0].source
-            value = clean.index_select(p_axis, pos)  # a new tensor: rows' own values can go in place
+            value = clean.index_select(p_axis, pos.to(clean.device))  # a new tensor: rows' own values can go in place
             mask_shape = [1] * value.dim()
             mask_shape[p_axis] = value.shape[p_axis]
             indexed = sorted({a for _, c in entries for a, _ in c.index})
@@ -700,7 +701,7 @@ class Sweep:
                 if cell.source is not None:  # this row's own value at its tokens
                     idx = [slice(None)] * value.dim()
                     idx[p_axis] = at
-                    value[tuple(idx)] = cell.source.index_select(p_axis, pos[at]).to(value.dtype)
+                    value[tuple(idx)] = cell.source.index_select(p_axis, pos[at].to(cell.source.device)).to(value.dtype)
             if not mask.any():
                 continue
             i = len(edits)

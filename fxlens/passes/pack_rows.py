@@ -65,7 +65,7 @@ def unpack(x: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, grid: torch.Te
     b, h, t, d = x.shape
     if t != row.shape[0]:
         raise PassError(f"packed operand has {t} tokens; the packing holds {row.shape[0]}")
-    if buf is not None and tuple(buf.shape[1:]) == (b, h, seq, d) and buf.shape[0] >= rows and buf.dtype == x.dtype:
+    if buf is not None and tuple(buf.shape[1:]) == (b, h, seq, d) and buf.shape[0] >= rows and buf.dtype == x.dtype and buf.device == x.device:
         out = buf[:rows]
         if fill is not None:
             out.copy_(fill.reshape(-1, b, h, seq, d).expand(rows, b, h, seq, d))
