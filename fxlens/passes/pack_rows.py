@@ -30,7 +30,8 @@ Example::
     gm(add_8=h_packed, expand=mask_tiled, fxl_pack_row=r, fxl_pack_pos=p, fxl_pack_grid=grid,
        fxl_kfill_3=k_base, fxl_vfill_3=v_base, fxl_qbuf_3=None, fxl_kbuf_3=None, fxl_vbuf_3=None)
 
-Gotchas: query slots a row does not compute hold zeros; their outputs are never gathered. Sites in
+Gotchas: query slots a row does not compute hold zeros (in a reused workspace, finite values an
+earlier layer wrote); their outputs are never gathered. Sites in
 the core (scores, pattern) are seen in the padded layout, every other block site in the packed one.
 """
 
