@@ -179,3 +179,21 @@ def test_a_compiled_packed_sweep_equals_the_uncompiled_one():
         got = patching.get_act_patch_resid_pre(model, corrupted, cache, metric, compile=True)
     assert model.last_sweep_stats["block_calls"] <= model.cfg.n_layers + 1  # the packed path ran
     assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_a_sweep_too_wide_to_pack_runs_one_batch_per_start(monkeypatch):
+    model = model_for("gpt2")
+    ids = torch.randint(3, 100, (1, SEQ), generator=torch.Generator().manual_seed(5))
+    corrupted = ids.clone()
+    corrupted[0, [1, 3, 4]] = (ids[0, [1, 3, 4]] + 40) % 97 + 3
+    _, cache = model.run_with_cache(ids)
+    metric = metrics.logit_diff(5, 9)
+    packed = patching.get_act_patch_resid_pre(model, corrupted, cache, metric)
+    p = dict(model.last_sweep_stats)
+    assert p["block_calls"] <= model.cfg.n_layers + 1
+    monkeypatch.setattr(Sweep, "pack_activation_bytes", 0)
+    per_start = patching.get_act_patch_resid_pre(model, corrupted, cache, metric)
+    s = model.last_sweep_stats
+    # one call per start and layer, or starts merged by computing positions again
+    assert s["block_calls"] > p["block_calls"] or s["token_layers"] > p["token_layers"]
+    assert (packed - per_start).abs().max().item() <= 1e-5
