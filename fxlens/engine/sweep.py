@@ -163,10 +163,7 @@ class Sweep:
             if base.full_logits is not None:
                 sel = base.full_logits[torch.arange(base.batch)[:, None, None], pos[:, :, None], tok[:, None, :]]
             else:
-                vocab, inverse = torch.unique(tok.flatten(), return_inverse=True)
-                hs = base.final[torch.arange(base.batch)[:, None], pos]  # [B0, n_pos, d]
-                logits = self._head_select(hs, base.context, vocab)
-                sel = logits.gather(-1, inverse.view(base.batch, 1, -1).expand(-1, pos.shape[1], -1))
+                sel = self._selected(base.final[torch.arange(base.batch)[:, None], pos], base, metric, 1)
             base.selected[key] = (metric, sel)  # the metric is kept so that its id stays its own
         return base.selected[key][1]
 
@@ -343,10 +340,7 @@ class Sweep:
     def _base_metric(self, base: Base, metric) -> float:
         if isinstance(metric, Metric):
             return float(metric.from_selected(self._base_selected(base, metric)[None])[0])
-        value = torch.as_tensor(metric(self._base_logits(base)))
-        if value.numel() != 1:
-            raise SweepError(f"the patching metric must return a scalar; it returned shape {tuple(value.shape)}")
-        return float(value)
+        return float(self._per_row(self._base_logits(base)[None], metric)[0])
 
     def _sources(self, cells, source, base: Base) -> dict:
         values = {}
@@ -504,23 +498,37 @@ class Sweep:
     def _metric(self, h: torch.Tensor, start: int, base: Base, metric, n_rows: int) -> torch.Tensor:
         b0, seq = base.batch, base.seq
         if isinstance(metric, Metric):
-            pos, tok = metric.select(seq, b0)  # [b0, n_pos], [b0, n_tok]
+            pos, _ = metric.select(seq, b0)  # [b0, n_pos]
             rel = (pos - start).clamp(min=0).repeat(n_rows, 1)  # [rows*b0, n_pos]
             hs = h[torch.arange(h.shape[0])[:, None], rel]  # [rows*b0, n_pos, d]
-            vocab, inverse = torch.unique(tok.flatten(), return_inverse=True)
-            logits = self._head_select(hs, base.context, vocab)  # [rows*b0, n_pos, |vocab|]
-            sel = logits.gather(-1, inverse.view(b0, 1, -1).repeat(n_rows, pos.shape[1], 1))
-            early = pos < start
-            if early.any():
-                full = self._base_selected(base, metric)
-                sel = torch.where(early.repeat(n_rows, 1)[..., None], full.repeat(n_rows, 1, 1), sel)
-            return metric.from_selected(sel.view(n_rows, b0, *sel.shape[1:]))
+            return self._declared(hs, (pos < start).repeat(n_rows, 1), base, metric, n_rows)
         logits = self._head_full(h, base.context)
         if start:
             logits = torch.cat([self._base_logits(base)[:, :start].repeat(n_rows, 1, 1), logits], dim=1)
+        return self._per_row(logits.view(n_rows, b0, *logits.shape[1:]), metric)
+
+    def _selected(self, hs: torch.Tensor, base: Base, metric: Metric, n_rows: int) -> torch.Tensor:
+        """The logits ``metric`` reads from hidden states ``hs`` [rows*B0, n_pos, d] at its positions:
+        [rows*B0, n_pos, n_tok], the unembedding computed only for the vocabulary entries read."""
+        _, tok = metric.select(base.seq, base.batch)
+        vocab, inverse = torch.unique(tok.flatten(), return_inverse=True)
+        logits = self._head_select(hs, base.context, vocab)  # [rows*b0, n_pos, |vocab|]
+        return logits.gather(-1, inverse.view(base.batch, 1, -1).repeat(n_rows, hs.shape[1], 1))
+
+    def _declared(self, hs: torch.Tensor, early: torch.Tensor, base: Base, metric: Metric, n_rows: int) -> torch.Tensor:
+        """A declared metric per row from hidden states at its positions; where ``early`` [rows*B0,
+        n_pos] the row never computed that position and the base run's logits stand."""
+        sel = self._selected(hs, base, metric, n_rows)
+        if early.any():
+            sel = torch.where(early[..., None], self._base_selected(base, metric).repeat(n_rows, 1, 1), sel)
+        return metric.from_selected(sel.view(n_rows, base.batch, *sel.shape[1:]))
+
+    @staticmethod
+    def _per_row(logits: torch.Tensor, metric) -> torch.Tensor:
+        """A plain callable metric on each row's full logits [rows, B0, S, vocab]."""
         out = []
-        for r in range(n_rows):
-            value = torch.as_tensor(metric(logits[r * b0 : (r + 1) * b0]))
+        for rows_logits in logits:
+            value = torch.as_tensor(metric(rows_logits))
             if value.numel() != 1:
                 raise SweepError(f"the patching metric must return a scalar; it returned shape {tuple(value.shape)}")
             out.append(value.reshape(()))
@@ -544,6 +552,7 @@ class Sweep:
         if cached is not False:
             return cached
         packing = [] if self.causal else None
+        syms = (self.model.captured.batch_symbol, self.model.captured.seq_symbol)
         for i, programs in enumerate(self.blocks if self.causal else ()):
             a = self.mg.attn[i]
             contexts = frozenset(self.seg.block_context[i])
@@ -552,7 +561,6 @@ class Sweep:
                 continue
             spec = PackRows(((a.q_in, a.k_in, a.v_in, a.z_heads, str(i)),))
             nodes = {n.name: n for n in programs.base.graph.nodes}
-            syms = (self.model.captured.batch_symbol, self.model.captured.seq_symbol)
             dims = [sym_dims(nodes[n], *syms) for n in (a.q_in, a.k_in, a.v_in, a.z_heads)]
             if not all(len(d) == 4 and d[0] == "B" and d[2] == "S" for d in dims):
                 packing = None  # the attention's operands are not [batch, heads, seq, d]: unpack cannot place them
@@ -726,26 +734,14 @@ class Sweep:
 
     def _packed_metric(self, h, row, pos, n_rows: int, base: Base, metric) -> torch.Tensor:
         b0, seq = base.batch, base.seq
-        slot = torch.full((n_rows, seq), -1, dtype=torch.long)
-        slot[row, pos] = torch.arange(row.shape[0])
         if isinstance(metric, Metric):
-            p, tok = metric.select(seq, b0)  # [b0, n_pos], [b0, n_tok]
-            idx = slot[:, p]  # [rows, b0, n_pos]
+            slot = torch.full((n_rows, seq), -1, dtype=torch.long)  # (row, position) -> packed token
+            slot[row, pos] = torch.arange(row.shape[0])
+            p, _ = metric.select(seq, b0)  # [b0, n_pos]
+            idx = slot[:, p]  # [rows, b0, n_pos]; -1: a position before the row's start
             hs = h[torch.arange(b0)[None, :, None], idx.clamp(min=0)].reshape(n_rows * b0, p.shape[1], -1)
-            vocab, inverse = torch.unique(tok.flatten(), return_inverse=True)
-            logits = self._head_select(hs, base.context, vocab)  # [rows*b0, n_pos, |vocab|]
-            sel = logits.gather(-1, inverse.view(b0, 1, -1).repeat(n_rows, p.shape[1], 1))
-            early = (idx < 0).reshape(n_rows * b0, -1)
-            if early.any():
-                sel = torch.where(early[..., None], self._base_selected(base, metric).repeat(n_rows, 1, 1), sel)
-            return metric.from_selected(sel.view(n_rows, b0, *sel.shape[1:]))
+            return self._declared(hs, (idx < 0).reshape(n_rows * b0, -1), base, metric, n_rows)
         logits = self._head_full(h, base.context)  # [b0, T, vocab]
         full = self._base_logits(base).unsqueeze(0).repeat(n_rows, 1, 1, 1)
         full[row, :, pos] = logits.permute(1, 0, 2).to(full.dtype)
-        out = []
-        for r in range(n_rows):
-            value = torch.as_tensor(metric(full[r]))
-            if value.numel() != 1:
-                raise SweepError(f"the patching metric must return a scalar; it returned shape {tuple(value.shape)}")
-            out.append(value.reshape(()))
-        return torch.stack(out)
+        return self._per_row(full, metric)
