@@ -9,7 +9,21 @@ Example::
 """
 
 from . import metrics
-from .engine import Ablate, ActivationCache, Apply, Config, HookPoint, InterventionError, Model, Patch, Scale, Steer
+from .engine import (
+    Ablate,
+    ActivationCache,
+    Apply,
+    Config,
+    HookPoint,
+    Intervention,
+    InterventionError,
+    Lowered,
+    Model,
+    Patch,
+    Scale,
+    StaleModelError,
+    Steer,
+)
 from .graphs.capture import CaptureError
 from .graphs.sites import SiteError
 from .passes import HookError, PassError
@@ -26,6 +40,9 @@ __all__ = [
     "Steer",
     "Scale",
     "Apply",
+    "Intervention",
+    "Lowered",
+    "StaleModelError",
     "metrics",
     "CaptureError",
     "SiteError",

@@ -25,8 +25,9 @@ import sys
 
 import torch
 
-from .engine.programs import rewrites_for
-from .passes import Cache, Edit, Intervene, Read
+from .engine.plan import PlanBuilder
+from .engine.rows.readout import scalar
+from .passes.intervene import add_to
 from .patching import SWEEPS, _block_every, _head_all_pos_every, _head_by_pos_every
 
 __all__ = ["attribute"] + list(SWEEPS) + [
@@ -47,19 +48,19 @@ def attribute(model, corrupted_tokens, clean_cache, metric, activation_name: str
     sites = [model.site_table[activation_name, layer] for layer in range(model.cfg.n_layers)]
     dtype = model.captured.dtype
     deltas = [torch.zeros(model.graph.shape(s, batch, seq), dtype=dtype, device=model.captured.device, requires_grad=True) for s in sites]
-    edits = tuple(Edit(s.name, s.node, s.layout, "add", masked=False) for s in sites)
-    plan = rewrites_for(model.graph, sites, write=sites) + (
-        Intervene(edits, prefix="fxl_g"),
-        Cache(tuple(Read(s.name, s.node, s.layout) for s in sites)),
-    )
+    b = PlanBuilder(model.graph)
+    for site, delta in zip(sites, deltas):
+        b.edit(site, add_to, (delta,))
+    b.cache(sites)
+    plan, inputs = b.build()
     program = model.programs.get(plan)
     with torch.enable_grad():
-        out = program(**feed, **{f"fxl_g{i}_value": d for i, d in enumerate(deltas)})
+        out = program(**feed, **inputs)
         logits = out["outputs"][model.captured.outputs[0]]
-        value = torch.as_tensor(metric(logits))
-        if value.numel() != 1:
-            raise ValueError(f"the metric must return a scalar; it returned shape {tuple(value.shape)}")
-        grads = torch.autograd.grad(value.reshape(()), deltas)
+        value = scalar(metric(logits))
+        if not value.requires_grad:
+            raise ValueError("the metric's value does not depend on the logits through autograd; attribution needs a differentiable metric")
+        grads = torch.autograd.grad(value, deltas)
     results = []
     for site, grad in zip(sites, grads):
         corrupted = out["cache"][site.name].detach()

@@ -201,7 +201,6 @@ def generic_activation_patch(
         sweep = Sweep(model, compile=compile)
         with torch.no_grad():
             out = sweep.run(cells, feed, clean_cache, patching_metric, memory_budget=memory_budget, progress=progress)
-        model.last_sweep_stats = dict(sweep.stats)
     out = out if flat else out.view(*shape)
     if return_index_df:
         df = index_df if index_df is not None else make_df_from_ranges(shape, index_axis_names)

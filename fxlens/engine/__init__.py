@@ -1,7 +1,29 @@
-"""What users call: ``Model``, ``ActivationCache`` and the programs behind them."""
+"""What users call: ``Model``, ``ActivationCache``, interventions, and the engine behind them.
+
+A map: ``model.py`` (the Model), ``derived.py`` (the one owner of everything derived from a capture),
+``plan.py`` (the plan builder: intents -> passes and graph inputs), ``programs.py`` (the bounded
+program cache), ``interventions.py`` and ``ablation.py`` (the intervention protocol and the ablation
+vocabulary), ``rows/`` (the layered-row engine), ``sweep.py`` (activation sweeps as rows),
+``activation_cache.py``, ``tokens.py``, ``weights.py``.
+"""
 
 from .activation_cache import ActivationCache
-from .interventions import Ablate, Apply, InterventionError, Patch, Scale, Steer
+from .derived import StaleModelError
+from .interventions import Ablate, Apply, Intervention, InterventionError, Lowered, Patch, Scale, Steer
 from .model import Config, HookPoint, Model
 
-__all__ = ["Model", "ActivationCache", "HookPoint", "Config", "Patch", "Ablate", "Steer", "Scale", "Apply", "InterventionError"]
+__all__ = [
+    "Model",
+    "ActivationCache",
+    "HookPoint",
+    "Config",
+    "Intervention",
+    "Lowered",
+    "Patch",
+    "Ablate",
+    "Steer",
+    "Scale",
+    "Apply",
+    "InterventionError",
+    "StaleModelError",
+]

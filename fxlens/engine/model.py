@@ -3,10 +3,11 @@
 Problem: researchers want ``model(text)``, ``run_with_cache``, ``run_with_hooks`` and the token helpers
 they know, on any HF model, without adapters, without hooks left on the model, and fast.
 
-Mechanism: the HF model is captured once (per model, attention implementation, dtype and device) as an
-fx graph whose nodes are named sites (``graphs.analyse``). Each call turns its request into a plan of
-pass specs, gets the program for that plan from a bounded cache, and feeds it tokens (and hook
-functions or tensors as graph inputs).
+Mechanism: the HF model is captured as an fx graph whose nodes are named sites (``graphs.analyse``);
+everything derived from the capture lives in one ``Derived`` owner (``engine/derived.py``), which the
+Model checks against the HF model at the start of every call and follows when the model changed. Each
+call turns its request into a plan with the plan builder (``engine/plan.py``), gets the program for
+that plan from a bounded cache, and feeds it tokens (and hook functions or tensors as graph inputs).
 
 Example::
 
@@ -14,33 +15,30 @@ Example::
     logits, cache = model.run_with_cache("The Eiffel Tower is in", names_filter=lambda n: n.endswith("pattern"))
     cache["pattern", 3].shape     # [batch, head, query_pos, key_pos]
 
-Gotchas: the graph is specialised to the model's dtype and device; after moving the HF model, wrap
-it again with ``Model.from_hf``.
+Gotchas: the graph is specialised to the model's dtype and device; when the HF model is moved or its
+modules replaced after wrapping, the next call captures it again (and says so once). Forward hooks
+registered on the HF model are not part of the graph (use ``run_with_hooks``).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
-import weakref
+import copy
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ..architectures import table_for
-from ..graphs.capture import CapturedGraph, capture
-from ..graphs.sites import ModelGraph, Site, SiteError, analyse
-from ..passes import HOOKS_INPUT, Cache, HookAt, Hooks, Intervene, Read
+from ..graphs.sites import Site, SiteError
+from ..passes import Read
 from .activation_cache import ActivationCache
+from .derived import Derived, StaleModelError
 from .interventions import prepare
-from .programs import Programs, rewrites_for
+from .plan import PlanBuilder
 from .tokens import Tokens
 
 __all__ = ["Model", "HookPoint", "Config"]
-
-# One capture per (model, attention implementation, dtype, device), shared by every Model wrapping it.
-_CAPTURES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -65,6 +63,7 @@ class Config:
     n_key_value_heads: int | None = None
     d_mlp: int | None = None
     d_vocab: int | None = None
+    d_vocab_out: int | None = None
     n_ctx: int | None = None
     model_type: str | None = None
     has_table: bool = False
@@ -73,42 +72,141 @@ class Config:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
+def _config(derived: Derived, hf_model, table) -> Config:
+    config = getattr(hf_model, "config", None)
+    dims = derived.graph.dims
+    n_ctx = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return Config(
+        n_layers=dims["n_layers"],
+        d_model=int(dims["d_model"]),
+        n_heads=dims.get("n_heads"),
+        d_head=dims.get("d_head"),
+        n_key_value_heads=dims.get("n_key_value_heads"),
+        d_mlp=dims.get("d_mlp"),
+        d_vocab=dims.get("d_vocab") or getattr(config, "vocab_size", None),
+        d_vocab_out=dims.get("d_vocab_out") or dims.get("d_vocab"),
+        n_ctx=n_ctx,
+        model_type=getattr(config, "model_type", None),
+        has_table=table is not None,
+        attn_implementation=derived.captured.attn_implementation,
+        dtype=derived.captured.dtype,
+        device=derived.captured.device,
+    )
+
+
 class Model:
     """A HuggingFace model captured as a graph of named sites. See the module docstring."""
 
     def __init__(self, hf_model: torch.nn.Module, tokenizer=None, *, attn_implementation: str | None = None, table="auto"):
+        if not isinstance(hf_model, torch.nn.Module):
+            hint = " (a name: use fxlens.Model.from_pretrained(name))" if isinstance(hf_model, str) else ""
+            raise TypeError(f"fxlens.Model wraps a torch.nn.Module (a HuggingFace model); got {type(hf_model).__name__}{hint}")
         self.hf_model = hf_model
         self.tokenizer = tokenizer
-        config = getattr(hf_model, "config", None)
         if table == "auto":
-            table = table_for(config)
+            table = table_for(getattr(hf_model, "config", None))
         self.table = table
-        self.captured, self.graph = _capture(hf_model, attn_implementation, table)
-        self.site_table = self.graph.sites
-        self.programs = Programs(self.captured.module)
-        dims = self.graph.dims
-        n_ctx = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        self.cfg = Config(
-            n_layers=dims["n_layers"],
-            d_model=int(dims["d_model"]),
-            n_heads=dims.get("n_heads"),
-            d_head=dims.get("d_head"),
-            n_key_value_heads=dims.get("n_key_value_heads"),
-            d_mlp=dims.get("d_mlp"),
-            d_vocab=dims.get("d_vocab") or getattr(config, "vocab_size", None),
-            n_ctx=n_ctx,
-            model_type=getattr(config, "model_type", None),
-            has_table=table is not None,
-            attn_implementation=self.captured.attn_implementation,
-            dtype=self.captured.dtype,
-            device=self.captured.device,
+        self.attn_implementation = attn_implementation
+        self._derived = Derived.capture(hf_model, attn_implementation, table)
+        self._told: set = set()
+        self.last_sweep_stats: dict = {}
+        self.cfg = _config(self._derived, hf_model, table)
+        self._tok = Tokens(tokenizer, self._derived.captured.device)
+
+    # ---- what the Model is derived from ----------------------------------------------------------
+    @property
+    def derived(self) -> Derived:
+        """Everything derived from the capture, after checking that the HF model is as captured.
+
+        Values edited in place need nothing (the graph shares the tensors); swapped parameter objects
+        are rebound; a moved or restructured model is captured again (said once per change).
+        """
+        d = self._derived
+        change = d.binding.change()
+        if change is not None:
+            d = self._follow(change)
+        if self.hf_model.training and "train" not in self._told:
+            self._told.add("train")
+            warnings.warn(
+                f"the HF model is in train() mode; fxlens runs it as in eval() mode (no dropout). Call "
+                f"{type(self.hf_model).__name__}.eval() to silence this",
+                UserWarning,
+                stacklevel=3,
+            )
+        elif not self.hf_model.training:
+            self._told.discard("train")
+        return d
+
+    def _follow(self, change) -> Derived:
+        d = self._derived
+        if change.hooks and not (change.swapped or change.moved or change.modules):
+            d.binding.acknowledge_hooks()
+            warnings.warn(
+                "forward hooks were added to or removed from the HF model after wrapping; fxlens does not run them "
+                "(use run_with_hooks, or wrap the model again to capture them)",
+                UserWarning,
+                stacklevel=4,
+            )
+            return d
+        if change.rebindable and set(change.swapped) <= d.binding.graph_paths and not d.binding.untied(change):
+            self._derived = d.rebound()
+            return self._derived
+        if d.binding.overrides:
+            raise StaleModelError(
+                f"this Model is a copy with edited weights (with_weight_edits), and the HF model it shares the other "
+                f"weights with has changed since ({change.describe()}); make the copy again from a Model of the changed HF model"
+            )
+        warnings.warn(
+            f"the HF model changed after wrapping ({change.describe()}); fxlens captured it again",
+            UserWarning,
+            stacklevel=4,
         )
-        self._tok = Tokens(tokenizer, self.captured.device)
+        self._derived = Derived.capture(self.hf_model, self.attn_implementation, self.table)
+        self.cfg = _config(self._derived, self.hf_model, self.table)
+        self._tok.device = self._derived.captured.device
+        return self._derived
+
+    @property
+    def captured(self):
+        return self._derived.captured
+
+    @property
+    def graph(self):
+        return self._derived.graph
+
+    @property
+    def site_table(self):
+        return self._derived.graph.sites
+
+    @property
+    def programs(self):
+        return self._derived.programs
+
+    def _with_derived(self, derived: Derived) -> "Model":
+        """A Model sharing this one's HF model, tokenizer and table, computing with ``derived``."""
+        new = object.__new__(Model)
+        new.__dict__.update(self.__dict__)
+        new._derived = derived
+        new._told = set()
+        new.last_sweep_stats = {}
+        new._tok = Tokens(self.tokenizer, derived.captured.device)
+        return new
+
+    def __deepcopy__(self, memo) -> "Model":
+        """A Model of a deep copy of the HF model (and of this Model's own edited tensors)."""
+        hf = copy.deepcopy(self.hf_model, memo)
+        overrides = {p: copy.deepcopy(t, memo) for p, t in self._derived.binding.overrides.items()}
+        new = self._with_derived(self._derived.for_model(hf, overrides))
+        new.hf_model = hf
+        new.tokenizer = copy.deepcopy(self.tokenizer, memo)
+        new._tok = Tokens(new.tokenizer, new._derived.captured.device)
+        new.cfg = copy.deepcopy(self.cfg, memo)
+        return new
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
     def from_hf(cls, hf_model, tokenizer=None, **kwargs) -> "Model":
-        """Wrap a model you already have; it is never modified."""
+        """Wrap a model you already have; it is never modified. Each call captures it afresh."""
         return cls(hf_model, tokenizer, **kwargs)
 
     @classmethod
@@ -188,6 +286,7 @@ class Model:
             ids = ids.unsqueeze(0)
         if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
             raise ValueError(f"token ids must be an integer tensor [batch, pos]; got {tuple(ids.shape)} {ids.dtype}")
+        self.derived  # the HF model as captured, or followed (see ``derived``)
         ids = ids.to(self.captured.device, torch.long)
         vocab = self.cfg.d_vocab
         if ids.numel() and vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
@@ -275,17 +374,13 @@ class Model:
         """The plan that caches ``sites`` (and the residual at node ``stop`` as ``fxl_stop``): the same
         object for the same request, so that looking its program up hashes it once (a cache of every
         site holds hundreds of reads)."""
-        key = (tuple(s.name for s in sites), stop, keep_outputs)
-        memo = self.__dict__.setdefault("_cache_plans", OrderedDict())
-        plan = memo.get(key)
-        if plan is None:
-            reads = [Read(s.name, s.node, s.layout) for s in sites] + ([Read("fxl_stop", stop)] if stop else [])
-            plan = memo[key] = rewrites_for(self.graph, sites) + (Cache(tuple(reads), keep_outputs=keep_outputs),)
-            while len(memo) > 16:
-                memo.popitem(last=False)
-        else:
-            memo.move_to_end(key)
-        return plan
+        d = self._derived
+
+        def build():
+            b = PlanBuilder(d.graph).cache(sites, reads=[Read("fxl_stop", stop)] if stop else (), keep_outputs=keep_outputs)
+            return b.build()[0]
+
+        return d.plan(("cache", tuple(s.name for s in sites), stop, keep_outputs), build)
 
     def run_with_hooks(
         self,
@@ -312,7 +407,7 @@ class Model:
         if not reset_hooks_end:
             raise ValueError("fxlens never leaves hooks on a model; reset_hooks_end=False has no meaning here")
         feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
-        specs, fns, sites = [], [], []
+        b = PlanBuilder(self.graph)
         for entry in fwd_hooks:
             if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and callable(entry[1])):
                 raise TypeError("fwd_hooks must be a list of (site name or predicate, function) pairs")
@@ -321,13 +416,9 @@ class Model:
             if callable(name) and not matched:
                 raise SiteError("the hook predicate matched no site; see model.sites for the names")
             for site in matched:
-                specs.append(HookAt(site.name, site.node, site.layout, len(fns)))
-                fns.append((fn, HookPoint(site.name, site.layer)))
-                sites.append(site)
-        plan = rewrites_for(self.graph, sites, write=sites) + ((Hooks(tuple(specs)),) if specs else ())
-        if specs:
-            feed[HOOKS_INPUT] = fns
-        out = self.programs.get(plan)(**feed)
+                b.hook(site, fn, HookPoint(site.name, site.layer))
+        plan, inputs = b.build()
+        out = self.programs.get(plan)(**feed, **inputs)
         return self._outputs(out, feed, return_type)
 
     def run_with_interventions(
@@ -351,30 +442,33 @@ class Model:
         """
         feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
         batch, seq = feed["input_ids"].shape
-        prep = prepare(list(interventions), self, batch, seq)
-        cached = self._resolve(names_filter) if names_filter is not None else []
-        plan = rewrites_for(self.graph, prep.sites + cached, write=prep.sites)
-        if prep.edits:
-            plan += (Intervene(tuple(prep.edits)),)
-        if cached:
-            plan += (Cache(tuple(Read(s.name, s.node, s.layout) for s in cached)),)
-        out = self.programs.get(plan, compile)(**feed, **prep.feed)
+        prep = prepare(list(interventions), self, batch, seq, feed.get("attention_mask"))
+        b = PlanBuilder(self.graph)
+        prep.add_to(b)
+        if names_filter is not None:
+            b.cache(self._resolve(names_filter))
+        plan, inputs = b.build()
+        out = self.programs.get(plan, compile)(**feed, **inputs)
         result = self._outputs(out, feed, return_type)
         if names_filter is None:
             return result
         return result, ActivationCache({k: v.detach() for k, v in out["cache"].items()}, self.site_table, self)
 
-    def run_with_circuit(self, input, circuit, attention_mask=None, *, ablation="zero", reference=None, return_type="logits"):
+    def run_with_circuit(self, input, circuit, attention_mask=None, *, ablation="zero", reference=None,
+                         reference_attention_mask=None, return_type="logits"):
         """Run with every edge outside ``circuit`` ablated (see ``fxlens.circuits.run_with_circuit``)."""
         from ..circuits import run_with_circuit
 
-        return run_with_circuit(self, input, circuit, ablation=ablation, reference=reference, attention_mask=attention_mask, return_type=return_type)
+        return run_with_circuit(self, input, circuit, ablation=ablation, reference=reference, attention_mask=attention_mask,
+                                reference_attention_mask=reference_attention_mask, return_type=return_type)
 
-    def run_with_edges(self, input, edges, attention_mask=None, *, ablation="zero", reference=None, return_type="logits"):
+    def run_with_edges(self, input, edges, attention_mask=None, *, ablation="zero", reference=None,
+                       reference_attention_mask=None, return_type="logits"):
         """Run with the given edges ablated or patched (see ``fxlens.circuits.run_with_edges``)."""
         from ..circuits import run_with_edges
 
-        return run_with_edges(self, input, edges, ablation=ablation, reference=reference, attention_mask=attention_mask, return_type=return_type)
+        return run_with_edges(self, input, edges, ablation=ablation, reference=reference, attention_mask=attention_mask,
+                              reference_attention_mask=reference_attention_mask, return_type=return_type)
 
     def edit_weights(self):
         """Edit weights in place for the duration of a ``with`` block; every touched tensor is restored.
@@ -409,18 +503,3 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) 
         return nll.mean()
     m = mask[:, 1:].to(nll.dtype)
     return (nll * m).sum() / m.sum().clamp_min(1)
-
-
-def _capture(hf_model, attn_implementation, table) -> tuple[CapturedGraph, ModelGraph]:
-    param = next(iter(hf_model.parameters()), None)
-    key = (
-        attn_implementation or getattr(getattr(hf_model, "config", None), "_attn_implementation", None),
-        param.dtype if param is not None else None,
-        str(param.device) if param is not None else None,
-        None if table is None else table.model_types,
-    )
-    per_model = _CAPTURES.setdefault(hf_model, {})
-    if key not in per_model:
-        cg = capture(hf_model, attn_implementation=attn_implementation)
-        per_model[key] = (cg, analyse(cg, table))
-    return per_model[key]

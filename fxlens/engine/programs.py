@@ -1,17 +1,18 @@
-"""Plans and the bounded cache of programs built from them.
+"""The bounded cache of programs built from plans.
 
 Problem: every call names what it wants (sites to cache, hooks, interventions); rebuilding and
 recompiling a graph per call would dominate small forwards, while keeping every program ever built
 would leak memory in a long notebook session.
 
-Mechanism: a *plan* is a tuple of frozen pass specs. ``Programs.get(plan)`` applies the passes in
-order to the captured graph once and keeps the result in an LRU cache keyed by the plan (and the
-compile flag). Tensors are never part of a plan: they are fed as graph inputs.
+Mechanism: a *plan* is a tuple of frozen pass specs (made by ``engine.plan.PlanBuilder``, the only
+place that builds them). ``Programs.get(plan)`` checks the pass order, applies the passes to the base
+graph once and keeps the result in an LRU cache keyed by the plan (and the compile flag). Tensors are
+never part of a plan: they are fed as graph inputs.
 
 Example::
 
     programs = Programs(captured.module)
-    gm = programs.get((ExpandAttention("sdpa_2"), Cache((Read("p", "sdpa_2__pattern"),))))
+    gm = programs.get((ExpandAttention(("sdpa_2",)), Cache((Read("p", "sdpa_2__pattern"),))))
 """
 
 from __future__ import annotations
@@ -23,40 +24,8 @@ import torch
 import torch.fx as fx
 
 from .. import passes
-from ..graphs.sites import ModelGraph
-from ..passes import DecomposeNorm, ExpandAttention, SplitHeads
-from ..passes.split_heads import Head
 
-__all__ = ["Programs", "rewrites_for"]
-
-
-def rewrites_for(mg: ModelGraph, sites, write=()) -> tuple:
-    """The materialising rewrites ``sites`` need, one pass per kind, in a stable order.
-
-    A site in ``write`` (one that is patched or hooked) gets the replacing form of its rewrite, so the
-    model uses the materialised value; otherwise the value is computed beside the fused node and the
-    model's outputs stay bit-identical to the captured graph.
-    """
-    write = {s.name for s in write}
-    found: dict = {"expand_attention": {}, "decompose_norm": {}, "split_heads": {}}
-    for site in sites:
-        if site.rewrite is None:
-            continue
-        kind, target = site.rewrite
-        if kind not in found:
-            raise ValueError(f"unknown rewrite {kind!r} for site {site.name}")
-        entry = target
-        if kind == "split_heads":
-            a = mg.attn[site.layer]
-            entry = Head(target, a.z.node, a.z.layout, a.n_heads, a.d_head)
-        found[kind][entry] = found[kind].get(entry, False) or site.name in write
-    specs = []
-    for kind, cls in (("expand_attention", ExpandAttention), ("decompose_norm", DecomposeNorm), ("split_heads", SplitHeads)):
-        for replace in (False, True):
-            entries = tuple(e for e, r in found[kind].items() if r == replace)
-            if entries:
-                specs.append(cls(entries, replace=replace))
-    return tuple(specs)
+__all__ = ["Programs"]
 
 
 class Programs:
@@ -70,6 +39,7 @@ class Programs:
         return len(self._cache)
 
     def build(self, plan: tuple) -> fx.GraphModule:
+        passes.check_order(plan)
         gm = self.base
         for spec in plan:
             gm = passes.apply(gm, spec)

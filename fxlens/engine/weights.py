@@ -21,9 +21,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-
 import torch
 
 from ..graphs.nodes import op_name
@@ -149,41 +146,8 @@ class WeightEdits:
         self.restore()
 
     def build(self):
-        """A new fxlens.Model whose edited tensors are the clones (copy mode)."""
-        from .model import Model  # noqa: F401 - the type of the result
-        from .programs import Programs
-
+        """A new fxlens.Model whose edited tensors are the clones (copy mode); it derives its own programs."""
         src = self.model
-        module = _with_parameters(src.captured.module, self._copies)
-        captured = dataclasses.replace(src.captured, module=module)
-        graph = dataclasses.replace(src.graph, captured=captured)
-        new = copy.copy(src)
-        new.captured, new.graph = captured, graph
-        new.programs = Programs(module)
-        for attr in ("_segments", "_segment_programs", "_components", "_sweep_break_even"):
-            new.__dict__.pop(attr, None)
-        return new
-
-
-def _with_parameters(module: torch.nn.Module, replaced: dict) -> torch.nn.Module:
-    """A GraphModule sharing ``module``'s graph and tensors except ``replaced`` ({path: tensor})."""
-    import torch.fx as fx
-
-    new = fx.GraphModule(module, module.graph, class_name=type(module).__name__)
-    for path, value in replaced.items():
-        *owner_path, name = path.split(".")
-        owner = new
-        for part in owner_path:
-            child = getattr(owner, part)
-            # GraphModule copies the module hierarchy by reference: give the owner chain its own objects
-            clone = copy.copy(child)
-            clone._parameters = dict(child._parameters)
-            clone._buffers = dict(child._buffers)
-            clone._modules = dict(child._modules)
-            setattr(owner, part, clone)
-            owner = clone
-        if name in owner._parameters:
-            owner._parameters[name] = value
-        else:
-            owner._buffers[name] = value.detach()
-    return new
+        overrides = dict(src.derived.binding.overrides)
+        overrides.update(self._copies)
+        return src._with_derived(src.derived.rebound(overrides))

@@ -1,26 +1,35 @@
 """Graph-rewrite passes: each a pure function ``(GraphModule, frozen spec) -> GraphModule``.
 
 A pass never mutates its input and never holds tensors; tensors (patch values, steering vectors,
-hook functions) enter as new graph inputs, so new values never need a new program.
+hook functions) enter as graph inputs whose names the spec carries (the engine's plan builder
+chooses them), so new values never need a new program.
+
+Each spec class states its ``stage``; a plan runs its passes in stage order (``STAGES``), which
+``check_order`` enforces: kernel rewrites of the captured ops first, then position layouts (a KV
+prefix, packed rows), then materialising rewrites (an explicit pattern, a decomposed norm, per-head
+results), then edits (interventions, edges, hooks), then reads (caches), then output rewrites (a
+vocabulary slice). A later stage may rely on the nodes an earlier one created, never the reverse.
 
 Example::
 
-    gm = apply(gm, ExpandAttention("scaled_dot_product_attention"))
+    gm = apply(gm, ExpandAttention(("scaled_dot_product_attention",)))
     gm = apply(gm, Cache((Read("blocks.0.attn.hook_pattern", "scaled_dot_product_attention__pattern"),)))
 """
 
 from .base import PassError
 from .cache import Cache, Read, cache
 from .decompose_norm import DecomposeNorm, decompose_norm
-from .edges import ALT_INPUT, DELTA_INPUT, MASK_INPUT, EdgeReceiver, Edges, EdgeSender, edges
+from .edges import EdgeReceiver, Edges, EdgeSender, edges
 from .expand_attention import ExpandAttention, expand_attention
 from .fuse_gelu import FuseGelu, fuse_gelu
-from .hooks import HOOKS_INPUT, HookAt, HookError, Hooks, hooks
+from .hooks import HookAt, HookError, Hooks, hooks
 from .intervene import Edit, EditError, Intervene, intervene
 from .kv_prefix import KVPrefix, kv_prefix
 from .pack_rows import PackRows, pack_rows
-from .select_vocab import VOCAB_INPUT, SelectVocab, select_vocab
+from .select_vocab import SelectVocab, select_vocab
 from .split_heads import SplitHeads, split_heads
+
+STAGES = ("kernels", "layout", "materialise", "edit", "read", "output")
 
 _PASSES = {
     ExpandAttention: expand_attention,
@@ -38,7 +47,9 @@ _PASSES = {
 
 
 def register(spec_type, fn) -> None:
-    """Make ``apply`` run ``fn`` for specs of ``spec_type``."""
+    """Make ``apply`` run ``fn`` for specs of ``spec_type`` (which must state its ``stage``)."""
+    if getattr(spec_type, "stage", None) not in STAGES:
+        raise PassError(f"{spec_type.__name__} must declare a class attribute stage, one of {STAGES}")
     _PASSES[spec_type] = fn
 
 
@@ -51,9 +62,28 @@ def apply(gm, spec):
     return fn(gm, spec)
 
 
+def check_order(plan: tuple) -> None:
+    """Raise PassError unless the plan's passes run in stage order (see the module docstring)."""
+    last = 0
+    for i, spec in enumerate(plan):
+        stage = getattr(spec, "stage", None)
+        if stage not in STAGES:
+            raise PassError(f"{type(spec).__name__} states no stage; it cannot be placed in a plan")
+        k = STAGES.index(stage)
+        if k < last:
+            before = plan[i - 1]
+            raise PassError(
+                f"{type(spec).__name__} ({stage}) comes after {type(before).__name__} ({before.stage}); "
+                f"passes run in the order {' -> '.join(STAGES)}"
+            )
+        last = k
+
+
 __all__ = [
     "PassError",
+    "STAGES",
     "apply",
+    "check_order",
     "register",
     "Cache",
     "Read",
@@ -63,7 +93,6 @@ __all__ = [
     "Hooks",
     "HookAt",
     "HookError",
-    "HOOKS_INPUT",
     "Edit",
     "EditError",
     "Intervene",
@@ -74,8 +103,4 @@ __all__ = [
     "Edges",
     "EdgeSender",
     "EdgeReceiver",
-    "MASK_INPUT",
-    "ALT_INPUT",
-    "DELTA_INPUT",
-    "VOCAB_INPUT",
 ]

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch.fx as fx
 
@@ -35,6 +36,7 @@ class Read:
 
 @dataclass(frozen=True)
 class Cache:
+    stage: ClassVar[str] = "read"
     reads: tuple  # of Read
     keep_outputs: bool = True
 

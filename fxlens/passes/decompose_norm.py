@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
@@ -31,6 +32,7 @@ __all__ = ["DecomposeNorm", "decompose_norm"]
 
 @dataclass(frozen=True)
 class DecomposeNorm:
+    stage: ClassVar[str] = "materialise"
     nodes: tuple  # layer_norm node names
     replace: bool = False
 

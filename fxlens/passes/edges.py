@@ -7,9 +7,9 @@ heads of one layer need different inputs to the same norm and projection.
 
 Mechanism: the sender outputs of the current run are gathered from the graph (per-head results, MLP
 outputs, the embedding). Each receiver reads ``entry + delta``, where
-``delta = sum_s mask[b, s, r] * (alt[b, s] - current[b, s])``: ``mask`` (graph input ``fxl_edge_mask``,
-[batch or 1, senders, receivers]) says which edges are replaced and ``alt`` (``fxl_edge_alt``, [batch
-or 1, pos, senders, d_model]) what each sender's output becomes (another run's, zero, a mean).
+``delta = sum_s mask[b, s, r] * (alt[b, s] - current[b, s])``: ``mask`` (a graph input, [batch or 1,
+senders, receivers]) says which edges are replaced and ``alt`` ([batch or 1, pos, senders, d_model])
+what each sender's output becomes (another run's, zero, a mean).
 For an MLP or the logits the receiver's own reads of ``entry`` are redirected. For q, k and v the
 nodes from ``entry`` to the q/k/v node (norm, projection, head split) are replayed on the receiver's
 input, and the receiver's head is taken from the replay. Only receivers named in the spec are rebuilt,
@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
@@ -32,10 +33,7 @@ import torch.fx as fx
 from ..graphs.layout import IDENTITY, Layout
 from .base import PassError, rewrite
 
-__all__ = ["EdgeSender", "EdgeReceiver", "Edges", "edges", "MASK_INPUT", "ALT_INPUT", "DELTA_INPUT"]
-
-MASK_INPUT = "fxl_edge_mask"
-ALT_INPUT = "fxl_edge_alt"
+__all__ = ["EdgeSender", "EdgeReceiver", "Edges", "edges"]
 
 
 @dataclass(frozen=True)
@@ -62,16 +60,18 @@ class EdgeReceiver:
 
 @dataclass(frozen=True)
 class Edges:
+    stage: ClassVar[str] = "edit"
     senders: tuple  # of EdgeSender
     receivers: tuple  # of EdgeReceiver
     # "edges": inputs from the mask and the alternative sender outputs (above). "delta" / "absolute":
-    # each group of receivers reading one residual node gets, from the graph input
-    # f"{DELTA_INPUT}_{entry}" [batch, pos, receivers, d_model], what to add to the residual it reads /
-    # the input itself (path patching; gradients with respect to receiver inputs for EAP)
+    # each group of receivers reading one residual node gets, from its graph input [batch, pos,
+    # receivers, d_model], what to add to the residual it reads / the input itself (path patching;
+    # gradients with respect to receiver inputs for EAP)
     mode: str = "edges"
+    mask: str | None = None  # graph-input names ("edges" mode), chosen by the engine
+    alt: str | None = None
+    deltas: tuple = ()  # ((entry node, graph-input name), ...) for "delta" and "absolute"
 
-
-DELTA_INPUT = "fxl_recv_delta"
 
 
 def _gather(values: list, heads: list) -> torch.Tensor:
@@ -146,8 +146,11 @@ def edges(gm: fx.GraphModule, spec: Edges) -> fx.GraphModule:
         if spec.mode not in ("edges", "delta", "absolute"):
             raise PassError(f"{spec.mode!r} is not an Edges mode")
         if spec.mode == "edges":
-            mask = rw.placeholder(MASK_INPUT)
-            alt = rw.placeholder(ALT_INPUT)
+            if spec.mask is None or spec.alt is None:
+                raise PassError("edges mode needs graph-input names for the edge mask and the alternative sender outputs")
+            mask = rw.placeholder(spec.mask)
+            alt = rw.placeholder(spec.alt)
+        delta_names = dict(spec.deltas)
         by_entry: dict = {}
         for r in spec.receivers:
             by_entry.setdefault((r.entry, r.upstream), []).append(r)
@@ -159,7 +162,9 @@ def edges(gm: fx.GraphModule, spec: Edges) -> fx.GraphModule:
                 raise PassError(f"receivers {[r.name for r in group]} read nothing from {entry_name}")
             first = min(readers, key=lambda n: _order(rw.graph, n))
             if spec.mode != "edges":
-                delta = rw.placeholder(f"{DELTA_INPUT}_{entry_name}")
+                if entry_name not in delta_names:
+                    raise PassError(f"{spec.mode} mode needs a graph input for the receivers reading {entry_name}")
+                delta = rw.placeholder(delta_names[entry_name])
             with rw.graph.inserting_before(first):
                 if spec.mode == "edges":
                     senders = [spec.senders[i] for i in upstream]

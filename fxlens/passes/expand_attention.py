@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
@@ -37,6 +38,7 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class ExpandAttention:
+    stage: ClassVar[str] = "materialise"
     nodes: tuple  # SDPA node names
     replace: bool = False  # True: the model uses the explicit pattern (needed to patch it)
 

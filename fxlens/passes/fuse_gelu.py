@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
@@ -31,7 +32,7 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class FuseGelu:
-    pass
+    stage: ClassVar[str] = "kernels"
 
 
 def _const(node: fx.Node, index: int, value: float) -> bool:

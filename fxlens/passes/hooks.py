@@ -4,15 +4,15 @@ Problem: ``run_with_hooks`` must behave like TransformerLens' forward hooks (a f
 site's value in TransformerLens layout and may return a replacement), without leaving anything on
 the model and without recompiling when the user passes a new function.
 
-Mechanism: one graph input, ``fxl_hooks``, receives a list of ``(fn, hook_point)`` pairs at call time.
+Mechanism: one graph input (``spec.input``, named by the engine) receives a list of ``(fn, hook_point)`` pairs at call time.
 For each hook spec, a ``_call_hook(fxl_hooks, index, value)`` node is inserted right after the site
 (reading it through the site's layout); its result, written back through the layout, replaces the
 site's value for every later node. Several hooks on one site chain in the order given.
 
 Example::
 
-    gm = hooks(gm, Hooks((HookAt("blocks.2.attn.hook_pattern", "softmax", Layout(), 0),)))
-    gm(input_ids=ids, attention_mask=mask, fxl_hooks=[(fn, point)])
+    gm = hooks(gm, Hooks((HookAt("blocks.2.attn.hook_pattern", "softmax", Layout(), 0),), "fxl_in0"))
+    gm(input_ids=ids, attention_mask=mask, fxl_in0=[(fn, point)])
 
 Gotchas: a hook that returns a tensor of another shape or dtype raises ``HookError`` naming the site.
 """
@@ -20,6 +20,7 @@ Gotchas: a hook that returns a tensor of another shape or dtype raises ``HookErr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
@@ -27,9 +28,7 @@ import torch.fx as fx
 from ..graphs.layout import IDENTITY, Layout
 from .base import rewrite
 
-__all__ = ["HookAt", "Hooks", "hooks", "HookError", "HOOKS_INPUT"]
-
-HOOKS_INPUT = "fxl_hooks"
+__all__ = ["HookAt", "Hooks", "hooks", "HookError"]
 
 
 class HookError(ValueError):
@@ -46,7 +45,9 @@ class HookAt:
 
 @dataclass(frozen=True)
 class Hooks:
+    stage: ClassVar[str] = "edit"
     hooks: tuple  # of HookAt
+    input: str  # graph input receiving the [(fn, hook_point), ...] list
 
 
 def _call_hook(fns, index: int, value: torch.Tensor, name: str):
@@ -71,7 +72,7 @@ def _call_hook(fns, index: int, value: torch.Tensor, name: str):
 
 def hooks(gm: fx.GraphModule, spec: Hooks) -> fx.GraphModule:
     with rewrite(gm) as rw:
-        fns = rw.placeholder(HOOKS_INPUT)
+        fns = rw.placeholder(spec.input)
         needs_sizes = any(op[0] in ("expand_batch", "unflatten_bs") for h in spec.hooks for op in h.layout.ops)
         sizes = rw.sizes() if needs_sizes else None
         for h in spec.hooks:

@@ -1,41 +1,71 @@
-"""Intervene pass: replace, add to, scale or transform a site's value where a mask says.
+"""Intervene pass: apply a function to a site's value where a mask says.
 
-Problem: patching, ablation, steering and scaling are one operation with different arithmetic:
-``x' = where(mask, f(x, value), x)`` on the site's value in the user's layout. Values and masks must
-be graph inputs, so that a sweep over positions or a new steering vector reuses the same program.
+Problem: patching, ablation, steering, scaling and any user transform are one operation,
+``x' = where(mask, fn(x, *inputs), x)`` on the site's value in the user's layout. The inputs (patch
+values, steering vectors, masks) must be graph inputs, so that a sweep over positions or a new steering
+vector reuses the same program.
 
 Mechanism: each ``Edit`` inserts, right after its site node, a read through the site's layout, one
-``_edit`` node and a write back; every later use of the site then sees the edited value (the site's
-name moves to it, so later passes and caches see the edit too). An edit's tensors come from the graph
-inputs ``{prefix}{i}_value`` and ``{prefix}{i}_mask`` (the mask may be absent: the whole site).
-
-Kinds: ``replace`` (x' = value), ``add`` (x + value), ``mul`` (x * value), ``batch_mean`` (the mean
-of x over the batch), ``rows`` (x taken from other rows of the same batch: ``value`` holds the source
-row of each row), ``fn`` (``value`` is a callable ``fn(x) -> x``).
+``_edit`` node calling ``fn`` on the value and the graph inputs the edit names, and a write back; every
+later use of the site then sees the edited value (the site's name moves to it, so later passes and
+caches see the edit too). ``fn`` is itself a graph input: any function ``fn(x, *inputs) -> tensor``
+broadcastable to ``x`` (a lambda too), so edits that differ only in their function share a program. The
+standard functions are below (``set_to``, ``add_to``, ``scale_by``, ``batch_mean``, ``take_rows``,
+``call_fn``); an intervention of the user's own brings its own (``fxlens.Intervention``). Graph-input
+names are chosen by the engine's plan builder, never here.
 
 Example::
 
-    gm = intervene(gm, Intervene((Edit("blocks.3.hook_resid_pre", "add_5", Layout(), "replace"),)))
-    gm(input_ids=ids, attention_mask=m, fxl_e0_value=clean_resid, fxl_e0_mask=pos_mask)
+    gm = intervene(gm, Intervene((Edit("blocks.3.hook_resid_pre", "add_5", IDENTITY, "fxl_in0", ("fxl_in1",), "fxl_in2"),)))
+    gm(input_ids=ids, attention_mask=m, fxl_in0=set_to, fxl_in1=clean_resid, fxl_in2=pos_mask)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
 
 from ..graphs.layout import IDENTITY, Layout
-from .base import rewrite
+from .base import PassError, rewrite
 
-__all__ = ["Edit", "Intervene", "intervene", "EditError", "KINDS"]
-
-KINDS = ("replace", "add", "mul", "batch_mean", "rows", "fn")
+__all__ = ["Edit", "Intervene", "intervene", "EditError", "set_to", "add_to", "scale_by", "batch_mean", "take_rows", "call_fn"]
 
 
 class EditError(ValueError):
     pass
+
+
+def set_to(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    return value
+
+
+def add_to(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    return x + value
+
+
+def scale_by(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    return x * value
+
+
+def batch_mean(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(dim=0, keepdim=True)
+
+
+def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Each batch row takes row ``rows[i]`` of the same batch."""
+    return x.index_select(0, rows)
+
+
+def call_fn(x: torch.Tensor, fn) -> torch.Tensor:
+    """A user's function of the value (``fxlens.Apply``); it must keep the shape and dtype."""
+    new = fn(x)
+    if not isinstance(new, torch.Tensor) or new.shape != x.shape or new.dtype != x.dtype:
+        got = f"{tuple(new.shape)} {new.dtype}" if isinstance(new, torch.Tensor) else type(new).__name__
+        raise EditError(f"the function returned {got}; expected {tuple(x.shape)} {x.dtype} like the site's value")
+    return new
 
 
 @dataclass(frozen=True)
@@ -43,34 +73,26 @@ class Edit:
     key: str  # site name, for messages
     node: str
     layout: Layout = IDENTITY
-    kind: str = "replace"
-    masked: bool = True  # False: the edit applies to the whole site and takes no mask input
+    fn: str = ""  # graph-input name of the function fn(x, *inputs) -> new value
+    inputs: tuple = ()  # graph-input names passed to fn after the value
+    mask: str | None = None  # graph-input name of a boolean mask broadcastable to the site; None: everywhere
 
 
 @dataclass(frozen=True)
 class Intervene:
+    stage: ClassVar[str] = "edit"
     edits: tuple  # of Edit
-    prefix: str = "fxl_e"
 
 
-def _edit(kind: str, x: torch.Tensor, value, mask, name: str):
-    if kind == "replace":
-        new = value
-    elif kind == "add":
-        new = x + value
-    elif kind == "mul":
-        new = x * value
-    elif kind == "batch_mean":
-        new = x.mean(dim=0, keepdim=True)
-    elif kind == "rows":
-        new = x.index_select(0, value)
-    elif kind == "fn":
-        new = value(x)
-        if not isinstance(new, torch.Tensor) or new.shape != x.shape or new.dtype != x.dtype:
-            got = f"{tuple(new.shape)} {new.dtype}" if isinstance(new, torch.Tensor) else type(new).__name__
-            raise EditError(f"the function applied at {name} returned {got}; expected {tuple(x.shape)} {x.dtype}")
-    else:
-        raise EditError(f"unknown edit kind {kind!r}")
+def _edit(fn, x: torch.Tensor, mask, name: str, *inputs):
+    if not callable(fn):
+        raise EditError(f"intervention at {name}: its function is {type(fn).__name__}, not callable")
+    try:
+        new = fn(x, *inputs)
+    except EditError as err:
+        raise EditError(f"intervention at {name}: {err}") from None
+    if not isinstance(new, torch.Tensor):
+        raise EditError(f"intervention at {name} produced {type(new).__name__}, not a tensor")
     if new.dtype != x.dtype:
         new = new.to(x.dtype)
     if mask is None:
@@ -79,18 +101,20 @@ def _edit(kind: str, x: torch.Tensor, value, mask, name: str):
 
 
 def intervene(gm: fx.GraphModule, spec: Intervene) -> fx.GraphModule:
-    if any(e.kind not in KINDS for e in spec.edits):
-        raise EditError(f"{spec}: kinds must be among {KINDS}")
+    for e in spec.edits:
+        if not e.fn:
+            raise PassError(f"{e.key}: an edit names no graph input for its function")
     with rewrite(gm) as rw:
         needs_sizes = any(op[0] in ("expand_batch", "unflatten_bs") for e in spec.edits for op in e.layout.ops)
         sizes = rw.sizes() if needs_sizes else None
-        for i, e in enumerate(spec.edits):
-            value = None if e.kind == "batch_mean" else rw.placeholder(f"{spec.prefix}{i}_value")
-            mask = rw.placeholder(f"{spec.prefix}{i}_mask") if e.masked else None
+        for e in spec.edits:
+            fn = rw.placeholder(e.fn)
+            inputs = [rw.placeholder(name) for name in e.inputs]
+            mask = rw.placeholder(e.mask) if e.mask is not None else None
             current = rw.node(e.node)
             with rw.after(current):
                 read = e.layout.read(rw.graph, current, sizes)
-                edited = rw.create(_edit, (e.kind, read, value, mask, e.key))
+                edited = rw.create(_edit, (fn, read, mask, e.key, *inputs))
                 written = e.layout.write(rw.graph, edited, sizes)
             keep = set()
             n = read

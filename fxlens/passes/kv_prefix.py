@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
@@ -30,6 +31,7 @@ __all__ = ["KVPrefix", "kv_prefix"]
 
 @dataclass(frozen=True)
 class KVPrefix:
+    stage: ClassVar[str] = "layout"
     uses: tuple  # of (operand node, consumer node, input name)
 
 

@@ -9,12 +9,12 @@ one packed sequence ``[batch, T, d]`` (T = the rows' token counts summed). Only 
 (from its q, k, v operands to its output ``z_heads``) mixes positions; there the pass unpacks to a
 padded layout ``[rows * batch, heads, seq, d_head]``:
 
-- q, k and v are scattered to (row, position) slots by the graph inputs ``fxl_pack_row`` and
-  ``fxl_pack_pos`` ([T] each) over the grid ``fxl_pack_grid`` ([rows, seq]: its shape gives the
-  padded layout); k and v slots a row does not compute take ``fxl_kfill_{i}`` / ``fxl_vfill_{i}``
-  (the base run's keys and values: [batch or rows * batch, heads, seq, d_head]), q slots zeros;
-- ``fxl_{q,k,v}buf_{i}`` are workspaces for the padded tensors (None: fresh ones), which the engine
-  reuses from layer to layer: memory already paged in is written several times faster than fresh;
+- q, k and v are scattered to (row, position) slots by the graph inputs ``row`` and ``pos`` ([T]
+  each) over ``grid`` ([rows, seq]: its shape gives the padded layout); k and v slots a row does not
+  compute take the k and v fills (the base run's keys and values: [batch or rows * batch, heads, seq,
+  d_head]), q slots zeros;
+- the q, k and v workspaces hold the padded tensors (None: fresh ones); the engine reuses them from
+  layer to layer: memory already paged in is written several times faster than fresh;
 - the attention op runs on the padded layout, with the full mask tiled over rows;
 - its output is gathered back to the packed layout.
 
@@ -26,9 +26,9 @@ anything else computed from the block's inputs (a size taken from the packed seq
 Example::
 
     a = model.graph.attn[3]
-    gm = pack_rows(gm, PackRows(((a.q_in, a.k_in, a.v_in, a.z_heads, "3"),)))
-    gm(add_8=h_packed, expand=mask_tiled, fxl_pack_row=r, fxl_pack_pos=p, fxl_pack_grid=grid,
-       fxl_kfill_3=k_base, fxl_vfill_3=v_base, fxl_qbuf_3=None, fxl_kbuf_3=None, fxl_vbuf_3=None)
+    names = ("kf", "vf", "qb", "kb", "vb")
+    gm = pack_rows(gm, PackRows(((a.q_in, a.k_in, a.v_in, a.z_heads, "3", names),), "r", "p", "g"))
+    gm(add_8=h_packed, expand=mask_tiled, r=row, p=pos, g=grid, kf=k_base, vf=v_base, qb=None, kb=None, vb=None)
 
 Gotchas: query slots a row does not compute hold zeros (in a reused workspace, finite values an
 earlier layer wrote); their outputs are never gathered. Sites in
@@ -38,20 +38,25 @@ the core (scores, pattern) are seen in the padded layout, every other block site
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
 
 from .base import PassError, rewrite
 
-__all__ = ["PackRows", "pack_rows", "core_contexts", "unpack", "pack", "ROW", "POS", "GRID"]
-
-ROW, POS, GRID = "fxl_pack_row", "fxl_pack_pos", "fxl_pack_grid"
+__all__ = ["PackRows", "pack_rows", "core_contexts", "unpack", "pack"]
 
 
 @dataclass(frozen=True)
 class PackRows:
-    attention: tuple  # of (q_in, k_in, v_in, z_heads, tag): operands and output of one attention core
+    stage: ClassVar[str] = "layout"
+    # per attention core: (q_in, k_in, v_in, z_heads, tag, inputs), inputs naming the graph inputs
+    # (k fill, v fill, q workspace, k workspace, v workspace)
+    attention: tuple
+    row: str = ""  # graph inputs: each packed token's row and position, and the [rows, seq] grid
+    pos: str = ""
+    grid: str = ""
 
 
 def unpack(x: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, grid: torch.Tensor, fill: torch.Tensor | None,
@@ -126,7 +131,7 @@ def core_contexts(gm: fx.GraphModule, spec: PackRows, hidden: str) -> tuple[froz
     """(contexts the attention cores read, contexts the rest of the block reads): disjoint, or PassError."""
     inside, outside = set(), set()
     cores = set()
-    for q_in, k_in, v_in, z_heads, tag in spec.attention:
+    for q_in, k_in, v_in, z_heads, tag, _ in spec.attention:
         core, _ = _core(gm, q_in, k_in, v_in, z_heads)
         cores |= core
         operands = {q_in, k_in, v_in}
@@ -154,15 +159,15 @@ def core_contexts(gm: fx.GraphModule, spec: PackRows, hidden: str) -> tuple[froz
 def pack_rows(gm: fx.GraphModule, spec: PackRows) -> fx.GraphModule:
     plan = [(entry, _core(gm, *entry[:4])[1]) for entry in spec.attention]
     with rewrite(gm) as rw:
-        row, pos, grid = rw.placeholder(ROW), rw.placeholder(POS), rw.placeholder(GRID)
-        for (q_in, k_in, v_in, z_heads, tag), users in plan:
-            for which, (name, fill_name) in enumerate(((q_in, None), (k_in, f"fxl_kfill_{tag}"), (v_in, f"fxl_vfill_{tag}"))):
+        row, pos, grid = rw.placeholder(spec.row), rw.placeholder(spec.pos), rw.placeholder(spec.grid)
+        for (q_in, k_in, v_in, z_heads, tag, (kfill, vfill, *bufs)), users in plan:
+            for which, (name, fill_name) in enumerate(((q_in, None), (k_in, kfill), (v_in, vfill))):
                 x = rw.node(name)
                 core_users = [rw.node(u.name) for u in users[name]]
                 if not core_users:
                     raise PassError(f"{spec}: attention core {tag} does not read {name}")
                 fill = rw.placeholder(fill_name) if fill_name else None
-                buf = rw.placeholder(f"fxl_{'qkv'[which]}buf_{tag}")
+                buf = rw.placeholder(bufs[which])
                 with rw.after(x):
                     padded = rw.create(unpack, (x, row, pos, grid, fill, buf), like=x)
                 for u in core_users:

@@ -4,18 +4,19 @@ Problem: a logit-difference metric reads two vocabulary entries; the unembedding
 (49k for SmolLM2, more than eight transformer layers' worth of work per position).
 
 Mechanism: the unembedding ``linear(x, W_U, b)`` becomes ``linear(x, W_U[ids], b[ids])`` with ``ids`` a
-graph input (``fxl_vocab``). What follows the unembedding must be elementwise (Gemma 2's soft-capping
+graph input named in the spec. What follows the unembedding must be elementwise (Gemma 2's soft-capping
 is), which the pass checks.
 
 Example::
 
-    head = select_vocab(head, SelectVocab("linear_14"))
-    head(**{"add_29": h, "fxl_vocab": torch.tensor([9, 42])})["outputs"]["logits"]   # [..., 2]
+    head = select_vocab(head, SelectVocab("linear_14", "fxl_in0"))
+    head(**{"add_29": h, "fxl_in0": torch.tensor([9, 42])})["outputs"]["logits"]   # [..., 2]
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
@@ -23,15 +24,16 @@ import torch.fx as fx
 from ..graphs.nodes import LAYOUT_OPS, op_name
 from .base import PassError, rewrite
 
-__all__ = ["SelectVocab", "select_vocab", "VOCAB_INPUT"]
+__all__ = ["SelectVocab", "select_vocab"]
 
-VOCAB_INPUT = "fxl_vocab"
 _ELEMENTWISE = {"add", "sub", "mul", "div", "tanh", "to", "_to_copy", "type_as", "clone", "contiguous", "float", "neg", "dropout"}
 
 
 @dataclass(frozen=True)
 class SelectVocab:
+    stage: ClassVar[str] = "output"
     unembed: str  # the linear node producing the logits
+    input: str  # graph input holding the vocabulary ids to compute
 
 
 def _rows(weight: torch.Tensor, bias, ids: torch.Tensor, x: torch.Tensor):
@@ -52,7 +54,7 @@ def select_vocab(gm: fx.GraphModule, spec: SelectVocab) -> fx.GraphModule:
             if op_name(user) not in _ELEMENTWISE | LAYOUT_OPS - {"view", "reshape", "transpose", "permute", "expand", "flatten"}:
                 raise PassError(f"{spec}: {user.name} ({op_name(user)}) after the unembedding mixes vocabulary entries")
             stack.extend(user.users)
-        ids = rw.placeholder(VOCAB_INPUT)
+        ids = rw.placeholder(spec.input)
         x, weight = node.args[0], node.args[1]
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         with rw.graph.inserting_before(node):

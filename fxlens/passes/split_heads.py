@@ -20,6 +20,7 @@ Gotchas: the sum over heads differs from the fused matmul by float rounding (abo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
@@ -43,6 +44,7 @@ class Head:
 
 @dataclass(frozen=True)
 class SplitHeads:
+    stage: ClassVar[str] = "materialise"
     projections: tuple  # of Head
     replace: bool = False
 

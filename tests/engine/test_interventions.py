@@ -76,6 +76,12 @@ def edit_hook(fn, sel):
     return hook
 
 
+def real_token_mean(x, mask):
+    """The batch mean at each position over the rows whose token there is real (not padding)."""
+    w = mask.to(x.dtype).view(*mask.shape, *([1] * (x.dim() - 2)))
+    return (x * w).sum(0, keepdim=True) / w.sum(0, keepdim=True)
+
+
 def hooked(model, ids, mask, *edits):
     """Logits of ``run_with_hooks`` with ``edits = (site, fn, sel), ...`` in order."""
     return model.run_with_hooks(ids, mask, fwd_hooks=[(site, edit_hook(fn, sel)) for site, fn, sel in edits])
@@ -128,7 +134,8 @@ CASES = {
         "blocks.1.hook_mlp_out", lambda x, cc: torch.zeros(()), {}),
     "ablate_batch_mean_at_pos": (
         lambda cc: Ablate("blocks.0.hook_mlp_out", how="mean", pos=-1),
-        "blocks.0.hook_mlp_out", lambda x, cc: x.mean(0, keepdim=True), {1: -1}),
+        # the mean over the batch counts real tokens only: row 2 is padding at the last position
+        "blocks.0.hook_mlp_out", lambda x, cc: x[:2].mean(0, keepdim=True), {1: -1}),
     "ablate_mean_of_reference_cache": (
         lambda cc: Ablate("blocks.1.attn.hook_z", how="mean", reference=cc, head=3),
         "blocks.1.attn.hook_z", lambda x, cc: cc["blocks.1.attn.hook_z"].mean(0, keepdim=True), {2: 3}),
@@ -340,7 +347,7 @@ def test_interventions_on_many_sites_equal_the_hooks_together(family):
     refs = [
         ("blocks.0.hook_resid_pre", lambda x: cc["blocks.0.hook_resid_pre"], {1: [0, 4]}),
         ("blocks.0.attn.hook_pattern", lambda x: torch.zeros(()), {1: 0, 2: -1}),
-        ("blocks.1.attn.hook_z", lambda x: x.mean(0, keepdim=True), {2: [1, 3]}),
+        ("blocks.1.attn.hook_z", lambda x: real_token_mean(x, mask), {2: [1, 3]}),
         ("blocks.1.hook_resid_post", lambda x: x + 0.3 * VEC, {1: -1}),
     ]
     got = model.run_with_interventions(ids, specs, mask)
@@ -608,7 +615,7 @@ def test_an_unknown_site_or_a_non_spec_fails_before_compute(no_compute):
     ids, mask, _ = inputs()
     with pytest.raises(fxlens.SiteError, match="blocks.0.attn.hook_pattern"):
         no_compute.run_with_interventions(ids, [Ablate("blocks.0.attn.hook_patern")], mask)
-    with pytest.raises(InterventionError, match="Patch, Ablate, Steer, Scale or Apply; got tuple"):
+    with pytest.raises(InterventionError, match="Patch, Ablate, Steer, Scale, Apply or a subclass of fxlens.Intervention; got tuple"):
         no_compute.run_with_interventions(ids, [("blocks.0.hook_resid_pre", lambda x, hook: x)], mask)
 
 

@@ -16,7 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fxlens import metrics, patching
-from fxlens.engine.sweep import Sweep
+from fxlens.engine.rows import Blocks, RowEngine
+from fxlens.engine.rows.layouts import Packed
+from fxlens.engine.rows.schedule import CostModel
 from fxlens.passes import PackRows, PassError
 from fxlens.passes.pack_rows import core_contexts
 
@@ -33,14 +35,15 @@ def base_run(model, batch, lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 100, (batch, SEQ), generator=g)
     mask = (torch.arange(SEQ)[None] < torch.tensor(lengths)[:, None]).long()
-    sweep = Sweep(model)
-    return sweep, sweep.base(model._inputs(ids, mask)), g
+    engine = RowEngine(model)
+    return engine, engine.base(model._inputs(ids, mask)), g
 
 
 def packed_vs_rows(model, layer, batch, lengths, starts, seed=0):
     """Max difference between the packed block and the plain block run per row."""
-    sweep, base, g = base_run(model, batch, lengths, seed)
-    assert sweep._packing() is not None
+    engine, base, g = base_run(model, batch, lengths, seed)
+    blocks = engine.blocks
+    assert blocks.packing() is not None
     h0 = base.hidden[layer]
     rows_h = []
     for s in starts:
@@ -50,11 +53,10 @@ def packed_vs_rows(model, layer, batch, lengths, starts, seed=0):
     packed_h = torch.cat([h[:, s:] for h, s in zip(rows_h, starts)], dim=1)
     row = torch.cat([torch.full((SEQ - s,), r) for r, s in enumerate(starts)])
     pos = torch.cat([torch.arange(s, SEQ) for s in starts])
-    grid = torch.empty((len(starts), SEQ), dtype=torch.bool)
     with torch.no_grad():
-        got = sweep._packed_block(layer, packed_h, base, {}, [], (row, pos, grid))
-        plain = sweep.blocks[layer].get(())
-        want = torch.cat([plain(**sweep._block_feed(layer, h, base.context))["outputs"]["hidden"][:, s:] for h, s in zip(rows_h, starts)], dim=1)
+        got = engine._block(layer, packed_h, base, [], Packed(row, pos, len(starts), SEQ))
+        plain = blocks.programs[layer].get(())
+        want = torch.cat([plain(**blocks.feed(layer, h, base.context))["outputs"]["hidden"][:, s:] for h, s in zip(rows_h, starts)], dim=1)
     real = torch.tensor(lengths)[:, None] > pos[None]  # padded positions hold no defined value
     return (got - want).abs()[real].max().item()
 
@@ -81,11 +83,11 @@ def test_property_packed_block_equals_rows(family, batch, starts, data):
 @pytest.mark.parametrize("family", CAUSAL)
 def test_every_causal_family_packs_rows(family):
     # a block the check refuses falls back to one call per start: correct, but slow; say so here
-    assert Sweep(model_for(family))._packing() is not None
+    assert Blocks.of(model_for(family).derived).packing() is not None
 
 
 def test_an_encoder_does_not_pack_rows():
-    assert Sweep(cached_model("bert")[1])._packing() is None
+    assert Blocks.of(cached_model("bert")[1].derived).packing() is None
 
 
 # ---- the checks, on hand-made graphs ---------------------------------------------------------------
@@ -99,7 +101,7 @@ def _spec(gm):
     """The attention of a hand-made block: q, k, v are its three ``unsqueeze`` nodes, in order."""
     sdpa = next(n.name for n in gm.graph.nodes if "scaled_dot_product" in str(n.target))
     q, k, v = [n.name for n in gm.graph.nodes if n.op == "call_method" and n.target == "unsqueeze"]
-    return PackRows(((q, k, v, sdpa, "0"),))
+    return PackRows(((q, k, v, sdpa, "0", ()),))
 
 
 def test_a_core_reading_a_size_of_the_packed_input_is_refused():
@@ -137,14 +139,15 @@ def test_contexts_are_split_by_where_they_are_read():
 
 
 def _sweep(model, packed: bool, name, ids, corrupted, metric):
-    model.__dict__.pop("_sweep_packing", None)
+    blocks = Blocks.of(model.derived)
+    saved = blocks.packing()
     if not packed:
-        model._sweep_packing = None  # what the check answers for a block it refuses
+        blocks._packing = None  # what the check answers for a block it refuses
     try:
         _, cache = model.run_with_cache(ids)
         out = getattr(patching, name)(model, corrupted, cache, metric)
     finally:
-        model.__dict__.pop("_sweep_packing", None)
+        blocks._packing = saved
     return out, dict(model.last_sweep_stats)
 
 
@@ -191,7 +194,7 @@ def test_a_sweep_too_wide_to_pack_runs_one_batch_per_start(monkeypatch):
     packed = patching.get_act_patch_resid_pre(model, corrupted, cache, metric)
     p = dict(model.last_sweep_stats)
     assert p["block_calls"] <= model.cfg.n_layers + 1
-    monkeypatch.setattr(Sweep, "pack_activation_bytes", 0)
+    monkeypatch.setattr(CostModel, "pack_activation_bytes", 0)
     per_start = patching.get_act_patch_resid_pre(model, corrupted, cache, metric)
     s = model.last_sweep_stats
     # one call per start and layer, or starts merged by computing positions again

@@ -1,0 +1,74 @@
+"""Edge attribution patching (Syed et al.): every edge's first-order effect from one forward and backward.
+
+Problem: patching each edge exactly costs a run per edge; a linear estimate of all of them costs one
+forward and one backward.
+
+Mechanism: score(sender, receiver) = sum over batch and positions of (corrupted_s - clean_s) .
+d metric / d (receiver input), on the clean run. The gradient is taken once per receiver: the Edges
+pass in "delta" mode adds a zero tensor (requiring grad) to every receiver's input, so one backward
+gives every receiver's input gradient whatever the number of edges. Sender outputs come from one run
+of each input, each with its own attention mask.
+
+Example::
+
+    scores = eap_scores(model, clean, corrupted, metric)          # {(sender, receiver): float}
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..engine.plan import PlanBuilder
+from ..engine.rows.readout import scalar
+from ..graphs.components import CircuitError
+from .edges import receiver_specs, reference_feed, sender_values
+
+__all__ = ["eap_scores"]
+
+
+def eap_scores(model, clean_tokens, corrupted_tokens, metric, *, attention_mask=None, corrupted_attention_mask=None,
+               corrupted_mask=None) -> dict:
+    """{(sender, receiver): score} (see the module docstring). ``corrupted_mask`` is an alias of
+    ``corrupted_attention_mask``; without either, the corrupted run uses ``attention_mask``."""
+    if corrupted_mask is not None:
+        if corrupted_attention_mask is not None:
+            raise ValueError("give corrupted_attention_mask or its alias corrupted_mask, not both")
+        corrupted_attention_mask = corrupted_mask
+    comp = model.derived.components
+    feed = model._inputs(clean_tokens, attention_mask)
+    corrupted = reference_feed(model, corrupted_tokens, attention_mask, corrupted_attention_mask, "the corrupted tokens")
+    if corrupted["input_ids"].shape != feed["input_ids"].shape:
+        raise CircuitError(
+            f"the clean tokens have shape {tuple(feed['input_ids'].shape)} and the corrupted {tuple(corrupted['input_ids'].shape)}; "
+            "EAP scores the difference of the two runs' sender outputs row by row and position by position, so both "
+            "must have the same shape"
+        )
+    batch, seq = feed["input_ids"].shape
+    specs = receiver_specs(comp, {r.name for r in comp.receivers})
+    groups: dict = {}
+    for r in specs:
+        groups.setdefault(r.entry, []).append(r)
+    zeros = {
+        entry: torch.zeros(batch, seq, len(group), model.cfg.d_model, dtype=model.captured.dtype,
+                           device=model.captured.device, requires_grad=True)
+        for entry, group in groups.items()
+    }
+    plan, inputs = PlanBuilder(model.graph).edges((), specs, "delta", deltas=zeros).build()
+    with torch.enable_grad():
+        out = model.programs.get(plan)(**feed, **inputs)
+        value = scalar(metric(out["outputs"][model.captured.outputs[0]]))
+        if not value.requires_grad:
+            raise CircuitError("the metric's value does not depend on the logits through autograd; EAP needs a differentiable metric")
+        grads = torch.autograd.grad(value, list(zeros.values()))
+    with torch.no_grad():
+        diff = (sender_values(model, corrupted["input_ids"], corrupted.get("attention_mask"))
+                - sender_values(model, feed["input_ids"], feed.get("attention_mask"))).to(model.captured.dtype)
+        flat = diff.permute(2, 0, 1, 3).reshape(len(comp.senders), -1)  # [senders, batch*pos*d]
+        scores = {}
+        for (entry, group), grad in zip(groups.items(), grads):
+            g = grad.permute(2, 0, 1, 3).reshape(len(group), -1)  # [receivers, batch*pos*d]
+            table = flat @ g.T  # [senders, receivers]
+            for j, r in enumerate(group):
+                for i in r.upstream:
+                    scores[(comp.senders[i].name, r.name)] = float(table[i, j])
+    return scores

@@ -1,0 +1,146 @@
+"""The captured model as separately runnable pieces: prelude, one program cache per block, head.
+
+Problem: rows join a run at some layer, so each block must run on its own, fed the residual stream
+and the positional context (masks, rotary tables) the prelude computed, sliced to the positions a
+row computes or gathered at packed tokens. What each context tensor's sequence axes are, which nodes
+hold each attention's keys and values, whether a block can run packed rows, and what one block call
+costs are facts about the captured graph, found once per capture.
+
+Mechanism: ``Blocks(derived)`` splits the graph (``graphs.segments``) and keeps one ``Programs`` per
+block and for the head; ``feed`` makes a block's inputs; ``packing`` checks once per capture that rows
+of different starts can share a call (``passes.pack_rows``); ``mlp_programs`` are each block's MLP as
+a program of its input (path patching). A ``Blocks`` is a derived item of ``engine.derived.Derived``,
+so an edited, copied or rebound model never runs another model's blocks.
+
+Example::
+
+    blocks = Blocks.of(model.derived)
+    out = blocks.call(3, plan, blocks.feed(3, h, base.context, start=5, rows=4), inputs)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...graphs.nodes import sym_dims
+from ...passes import PassError
+from ...passes.pack_rows import PackRows, core_contexts
+from ..programs import Programs
+
+__all__ = ["Blocks", "BlockError"]
+
+
+class BlockError(RuntimeError):
+    pass
+
+
+class Blocks:
+    def __init__(self, derived):
+        self.derived = derived
+        self.graph = derived.graph
+        self.captured = derived.captured
+        seg = derived.segments
+        self.seg = seg
+        self.n_layers = len(seg.blocks)
+        self.programs = [Programs(gm) for gm in seg.blocks]
+        self.head = Programs(seg.head)
+        self.prelude = seg.prelude
+        self.causal = derived.captured.is_causal
+        syms = (self.captured.batch_symbol, self.captured.seq_symbol)
+        nodes = {n.name: n for n in seg.prelude.graph.nodes}
+        self.seq_dims = {}
+        for names in list(seg.block_context) + [seg.head_context]:
+            for c in names:
+                dims = sym_dims(nodes[c], *syms)
+                self.seq_dims[c] = [i for i, d in enumerate(dims) if d == "S"]
+        # per block: ((k node, its attention consumer), (v node, its consumer)), or None without attention
+        self.kv_uses = [None if a is None else ((a.k_in, a.k_consumer), (a.v_in, a.v_consumer)) for a in self.graph.attn]
+        self._packing = False
+        self._mlps: dict = {}
+        self.break_even: float | None = None  # measured by the cost model on first use
+
+    @classmethod
+    def of(cls, derived) -> "Blocks":
+        return derived.item("blocks", lambda: cls(derived))
+
+    # ---- feeding a block ---------------------------------------------------------------------------
+    def feed(self, layer: int, h: torch.Tensor, context: dict, start: int = 0, rows: int = 1) -> dict:
+        """Block ``layer``'s inputs: residual ``h`` for positions ``start..``, its context for those
+        positions, tiled over ``rows`` rows of the base batch."""
+        out = {self.seg.hidden[layer]: h}
+        for c in self.seg.block_context[layer]:
+            out[c] = self.context(c, context[c], start, rows)
+        return out
+
+    def context(self, name: str, value: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+        dims = self.seq_dims.get(name, [])
+        if start and dims:
+            # a [.., q, k] mask keeps every key; every other positional tensor is sliced to the suffix
+            axis = dims[-2] if len(dims) == 2 else dims[0]
+            value = value.narrow(axis, start, value.shape[axis] - start)
+        if rows > 1 and value.shape[0] > 1:
+            value = value.repeat(rows, *([1] * (value.dim() - 1)))
+        return value
+
+    def call(self, layer: int, plan: tuple, feed: dict, inputs: dict | None = None, compile: bool = False) -> dict:
+        return self.programs[layer].get(plan, compile)(**feed, **(inputs or {}))
+
+    def head_feed(self, h: torch.Tensor, context: dict) -> dict:
+        return {self.seg.head_input: h, **{c: context[c] for c in self.seg.head_context}}
+
+    # ---- packed rows ----------------------------------------------------------------------------
+    def packing(self):
+        """Per block, (cores for ``PackRows``, contexts the attention reads, contexts the rest reads);
+        None where rows of different starts cannot share a call (not causal, or an unusual block)."""
+        if self._packing is not False:
+            return self._packing
+        packing = [] if self.causal else None
+        syms = (self.captured.batch_symbol, self.captured.seq_symbol)
+        for i, programs in enumerate(self.programs if self.causal else ()):
+            a = self.graph.attn[i]
+            contexts = frozenset(self.seg.block_context[i])
+            if a is None:
+                packing.append((None, frozenset(), contexts))
+                continue
+            core = (a.q_in, a.k_in, a.v_in, a.z_heads, str(i))
+            nodes = {n.name: n for n in programs.base.graph.nodes}
+            dims = [sym_dims(nodes[n], *syms) for n in core[:4]]
+            if not all(len(d) == 4 and d[0] == "B" and d[2] == "S" for d in dims):
+                packing = None  # the attention's operands are not [batch, heads, seq, d]: unpack cannot place them
+                break
+            try:
+                inside, outside = core_contexts(programs.base, PackRows((core + ((),),)), self.seg.hidden[i])
+            except PassError:
+                packing = None
+                break
+            if any(len(self.seq_dims.get(c, [])) > 1 for c in outside):
+                packing = None  # a [q, k]-shaped input outside attention: no per-token gather exists
+                break
+            packing.append((core, inside & contexts, outside & contexts))
+        self._packing = packing
+        return packing
+
+    # ---- MLPs as programs of their input (path patching) -------------------------------------
+    def mlp_programs(self, fused: bool = True) -> list:
+        """Each block's MLP as a program of its input. ``fused``: a spelled-out GELU runs as one kernel
+        (for rows of differences); unfused, values are bit-identical to the model's own."""
+        if fused in self._mlps:
+            return self._mlps[fused]
+        from ...graphs.segments import _subgraph
+        from ...passes import FuseGelu, apply
+
+        if False not in self._mlps:
+            gm = self.captured.module
+            by_name = {n.name: n for n in gm.graph.nodes}
+            syms = (self.captured.batch_symbol, self.captured.seq_symbol)
+            plain = []
+            for block in self.graph.structure.blocks:
+                nodes = [n for n in gm.graph.nodes if n.name in block.mlp.nodes]
+                sub, ctx = _subgraph(gm, nodes, by_name[block.mlp.entry], {"mlp": by_name[block.mlp.output]}, syms)
+                if ctx:
+                    raise BlockError(f"the MLP of {block.path} reads an input besides the residual stream")
+                plain.append(sub)
+            self._mlps[False] = plain
+        if fused and True not in self._mlps:
+            self._mlps[True] = [apply(sub, FuseGelu()) for sub in self._mlps[False]]
+        return self._mlps[fused]
