@@ -10,13 +10,12 @@
 
 import pytest
 import torch
-from conftest import cached_model
 from families import tokens
 
 import hf_hooks as H
 
 TOL = 1e-5
-FAMILIES = {"gpt2": {}, "llama": {"n_kv_heads": 2}, "neox": {}, "opt": {}, "bert": {}}
+FAMILIES = list(H.FAMILY_DIMS)
 
 
 def batch(padding):
@@ -40,7 +39,7 @@ def maxdiff(a, b):
 @pytest.mark.parametrize("padding", ["right", "left"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reference_reads_equal_hf_logits_and_fxlens_cache(family, padding):
-    hf, model = cached_model(family, **FAMILIES[family])
+    hf, model = H.pair(family)
     ids, mask = batch(padding)
     sites = H.all_sites(hf)
     logits, cache = H.hf_forward(hf, ids, mask, read=sites)
@@ -57,7 +56,7 @@ def test_reference_reads_equal_hf_logits_and_fxlens_cache(family, padding):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_replacing_every_site_by_itself_changes_nothing(family):
-    hf, _ = cached_model(family, **FAMILIES[family])
+    hf, _ = H.pair(family)
     ids, mask = batch("right")
     want = H.hf_run(hf, ids, mask)
     got = H.hf_run(hf, ids, mask, replace={s: (lambda v: v) for s in H.all_sites(hf)})
@@ -77,7 +76,7 @@ DOWNSTREAM = [  # (replaced kinds, a kind then equal to the other run's)
 @pytest.mark.parametrize("replaced, downstream", DOWNSTREAM)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_replacing_with_another_runs_value_gives_its_downstream_values(family, replaced, downstream):
-    hf, _ = cached_model(family, **FAMILIES[family])
+    hf, _ = H.pair(family)
     if H.spec(hf)["parallel"] and ("resid_mid" in replaced or downstream == "resid_mid"):
         pytest.skip("a parallel block has no resid_mid")
     if H.spec(hf)["parallel"] and downstream == "resid_post" and replaced != ("resid_pre",):
