@@ -245,7 +245,8 @@ def test_resid_pre_sweep_of_head_class_equals_hf_hooked_loop(cls):
     hf_clean = H.hf_cache(hf, clean, None, [H.name("resid_pre", i) for i in range(2)])
     want = torch.tensor([[float(metric(H.hf_run(hf, corrupted, None, {H.name("resid_pre", layer): setter(hf_clean[H.name("resid_pre", layer)], ("pos",), (pos,))})))
                           for pos in range(5)] for layer in range(2)])
-    # position 0 of the output moves with a patch at position 3 only where attention looks ahead
+    # position 0 of the output (for sequence classification: label 0, read from the first token) moves
+    # with a patch at position 3 only where attention looks ahead
     ahead = (want[0, 3] - float(metric(H.hf_run(hf, corrupted, None)))).abs().item()
     assert (ahead < 1e-6) == (cls in CAUSAL), f"the patch at position 3 moved position 0 by {ahead}"
     diff = (got - want).abs().max().item()
