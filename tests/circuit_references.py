@@ -19,7 +19,9 @@ reference run its own).
   a clean run reading them).
 - ``hf_eap``: EAP by autograd: a zero added to each receiver's input, the gradient of the metric,
   dotted with (corrupted - clean) sender outputs, summed over batch and positions.
-- ``hf_acdc_trace``: which metric values an ACDC run must see (the full model's and the final circuit's).
+
+Families: llama (and Gemma-1, same module layout), GPT-2 (fused QKV, Conv1D), GPT-NeoX (parallel
+attention and MLP, per-head interleaved QKV).
 """
 
 from __future__ import annotations

@@ -14,8 +14,14 @@ positions only and metrics read real positions only (a pad position's output is 
   methods) against Wang et al.'s three steps with hooks; Gemma-1 with ``method="rows"``.
 - ``edge_sweep`` rows against one ``run_with_edges`` each and against ``hf_edges``.
 - ``eap_scores`` against autograd on the HF model (a zero added to each receiver's input).
-- ``acdc``: the metric values it sees and the circuit it returns, against the HF reference.
+- ``acdc``: the metric values it sees and the circuit it returns, against the HF reference; its default
+  metric against the mask-aware one.
 - Pad-token invariance of every function: with masks honoured, the ids under the mask change nothing.
+
+Tests of the new keywords are xfail ("issue 9 item 4: new keyword"), as are those that fail because a
+reference run drops the mask today (the observed difference is in each reason). With right padding a
+causal model's real positions never read a pad, so a dropped mask shows there only through a mean
+ablation (which averages the reference rows' pad positions into other rows' real ones).
 """
 
 import functools
@@ -258,6 +264,8 @@ def test_path_patch_with_a_corrupted_mask_of_its_own(family, side, case):
     rm = mask_of(REF_LENGTHS, side)
     want = check_path_patch(family, hf, model, side, case, False, ("auto", "rows"), REF_LENGTHS,
                             {"corrupted_attention_mask": rm})
+    if side == "right":
+        return  # causal: a right pad comes after every real position, the corrupted mask changes no real output
     # the corrupted mask matters: the same algorithm with the clean mask on the corrupted run differs
     receivers, senders = PP_CASES[case]
     cm = mask_of(CLEAN_LENGTHS, side)
