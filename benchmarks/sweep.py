@@ -191,21 +191,24 @@ def run_nnsight(hf, tok, clean, corrupted, a, b, n_heads, d_head):
 # ---- the floor ------------------------------------------------------------------------------------
 def floor_prices(model, hf, rows: int = 64):
     """(seconds per token-layer of a plain HF batched forward, share of a block the K/V-only call costs)."""
-    from fxlens.engine.sweep import Sweep
-    from fxlens.passes import Cache, Read
+    from fxlens.engine.plan import PlanBuilder
+    from fxlens.engine.rows import RowEngine
+    from fxlens.passes import Read
 
     ids = torch.randint(100, 1000, (rows, SEQ)).to(DEVICE)
     body = hf.base_model
     with torch.inference_mode():
         body(ids)
         _, t = timed(lambda: body(ids), 5)
-        sweep = Sweep(model)
-        base = sweep.base(model._inputs(ids), keep_kv=False)
+        engine = RowEngine(model)
+        blocks = engine.blocks
+        base = engine.base(model._inputs(ids), keep_kv=False)
         last = model.cfg.n_layers - 1
-        feed = sweep._block_feed(last, base.hidden[last], base.context)
-        (k, _, _), (v, _, _) = sweep.kv_uses[last]
-        full = sweep.blocks[last].get(())
-        kv = sweep.blocks[last].get((Cache((Read("k", k), Read("v", v)), keep_outputs=False),))
+        feed = blocks.feed(last, base.hidden[last], base.context)
+        (k, _), (v, _) = blocks.kv_uses[last]
+        full = blocks.programs[last].get(())
+        kv_plan, _ = PlanBuilder(model.graph).cache(reads=[Read("k", k), Read("v", v)], keep_outputs=False).build()
+        kv = blocks.programs[last].get(kv_plan)
         full(**feed)
         kv(**feed)
         _, t_full = timed(lambda: full(**feed), 5)

@@ -18,10 +18,10 @@ positions only and metrics read real positions only (a pad position's output is 
   metric against the mask-aware one.
 - Pad-token invariance of every function: with masks honoured, the ids under the mask change nothing.
 
-Tests of the new keywords are xfail ("issue 9 item 4: new keyword"), as are those that fail because a
-reference run drops the mask today (the observed difference is in each reason). With right padding a
-causal model's real positions never read a pad, so a dropped mask shows there only through a mean
-ablation (which averages the reference rows' pad positions into other rows' real ones).
+Before issue 9 the reference run dropped its mask: with left padding the logits were off by 0.71-1.71
+(corrupted) and 0.64-0.99 (mean), EAP scores by 0.16-0.38, and other pad ids changed 3 of ACDC's edges.
+With right padding a causal model's real positions never read a pad, so a dropped mask shows there only
+through a mean ablation, which must count only the reference rows' real tokens at each position.
 """
 
 import functools
@@ -45,11 +45,6 @@ CLEAN_LENGTHS = (6, 4, 3)
 REF_LENGTHS = (6, 5, 4)
 MEAN_LENGTHS = (5, 6)  # a mean-ablation set of another batch size
 
-NEW_KEYWORD = "issue 9 item 4: new keyword"
-
-
-def item4(what):
-    return pytest.mark.xfail(strict=True, reason=f"issue 9 item 4: {what}")
 
 
 # ---- inputs ----------------------------------------------------------------------------------------
@@ -129,29 +124,8 @@ EDGE_FAMILIES = ("llama", "gpt2", "neox")
 # (ablation, reference mask): "default" gives the reference no mask of its own (it takes the clean mask),
 # "own" passes the reference batch's mask (different prompt lengths; for the mean another batch size)
 EDGE_VARIANTS = [("zero", "default"), ("corrupted", "default"), ("corrupted", "own"), ("mean", "default"), ("mean", "own")]
-# observed on the code before the fix (largest logit difference at real positions over the three families)
-DROPPED = {
-    ("corrupted", "left"): "the reference run drops attention_mask: logits off by 0.71-1.71 at real positions",
-    ("mean", "left"): "the mean's reference run drops attention_mask: logits off by 0.64-0.99 at real positions",
-    ("mean", "right"): "the mean's reference run drops attention_mask: logits off by 0.23-0.68 at real positions",
-}
-SWEEP_DROPPED = {  # the same, seen through the metric of the first set
-    ("corrupted", "left"): "the reference run drops attention_mask: the metric is off by 0.05-0.32",
-    ("mean", "left"): "the mean's reference run drops attention_mask: the metric is off by 0.04-0.11",
-    ("mean", "right"): "the mean's reference run drops attention_mask: the metric is off by 0.02-0.05",
-}
-
-
-def edge_marks(ablation, refmask, side, observed=DROPPED):
-    if refmask == "own":
-        return [pytest.mark.xfail(strict=True, reason=NEW_KEYWORD)]
-    if (ablation, side) in observed:
-        return [item4(observed[ablation, side])]
-    return []
-
-
 EDGE_PARAMS = [
-    pytest.param(f, side, a, rm, marks=edge_marks(a, rm, side), id=f"{f}-{side}-{a}-{rm}")
+    pytest.param(f, side, a, rm, id=f"{f}-{side}-{a}-{rm}")
     for f in EDGE_FAMILIES for side in SIDES for a, rm in EDGE_VARIANTS
 ]
 
@@ -208,7 +182,6 @@ def test_hooked_reference_without_edges_is_the_masked_hf_forward(side):
         assert real_diff(got[:, :, i], values[s.name], cm) <= TOL, s.name
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 item 4: a reference batch of another shape runs silently without a mask")
 @pytest.mark.parametrize("call", ["run_with_edges", "run_with_circuit", "edge_sweep"])
 def test_a_reference_batch_of_another_shape_asks_for_its_mask(call):
     _, model = model_for("llama")
@@ -255,7 +228,6 @@ def test_path_patch_with_padding_equals_the_three_step_algorithm(family, side, c
     check_path_patch(family, hf, model, side, case, freeze_mlps, ("auto", "rows"))
 
 
-@pytest.mark.xfail(strict=True, reason=NEW_KEYWORD)
 @pytest.mark.parametrize("family", ["llama", "neox"])
 @pytest.mark.parametrize("side", SIDES)
 @pytest.mark.parametrize("case", ["kv_and_mlp_senders", "logits"])
@@ -305,7 +277,7 @@ SWEEP_PARAMS = [(f, side, a, rm) for f in EDGE_FAMILIES for side in SIDES for a,
 
 
 @pytest.mark.parametrize("family, side, ablation, refmask", [
-    pytest.param(*p, marks=[pytest.mark.xfail(strict=True, reason=NEW_KEYWORD)] if p[3] == "own" else [], id="-".join(p))
+    pytest.param(*p, id="-".join(p))
     for p in SWEEP_PARAMS])
 def test_edge_sweep_rows_with_padding_equal_one_run_with_edges_each(family, side, ablation, refmask):
     _, model = model_for(family)
@@ -324,7 +296,7 @@ def test_edge_sweep_rows_with_padding_equal_one_run_with_edges_each(family, side
 
 
 @pytest.mark.parametrize("family, side, ablation, refmask", [
-    pytest.param(*p, marks=edge_marks(p[2], p[3], p[1], SWEEP_DROPPED), id="-".join(p)) for p in SWEEP_PARAMS])
+    pytest.param(*p, id="-".join(p)) for p in SWEEP_PARAMS])
 def test_edge_sweep_with_padding_equals_the_hooked_reference(family, side, ablation, refmask):
     hf, model = model_for(family)
     ids, cm = clean_ids(), mask_of(CLEAN_LENGTHS, side)
@@ -341,32 +313,20 @@ def test_edge_sweep_with_padding_equals_the_hooked_reference(family, side, ablat
 # ---- 4. edge attribution patching -------------------------------------------------------------------
 
 EAP_VARIANTS = {
-    # variant: (keyword arguments for the corrupted run's mask, corrupted prompt lengths, marks)
-    "default": (lambda rm: {}, CLEAN_LENGTHS, "the corrupted run drops attention_mask"),
-    "corrupted_mask": (lambda rm: {"corrupted_mask": rm}, CLEAN_LENGTHS, None),  # the old keyword, clean mask
-    "corrupted_mask_own": (lambda rm: {"corrupted_mask": rm}, REF_LENGTHS, None),  # the old keyword, own mask
-    "corrupted_attention_mask": (lambda rm: {"corrupted_attention_mask": rm}, REF_LENGTHS, NEW_KEYWORD),
+    # variant: (keyword arguments for the corrupted run's mask, corrupted prompt lengths)
+    "default": (lambda rm: {}, CLEAN_LENGTHS),
+    "corrupted_mask": (lambda rm: {"corrupted_mask": rm}, CLEAN_LENGTHS),  # the old keyword, clean mask
+    "corrupted_mask_own": (lambda rm: {"corrupted_mask": rm}, REF_LENGTHS),  # the old keyword, own mask
+    "corrupted_attention_mask": (lambda rm: {"corrupted_attention_mask": rm}, REF_LENGTHS),
 }
-EAP_DEFAULT_OFF = {"llama": "0.38", "gpt2": "0.16"}  # observed before the fix: largest difference, left padding
-
-
-def eap_marks(family, side, variant):
-    note = EAP_VARIANTS[variant][2]
-    if note == NEW_KEYWORD:
-        return [pytest.mark.xfail(strict=True, reason=NEW_KEYWORD)]
-    if note and side == "left":
-        return [item4(f"{note}: scores off by {EAP_DEFAULT_OFF[family]}")]
-    return []
-
-
-EAP_PARAMS = [pytest.param(f, side, v, marks=eap_marks(f, side, v), id=f"{f}-{side}-{v}")
+EAP_PARAMS = [pytest.param(f, side, v, id=f"{f}-{side}-{v}")
               for f in ("llama", "gpt2") for side in SIDES for v in EAP_VARIANTS]
 
 
 @pytest.mark.parametrize("family, side, variant", EAP_PARAMS)
 def test_eap_scores_with_padding_equal_autograd_on_the_hf_model(family, side, variant):
     hf, model = model_for(family)
-    kw, lengths, _ = EAP_VARIANTS[variant]
+    kw, lengths = EAP_VARIANTS[variant]
     clean, corrupt = clean_ids(), corrupt_ids()
     cm, rm = mask_of(CLEAN_LENGTHS, side), mask_of(lengths, side)
     metric = real_metric(cm)
@@ -424,14 +384,8 @@ def acdc_run(side, repadded=False, own_mask=False, default_metric=False):
     return found, tuple(seen)
 
 
-ACDC_DROPPED = "the corrupted run drops attention_mask: the final circuit's metric is 4.6e-4 away from every value acdc saw"
-
-
 @pytest.mark.parametrize("side, own_mask", [
-    pytest.param("left", False, marks=item4(ACDC_DROPPED)),
-    pytest.param("right", False),
-    pytest.param("left", True, marks=pytest.mark.xfail(strict=True, reason=NEW_KEYWORD)),
-    pytest.param("right", True, marks=pytest.mark.xfail(strict=True, reason=NEW_KEYWORD)),
+    ("left", False), ("right", False), ("left", True), ("right", True),
 ])
 def test_acdc_circuit_with_padding_gives_the_metric_acdc_saw(side, own_mask):
     hf, model = acdc_model()
@@ -452,9 +406,7 @@ def test_acdc_circuit_with_padding_gives_the_metric_acdc_saw(side, own_mask):
     assert final - seen[0] < ACDC_THRESHOLD * n_receivers
 
 
-@pytest.mark.parametrize("side", [pytest.param("left", marks=item4("the corrupted run drops attention_mask: "
-                                                                     "other pad ids give another circuit, 3 edges differ")),
-                                  "right"])
+@pytest.mark.parametrize("side", ["left", "right"])
 def test_acdc_with_padding_ignores_the_ids_under_the_mask(side):
     found, seen = acdc_run(side)
     again, seen_again = acdc_run(side, repadded=True)
@@ -463,8 +415,7 @@ def test_acdc_with_padding_ignores_the_ids_under_the_mask(side):
     assert max(abs(a - b) for a, b in zip(seen, seen_again)) <= TOL
 
 
-@pytest.mark.parametrize("side", ["left", pytest.param("right", marks=pytest.mark.xfail(strict=True, reason=(
-    "not filed yet: acdc's default metric reads position -1, a pad of right-padded rows: 3 edges differ")))])
+@pytest.mark.parametrize("side", ["left", "right"])
 def test_acdc_default_metric_reads_each_rows_last_real_position(side):
     # the default is the KL divergence of the last position's distribution from the full model's; the
     # last position of a right-padded row is a pad
@@ -509,21 +460,7 @@ INVARIANCE_CALLS = {
     "sender_values": lambda model, clean, corrupt, cm: {"values": (circuits.sender_values(model, clean, cm), cm)},
     "acdc": None,  # on acdc_model(), through acdc_run
 }
-INVARIANCE_FAILS = {  # observed on the code before the fix
-    ("run_with_edges-corrupted", "left"): "the reference run drops attention_mask: logits move by 2.27",
-    ("run_with_edges-mean", "left"): "the mean's reference run drops attention_mask: logits move by 0.76",
-    ("run_with_circuit-corrupted", "left"): "the reference run drops attention_mask: logits move by 6.14",
-    ("edge_sweep-corrupted", "left"): "the reference run drops attention_mask: rows move by 0.43",
-    ("eap_scores", "left"): "the corrupted run drops attention_mask: scores move by 0.53",
-    ("acdc", "left"): "the corrupted run drops attention_mask: 3 edges of the circuit change",
-}
-
-
-def invariance_marks(name, side):
-    return [item4(INVARIANCE_FAILS[name, side])] if (name, side) in INVARIANCE_FAILS else []
-
-
-INVARIANCE_PARAMS = [pytest.param(n, side, marks=invariance_marks(n, side), id=f"{n}-{side}")
+INVARIANCE_PARAMS = [pytest.param(n, side, id=f"{n}-{side}")
                      for n in INVARIANCE_CALLS for side in SIDES]
 
 

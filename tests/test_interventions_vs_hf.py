@@ -109,7 +109,9 @@ def case_specs(name, family, padding):
         mean = hf_ref[ao].mean(0, keepdim=True)
         return [Ablate(ao, how="mean", reference=fx_ref, pos=-3)], [(ao, where(lambda v: mean, pos=-3))]
     if name == "ablate_batch_mean":
-        return [Ablate(z1, how="mean", head=1)], [(z1, where(lambda v: v.mean(0, keepdim=True), head=1))]
+        # the mean over the batch at each position counts only the rows whose token there is real
+        m = inputs(padding)[1].to(torch.float32)[:, :, None, None]
+        return [Ablate(z1, how="mean", head=1)], [(z1, where(lambda v: (v * m).sum(0, keepdim=True) / m.sum(0, keepdim=True), head=1))]
     if name == "steer":
         u = vec(d)
         return [Steer(ao, u, scale=2.5, pos=[0, -1])], [(ao, where(lambda v: v + 2.5 * u, pos=[0, -1]))]
