@@ -179,7 +179,8 @@ def call_path_patch(model):
 
 
 def call_edge_sweep(model):
-    return {k: circuits.edge_sweep(model, IDS, sets, pp_metric, ablation="corrupted", reference=COR) for k, sets in EDGE_SWEEPS.items()}
+    return {k: circuits.edge_sweep(model, IDS, sets, pp_metric, ablation="corrupted", reference=COR)
+            for k, sets in EDGE_SWEEPS.items()}
 
 
 def call_eap_scores(model):
@@ -187,7 +188,8 @@ def call_eap_scores(model):
 
 
 def call_run_with_edges(model):
-    return {"logits": circuits.run_with_edges(model, IDS, EDGE_SWEEPS["spanning"][1], ablation="corrupted", reference=COR)}
+    edges = EDGE_SWEEPS["spanning"][1]
+    return {"logits": circuits.run_with_edges(model, IDS, edges, ablation="corrupted", reference=COR)}
 
 
 def call_attribution(model):
@@ -496,8 +498,9 @@ def _edit(family):
     return edit
 
 
-STALE_MLPS = xfail("the copy keeps the original's MLP programs (built by path_patch or edge_sweep): path_patch and "
-                   "edge_sweep on it return the original model's numbers, off by 0.73 and 0.53 (gpt2), 1.7 and 1.9 (llama)")
+STALE_MLPS = xfail("the copy keeps the original's MLP programs (built by path_patch or edge_sweep): path_patch "
+                   "and edge_sweep on it return the original model's numbers, off by 0.73 and 0.53 (gpt2), 1.7 and "
+                   "1.9 (llama)")
 
 
 @pytest.mark.parametrize("family, prior_call", after_priors(["gpt2"], priors=PRIORS, marks={
@@ -536,7 +539,8 @@ def test_a_with_weight_edits_copy_refuses_once_the_hf_model_changes_dtype(prior_
 # ---- 5. Model.from_hf again is fresh ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family, how, prior_call", after_priors([("gpt2", "submodule"), ("llama", "load_state_dict_assign")]))
+@pytest.mark.parametrize("family, how, prior_call",
+                         after_priors([("gpt2", "submodule"), ("llama", "load_state_dict_assign")]))
 @xfail("Model.from_hf of the same HF model reuses the capture made before the swap: its logits are off HF's by 3.3 "
        "(gpt2) and 4.7 (llama)")
 def test_from_hf_again_after_a_swap_is_fresh(family, how, prior_call):
