@@ -56,7 +56,7 @@ def attribute(model, corrupted_tokens, clean_cache, metric, activation_name: str
     program = model.programs.get(plan)
     with torch.enable_grad():
         out = program(**feed, **inputs)
-        logits = out["outputs"][model.captured.outputs[0]]
+        logits = model._logits(out)
         value = scalar(metric(logits))
         if not value.requires_grad:
             raise ValueError("the metric's value does not depend on the logits through autograd; attribution needs a differentiable metric")

@@ -33,6 +33,20 @@ def _as_index(value, batch: int) -> torch.Tensor:
     return t.expand(batch) if t.dim() == 0 else t
 
 
+def _token_ids(value, what: str):
+    """``value`` checked as vocabulary ids: integers, none negative (a negative id would silently read
+    an entry counted from the end of the vocabulary)."""
+    t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{what} must be integer token ids (an int or an integer tensor); got {value!r}")
+    if t.numel() and int(t.min()) < 0:
+        raise ValueError(
+            f"{what}={int(t.min())} is a negative token id; token ids count from 0 (use model.to_single_token(...) "
+            "or model.cfg.d_vocab_out - 1 for the last entry)"
+        )
+    return value
+
+
 def _positions(value, batch: int, seq: int) -> torch.Tensor:
     pos = _as_index(value, batch)
     bad = pos[(pos >= seq) | (pos < -seq)]
@@ -55,8 +69,20 @@ class Metric:
         """Metric per row from logits [rows, batch, n_pos, n_tok] gathered as ``select`` says."""
         raise NotImplementedError
 
+    def check_vocab(self, n_vocab: int, seq: int, batch: int) -> None:
+        """Refuse a token id beyond logits of ``n_vocab`` entries, for an input of ``batch`` x ``seq`` tokens
+        (the metric itself does not know the model; whoever holds the logits checks)."""
+        _, tok = self.select(seq, batch)
+        if tok.numel() and int(tok.max()) >= n_vocab:
+            raise ValueError(
+                f"the metric reads token id {int(tok.max())}, but the logits have {n_vocab} entries (ids 0..{n_vocab - 1})"
+            )
+
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        batch, seq, _ = logits.shape
+        if logits.dim() != 3:
+            raise ValueError(f"the metric expects logits [batch, pos, vocab]; got shape {tuple(logits.shape)}")
+        batch, seq, n_vocab = logits.shape
+        self.check_vocab(n_vocab, seq, batch)
         pos, tok = self.select(seq, batch)
         rows = torch.arange(batch)[:, None, None]
         sel = logits[rows, pos[:, :, None], tok[:, None, :]]
@@ -109,14 +135,19 @@ def logit_diff(answer, wrong, pos=-1, reduce: str = "mean") -> Metric:
     """Mean over the batch of logit[answer] - logit[wrong] at ``pos`` (ints or [batch] tensors)."""
     if reduce not in ("mean", "sum"):
         raise ValueError("reduce must be 'mean' or 'sum'")
-    return _LogitDiff(answer, wrong, pos, reduce == "mean")
+    return _LogitDiff(_token_ids(answer, "answer"), _token_ids(wrong, "wrong"), pos, reduce == "mean")
 
 
 def logit(token, pos=-1) -> Metric:
     """Mean over the batch of logit[token] at ``pos``."""
-    return _Logit(token, pos)
+    return _Logit(_token_ids(token, "token"), pos)
 
 
 def normalized(metric: Metric, clean: float, corrupted: float) -> Metric:
     """(metric - corrupted) / (clean - corrupted): 0 at the corrupted run, 1 at the clean run."""
+    if float(clean) == float(corrupted):
+        raise ValueError(
+            f"clean and corrupted are both {float(clean)}: the normalised metric would divide by zero; "
+            "pick inputs on which the metric differs"
+        )
     return _Normalized(metric, float(clean), float(corrupted))

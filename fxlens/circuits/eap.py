@@ -56,7 +56,7 @@ def eap_scores(model, clean_tokens, corrupted_tokens, metric, *, attention_mask=
     plan, inputs = PlanBuilder(model.graph).edges((), specs, "delta", deltas=zeros).build()
     with torch.enable_grad():
         out = model.programs.get(plan)(**feed, **inputs)
-        value = scalar(metric(out["outputs"][model.captured.outputs[0]]))
+        value = scalar(metric(model._logits(out)))
         if not value.requires_grad:
             raise CircuitError("the metric's value does not depend on the logits through autograd; EAP needs a differentiable metric")
         grads = torch.autograd.grad(value, list(zeros.values()))

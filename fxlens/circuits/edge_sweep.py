@@ -221,7 +221,7 @@ def full_rows(model, feed: dict, sets, metric, alt: torch.Tensor, max_rows: int 
             b.select_vocab(model.graph.structure.unembed, vocab.to(device))
         plan, inputs = b.build()
         with torch.no_grad():
-            logits = model.programs.get(plan)(**tiled, **inputs)["outputs"][model.captured.outputs[0]]
+            logits = model._logits(model.programs.get(plan)(**tiled, **inputs))
         if declared:
             b_idx = torch.arange(batch)[:, None, None].repeat(rows, 1, 1) + torch.arange(rows).repeat_interleave(batch)[:, None, None] * batch
             sel = logits[b_idx, pos.repeat(rows, 1)[:, :, None], inverse.view(batch, 1, -1).repeat(rows, 1, 1)]

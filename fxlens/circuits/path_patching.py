@@ -228,6 +228,6 @@ def _rows_method(model, comp, feed, corrupted, metric, recv, senders, freeze_mlp
     prep.add_to(b)
     plan, inputs = b.build()
     with torch.no_grad():
-        logits = model.programs.get(plan)(**tiled, **inputs)["outputs"][model.captured.outputs[0]]
+        logits = model._logits(model.programs.get(plan)(**tiled, **inputs))
     rows = (logits_rows if logits_rows is not None else read_rows).view(n, batch)
     return {s.name: float(scalar(metric(logits[rows[k]]))) for k, s in enumerate(senders)}

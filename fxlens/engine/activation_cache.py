@@ -107,13 +107,36 @@ class ActivationCache:
         return (stacked, labels) if return_labels else stacked
 
     def decompose_resid(self, layer: int | None = None, mode: str = "all", return_labels: bool = False):
-        """What each component wrote into the residual stream before ``layer``: [components, ...]."""
+        """What each component wrote into the residual stream before ``layer``: [components, ...].
+
+        First the embedding terms: one per embedding site (``embed``, ``pos_embed``, ``token_type_embed``)
+        when those sites are every term summed into the first residual; otherwise (a model without a
+        table whose positional embedding has no canonical name) the residual entering layer 0,
+        ``blocks.0.hook_resid_pre``, as one term labelled ``embeddings``. Then ``{i}_attn_out`` and
+        ``{i}_mlp_out`` per layer. Every term must have been cached: a missing one raises ``SiteError``
+        naming the sites to add to ``names_filter`` (leaving a term out would make the components
+        silently not sum to the residual).
+        """
+        if mode not in ("all", "attn", "mlp"):
+            raise ValueError(f"mode must be 'all', 'attn' or 'mlp'; got {mode!r}")
         n = self._sites.n_layers if layer is None else layer
+        embeds = self._embedding_terms()
+        wanted = [name for name, _ in embeds]
+        for i in range(n):
+            if mode in ("all", "attn"):
+                wanted.append(self._sites.get_act_name("attn_out", i))
+            if mode in ("all", "mlp"):
+                wanted.append(self._sites.get_act_name("mlp_out", i))
+        missing = [name for name in wanted if name not in self._values]
+        if missing:
+            raise SiteError(
+                f"decompose_resid needs {', '.join(missing)}, which {'was' if len(missing) == 1 else 'were'} not cached; "
+                "add them to names_filter (or run_with_cache with names_filter=None)"
+            )
         labels, out = [], []
-        for name in ("hook_embed", "hook_pos_embed"):
-            if name in self._values:
-                labels.append(name[5:])
-                out.append(self._values[name])
+        for name, label in embeds:
+            labels.append(label)
+            out.append(self._values[name])
         for i in range(n):
             if mode in ("all", "attn"):
                 labels.append(f"{i}_attn_out")
@@ -124,3 +147,12 @@ class ActivationCache:
         shape = torch.broadcast_shapes(*(t.shape for t in out))
         stacked = torch.stack([t.expand(shape) for t in out])
         return (stacked, labels) if return_labels else stacked
+
+    def _embedding_terms(self) -> list[tuple[str, str]]:
+        """(site name, label) of the terms that make the residual entering layer 0 (see decompose_resid)."""
+        named = [(name, name[5:]) for name in ("hook_embed", "hook_pos_embed", "hook_token_type_embed") if name in self._sites]
+        structure = getattr(getattr(self.model, "graph", None), "structure", None)
+        terms = {node for _, node in getattr(structure, "embed_terms", ())}
+        if named and (not terms or terms == {self._sites[name].node for name, _ in named}):
+            return named
+        return [(self._sites.get_act_name("resid_pre", 0), "embeddings")]

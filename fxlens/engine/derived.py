@@ -246,6 +246,20 @@ class Derived:
             self._plans.move_to_end(key)
         return plan
 
+    def no_logits(self, what: str) -> str:
+        """What to say when ``what`` needs logits from a model without a head, and how to read its output."""
+        cg, name = self.captured, type(self.binding.hf_model).__name__
+        fields = ", ".join(cg.outputs) or "nothing"
+        first = cg.outputs[0] if cg.outputs else None
+        node = cg.module.graph.output_node().args[0]["outputs"].get(first) if first else None
+        site = next((s.name for s in self.graph.sites.values() if node is not None and s.node == node.name and s.layout.is_identity), None)
+        read = f"the site {site!r}" if site else "a site of model.sites"
+        return (
+            f"{what} needs logits, but {name} has no logits (no LM head): its output is {fields}. Read it with "
+            f"model.run_with_cache(tokens, names_filter={site or '...'!r}, return_type=None) ({read}), or load a model "
+            "with a head (AutoModelForCausalLM, AutoModelForMaskedLM)."
+        )
+
     @property
     def programs(self) -> Programs:
         """Programs built from the whole captured graph, keyed by plan."""

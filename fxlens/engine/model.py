@@ -23,6 +23,7 @@ registered on the HF model are not part of the graph (use ``run_with_hooks``).
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ from ..graphs.sites import Site, SiteError
 from ..passes import Read
 from .activation_cache import ActivationCache
 from .derived import Derived, StaleModelError
+from .inputs import feed as checked_feed
 from .interventions import prepare
 from .plan import PlanBuilder
 from .tokens import Tokens
@@ -62,8 +64,8 @@ class Config:
     d_head: int | None = None
     n_key_value_heads: int | None = None
     d_mlp: int | None = None
-    d_vocab: int | None = None
-    d_vocab_out: int | None = None
+    d_vocab: int | None = None  # token ids accepted: the input embedding's rows
+    d_vocab_out: int | None = None  # the last axis of the logits (num_labels for a classification head)
     n_ctx: int | None = None
     model_type: str | None = None
     has_table: bool = False
@@ -98,9 +100,7 @@ class Model:
     """A HuggingFace model captured as a graph of named sites. See the module docstring."""
 
     def __init__(self, hf_model: torch.nn.Module, tokenizer=None, *, attn_implementation: str | None = None, table="auto"):
-        if not isinstance(hf_model, torch.nn.Module):
-            hint = " (a name: use fxlens.Model.from_pretrained(name))" if isinstance(hf_model, str) else ""
-            raise TypeError(f"fxlens.Model wraps a torch.nn.Module (a HuggingFace model); got {type(hf_model).__name__}{hint}")
+        _check_model_and_tokenizer(hf_model, tokenizer)
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         if table == "auto":
@@ -214,6 +214,8 @@ class Model:
         """Load with ``AutoModelForCausalLM`` (falling back to masked-LM and base classes) and ``AutoTokenizer``.
 
         ``hf_kwargs`` go to ``from_pretrained`` (``gguf_file=``, ``torch_dtype=``, ``revision=``, ...).
+        ``tokenizer``: None loads one from the same place (an error if there is none), False loads none,
+        a name or folder loads that one, anything else is used as the tokenizer.
         """
         import transformers
 
@@ -231,9 +233,27 @@ class Model:
         if hf_model is None:
             raise ValueError(f"could not load {name_or_path!r}:\n" + "\n".join(errors))
         hf_model.eval()
-        if tokenizer is None:
-            tok_kwargs = {k: v for k, v in hf_kwargs.items() if k in ("gguf_file", "revision", "trust_remote_code")}
-            tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, **tok_kwargs)
+        tok_kwargs = {k: v for k, v in hf_kwargs.items() if k in ("gguf_file", "revision", "trust_remote_code")}
+        if tokenizer is False:
+            tokenizer = None
+        elif tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            source = name_or_path if tokenizer is None else tokenizer
+            why, cause = None, None
+            try:
+                tokenizer = transformers.AutoTokenizer.from_pretrained(source, **tok_kwargs)
+            except (OSError, ValueError, TypeError, KeyError) as err:
+                text = str(err).strip()
+                why, cause = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}", err
+            else:
+                # transformers 5 builds a tokenizer with an empty vocabulary from a folder with no tokenizer files
+                if getattr(tokenizer, "vocab_size", None) == 0:
+                    why = "the folder holds no tokenizer files; AutoTokenizer built one with an empty vocabulary"
+            if why is not None:
+                raise ValueError(
+                    f"loaded the model from {name_or_path!r} but no tokenizer from {str(source)!r} ({why}). Pass "
+                    "tokenizer=False to go on without one (then give token ids, not text), or tokenizer=<a tokenizer, "
+                    "or a name or folder that holds one>."
+                ) from cause
         return cls(hf_model, tokenizer, attn_implementation=attn_implementation)
 
     # ---- sites ----------------------------------------------------------------------------------
@@ -272,53 +292,43 @@ class Model:
         return self._tok.to_single_token(string)
 
     def _inputs(self, value, attention_mask=None, prepend_bos: bool = True, padding_side: str = "right") -> dict:
-        if isinstance(value, (str, list)) and (isinstance(value, str) or (value and isinstance(value[0], str))):
-            ids, mask = self._tok.encode(value, prepend_bos=prepend_bos, padding_side=padding_side)
-            if attention_mask is None:
-                attention_mask = mask
-        elif isinstance(value, torch.Tensor):
-            ids = value
-        elif isinstance(value, (list, tuple)):
-            ids = torch.tensor(value)
-        else:
-            raise TypeError(f"expected text, a list of texts, or token ids; got {type(value).__name__}")
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-        if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
-            raise ValueError(f"token ids must be an integer tensor [batch, pos]; got {tuple(ids.shape)} {ids.dtype}")
+        """The program's checked inputs (``fxlens.engine.inputs.feed``)."""
         self.derived  # the HF model as captured, or followed (see ``derived``)
-        ids = ids.to(self.captured.device, torch.long)
-        vocab = self.cfg.d_vocab
-        if ids.numel() and vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-            bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
-            raise ValueError(f"token id {bad} is outside the vocabulary: ids must lie in 0..{vocab - 1}")
-        if self.cfg.n_ctx is not None and ids.shape[1] > self.cfg.n_ctx:
-            raise ValueError(f"sequence length {ids.shape[1]} exceeds the model's {self.cfg.n_ctx} positions (0..{self.cfg.n_ctx - 1})")
-        if ids.shape[1] == 0:
-            raise ValueError("empty input: the token sequence has length 0")
-        feed = {"input_ids": ids}
-        if "attention_mask" in self.captured.inputs:
-            if attention_mask is None:
-                attention_mask = torch.ones_like(ids)
-            attention_mask = attention_mask.to(self.captured.device)
-            if attention_mask.shape != ids.shape:
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {tuple(ids.shape)} like the tokens")
-            feed["attention_mask"] = attention_mask.to(torch.long)
-        elif attention_mask is not None:
-            raise ValueError(f"{type(self.hf_model).__name__} takes no attention_mask")
-        return feed
+        return checked_feed(
+            value, attention_mask, tokens=self._tok, device=self.captured.device, vocab=self.cfg.d_vocab,
+            n_ctx=self.cfg.n_ctx, takes_mask="attention_mask" in self.captured.inputs,
+            model_name=type(self.hf_model).__name__, prepend_bos=prepend_bos, padding_side=padding_side,
+        )
 
     # ---- running --------------------------------------------------------------------------------
     def _outputs(self, out: dict, feed: dict, return_type: str | None):
-        logits = out["outputs"].get(self.captured.outputs[0]) if out.get("outputs") else None
         if return_type in (None, "none"):
             return None
+        if return_type not in ("logits", "loss", "both"):
+            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None; got {return_type!r}")
+        logits = (out.get("outputs") or {}).get(self.captured.logits)
+        if logits is None:
+            raise ValueError(self._no_logits(return_type))
         if return_type == "logits":
             return logits
-        if return_type in ("loss", "both"):
-            loss = lm_loss(logits, feed["input_ids"], feed.get("attention_mask"))
-            return loss if return_type == "loss" else (logits, loss)
-        raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None; got {return_type!r}")
+        if self.cfg.d_vocab_out is not None and self.cfg.d_vocab is not None and self.cfg.d_vocab_out != self.cfg.d_vocab:
+            raise ValueError(
+                f"return_type={return_type!r} asks for the next-token loss, which needs logits over the {self.cfg.d_vocab} "
+                f"tokens; the last axis of {type(self.hf_model).__name__}'s logits holds {self.cfg.d_vocab_out}, not "
+                f"{self.cfg.d_vocab} (a classification head). Use return_type='logits' and compute the loss you mean from them."
+            )
+        loss = lm_loss(logits, feed["input_ids"], feed.get("attention_mask"))
+        return loss if return_type == "loss" else (logits, loss)
+
+    def _no_logits(self, return_type) -> str:
+        return self._derived.no_logits(f"return_type={return_type!r}")
+
+    def _logits(self, out: dict) -> torch.Tensor:
+        """The logits of a whole-model program's output, or a ValueError for a model without a head."""
+        key = self.captured.logits
+        if key is None:
+            raise ValueError(self._derived.no_logits("this call"))
+        return out["outputs"][key]
 
     def __call__(self, input, attention_mask=None, *, return_type: str | None = "logits", prepend_bos: bool = True, padding_side: str = "right"):
         feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
@@ -492,6 +502,21 @@ class Model:
         return (
             f"fxlens.Model({type(self.hf_model).__name__}: {c.n_layers} layers, d_model={c.d_model}, "
             f"heads={c.n_heads}, {len(self.site_table)} sites, attention={c.attn_implementation})"
+        )
+
+
+def _check_model_and_tokenizer(hf_model, tokenizer) -> None:
+    if isinstance(hf_model, (str, os.PathLike)):
+        raise TypeError(
+            f"Model.from_hf wraps a model object, not a name or folder: to load {str(hf_model)!r} use "
+            f"fxlens.Model.from_pretrained({str(hf_model)!r})"
+        )
+    if not isinstance(hf_model, torch.nn.Module):
+        raise TypeError(f"Model.from_hf wraps a torch.nn.Module (a HuggingFace model); got {type(hf_model).__name__}")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        raise TypeError(
+            f"tokenizer={str(tokenizer)!r} is a name, not a tokenizer: pass "
+            f"transformers.AutoTokenizer.from_pretrained({str(tokenizer)!r})"
         )
 
 

@@ -50,6 +50,8 @@ class Tokens:
 
     def encode(self, text, prepend_bos: bool = True, padding_side: str = "right"):
         """(ids [batch, pos], attention_mask [batch, pos]) for a string or a list of strings."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side={padding_side!r} is not a padding side: use 'left' or 'right'")
         tok = self._need()
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):

@@ -32,7 +32,9 @@ import torch
 import torch.fx as fx
 from torch.fx.graph import CodeGen
 
+from .causality import probe_causal
 from .nodes import is_assert, tensor_meta
+from .vocab import input_vocab
 
 __all__ = ["CapturedGraph", "CaptureError", "capture"]
 
@@ -53,7 +55,7 @@ class CapturedGraph:
     attn_implementation: str = "sdpa"
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    is_causal: bool = True
+    is_causal: bool = False  # no position reads a later token (probed on the graph: ``causality``)
 
 
 @contextlib.contextmanager
@@ -252,6 +254,9 @@ def capture(model: torch.nn.Module, *, attn_implementation: str | None = None) -
     batch_sym, seq_sym = (s.node.expr if isinstance(s, torch.SymInt) else s for s in ids_val.shape)
     param = next(iter(model.parameters()), None)
     config = getattr(model, "config", None)
+    vocab = input_vocab(module.graph) or getattr(config, "vocab_size", None)
+    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    causal = probe_causal(module, seq_sym, vocab, max_len=max_pos, device=param.device if param is not None else None)
     return CapturedGraph(
         module=module,
         inputs=tuple(inputs),
@@ -261,18 +266,8 @@ def capture(model: torch.nn.Module, *, attn_implementation: str | None = None) -
         attn_implementation=impl,
         dtype=param.dtype if param is not None else torch.float32,
         device=param.device if param is not None else torch.device("cpu"),
-        is_causal=not bool(getattr(config, "is_encoder_decoder", False)) and _is_causal(model),
+        is_causal=causal,
     )
-
-
-def _is_causal(model) -> bool:
-    config = getattr(model, "config", None)
-    if config is None:
-        return True
-    if getattr(config, "is_decoder", False):
-        return True
-    arch = " ".join(getattr(config, "architectures", None) or []) + type(model).__name__
-    return not any(key in arch for key in ("MaskedLM", "ForSequenceClassification", "BertModel", "Encoder"))
 
 
 def _rename_attrs(module: fx.GraphModule) -> None:

@@ -31,9 +31,10 @@ from .capture import CapturedGraph
 from .dataflow import DataGraph
 from .layout import IDENTITY, Layout
 from .mlp import Mlp, find_mlp
-from .nodes import is_tensor, op_name, sym_dims
+from .nodes import is_tensor, op_name, scope, sym_dims
 from .norms import Norm, find_norm
 from .structure import Structure, StructureError, _escaping, _module_nodes, _norm_modules, find_structure
+from .vocab import input_vocab, token_embedding
 
 __all__ = ["Site", "SiteTable", "ModelGraph", "analyse", "rewritten", "SiteError"]
 
@@ -214,6 +215,8 @@ def analyse(cg: CapturedGraph, table=None) -> ModelGraph:
     dg = DataGraph(graph)
     syms = (cg.batch_symbol, cg.seq_symbol)
     st = find_structure(graph, dg)
+    if table is not None:
+        table = table.for_blocks_at(st.blocks_path)  # a base model: its paths lack the head's prefix
     by_scope = _module_nodes(graph)
     norms = {}
     for path in _norm_modules(by_scope):
@@ -272,8 +275,13 @@ def _dims(dg, syms, st, attns, mlps) -> dict:
         out.update(n_heads=a.n_heads, n_key_value_heads=a.n_kv_heads, d_head=a.d_head)
     if m is not None:
         out["d_mlp"] = sym_dims(dg.node(m.post.node), *syms)[-1]
+    # d_vocab: the token ids the model accepts (the input embedding's rows, TransformerLens' meaning);
+    # d_vocab_out: the last axis of the main output (num_labels for a classification head)
+    vocab = input_vocab(dg.graph)
+    if vocab is not None:
+        out["d_vocab"] = vocab
     if st.unembed is not None:
-        out["d_vocab"] = sym_dims(dg.node(st.unembed), *syms)[-1]
+        out["d_vocab_out"] = sym_dims(dg.node(st.unembed), *syms)[-1]
     return out
 
 
@@ -361,10 +369,17 @@ class _Builder:
                 names[t.pos_embed] = "hook_pos_embed"
             if t.token_type_embed:
                 names[t.token_type_embed] = "hook_token_type_embed"
+        token = token_embedding(self.dg.graph)
+        token_path = scope(token) if token is not None else None
         for path, node in self.st.embed_terms:
             name = names.get(path)
             if name is None and t is None:
-                name = "hook_embed" if "pos" not in path and "type" not in path else None
+                # untabled: the token embedding is the one that reads input_ids (GPT-2's "wpe" has no
+                # "pos" in its name, so a name test would call the positional embedding hook_embed)
+                if token_path is not None:
+                    name = "hook_embed" if path == token_path else None
+                else:
+                    name = "hook_embed" if "pos" not in path and "type" not in path else None
             if name is None:
                 continue
             dims = sym_dims(self.dg.node(node), *self.syms)

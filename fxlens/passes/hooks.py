@@ -15,6 +15,8 @@ Example::
     gm(input_ids=ids, attention_mask=mask, fxl_in0=[(fn, point)])
 
 Gotchas: a hook that returns a tensor of another shape or dtype raises ``HookError`` naming the site.
+A site read as a broadcast view (``hook_pos_embed``, held as [1, pos, d]) reaches the hook as a copy
+[batch, pos, d], so in-place edits may differ per row.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ class Hooks:
 
 def _call_hook(fns, index: int, value: torch.Tensor, name: str):
     fn, point = fns[index]
+    if any(st == 0 and n > 1 for st, n in zip(value.stride(), value.shape)):
+        # a broadcast view (a [1, pos, d] positional embedding read as [batch, pos, d]): one memory
+        # location per batch row, which an in-place edit cannot write. The hook gets its own copy, as
+        # TransformerLens' hooks do, and the copy (edited or not) goes on.
+        value = value.contiguous()
     out = fn(value, point)
     if out is None:
         return value

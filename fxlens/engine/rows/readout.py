@@ -38,6 +38,8 @@ class Readout:
     def __init__(self, blocks, base, metric):
         if not callable(metric):
             raise MetricError(f"the metric must be a callable on logits (or from fxlens.metrics); got {type(metric).__name__}")
+        if blocks.captured.logits is None:
+            raise MetricError(blocks.derived.no_logits("a metric"))
         self.blocks = blocks
         self.base = base
         self.metric = metric
@@ -92,7 +94,7 @@ class Readout:
     # ---- the head -------------------------------------------------------------------------------
     def full(self, h: torch.Tensor) -> torch.Tensor:
         out = self.blocks.head.get(())(**self.blocks.head_feed(h, self.base.context))["outputs"]
-        return out[self.blocks.seg.outputs[0]]
+        return out[self.blocks.captured.logits]
 
     def _select(self, hs: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
         unembed = self.blocks.graph.structure.unembed
@@ -103,7 +105,7 @@ class Readout:
             prog = self.blocks.head.get(plan)
         except PassError:  # the head is not a plain linear unembedding: compute every entry
             return self.full(hs)[..., vocab.to(hs.device)]
-        return prog(**feed, **inputs)["outputs"][self.blocks.seg.outputs[0]]
+        return prog(**feed, **inputs)["outputs"][self.blocks.captured.logits]
 
     def _selected(self, hs: torch.Tensor, n_rows: int) -> torch.Tensor:
         """The logits the metric reads from hidden states at its positions, [rows*B0, n_pos, n_tok]."""

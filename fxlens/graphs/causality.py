@@ -1,0 +1,101 @@
+"""Is a captured model causal? Asked of what the graph computes, not of the model's class name.
+
+Problem: a patching sweep may skip the positions before a patch only if nothing earlier reads later
+tokens. A class name does not say so: ``BertForTokenClassification``, ``RobertaForTokenClassification``,
+``ElectraForPreTraining`` and ``BertLMHeadModel(is_decoder=False)`` are bidirectional encoders whose
+names look like nothing in particular, and a wrong guess makes sweeps silently drop the effect of a
+patch on earlier positions.
+
+Mechanism: run the captured program on a small probe input and again with only the last token
+changed, recording every node that has exactly one sequence axis (hidden states, queries, keys,
+values, MLP activations, logits). The model is causal only if, at every such node, every position
+before the last is bit-identical between the two runs. Nodes with two sequence axes (scores,
+masks) are not compared: a causal model's raw scores do read the later key before it is masked.
+A causal model recomputes earlier rows with the same kernels on the same shapes, so they match
+exactly; any dependence, however small, is a difference. Should numerical noise ever make a causal
+model look otherwise, the error is on the safe side: sweeps then recompute earlier positions.
+
+Example::
+
+    probe_causal(cg.module, cg.seq_symbol, vocab=30522)             # False for any BERT head
+    probe_causal(cg.module, cg.seq_symbol, vocab=50257)             # True for GPT-2
+
+Gotchas: the probe runs the graph once per input on the model's device (a [1, 6] input; positions
+are capped by ``max_len``). A model whose vocabulary or context holds a single entry cannot be
+probed and is treated as not causal.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .nodes import tensor_meta
+
+__all__ = ["probe_causal", "sequence_axes"]
+
+PROBE_LENGTH = 6
+
+
+def sequence_axes(graph: fx.Graph, seq_symbol) -> dict[str, int]:
+    """{node name: axis} for every tensor node with exactly one axis equal to the sequence symbol
+    and no other axis that involves it (a flattened batch*pos axis is left out)."""
+    out = {}
+    for node in graph.nodes:
+        val = tensor_meta(node)
+        if node.op in ("placeholder", "get_attr", "output") or not isinstance(val, torch.Tensor):
+            continue
+        axes, involved = [], 0
+        for i, d in enumerate(val.shape):
+            expr = d.node.expr if isinstance(d, torch.SymInt) else d
+            if expr == seq_symbol:
+                axes.append(i)
+            elif seq_symbol is not None and hasattr(expr, "free_symbols") and seq_symbol in expr.free_symbols:
+                involved += 1
+        if len(axes) == 1 and not involved:
+            out[node.name] = axes[0]
+    return out
+
+
+def _watching(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
+    """A copy of ``gm`` whose output is the tuple of the named nodes' values (generated code, so the
+    probe costs two plain forwards rather than two interpreted ones)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    graph.graph_copy(gm.graph, env)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    graph.output(tuple(env[by_name[name]] for name in names))
+    return fx.GraphModule(gm, graph)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return bool(torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))
+    return bool(torch.equal(a, b))
+
+
+def probe_causal(gm: fx.GraphModule, seq_symbol, vocab: int | None, *, max_len: int | None = None, device=None) -> bool:
+    """Whether no position before the last depends on the last token (see the module docstring)."""
+    length = PROBE_LENGTH if max_len is None else min(PROBE_LENGTH, int(max_len))
+    if vocab is None or vocab < 2 or length < 2:
+        return False
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, length), generator=g)
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1 + torch.randint(0, vocab - 1, (1,), generator=g)) % vocab
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    axes = sequence_axes(gm.graph, seq_symbol)
+    if not axes:
+        return False
+    watch = _watching(gm, list(axes))
+    runs = []
+    with torch.no_grad():
+        for tokens in (ids, changed):
+            feed = {"input_ids": tokens.to(device)}
+            if "attention_mask" in placeholders:
+                feed["attention_mask"] = torch.ones_like(feed["input_ids"])
+            values = watch(*(feed[name] for name in placeholders))
+            runs.append([v.narrow(axes[name], 0, length - 1) for name, v in zip(axes, values)])
+    return all(_same(a, b) for a, b in zip(*runs))
