@@ -232,7 +232,11 @@ def hf_alternatives(family, hf, ablation, reference, reference_mask, like):
         return {k: torch.zeros_like(v[:1]) for k, v in hf_sender_outputs(family, hf, like, None).items()}
     values = hf_sender_outputs(family, hf, reference, reference_mask)
     if ablation == "mean":
-        return {k: v.mean(0, keepdim=True) for k, v in values.items()}
+        if reference_mask is None:
+            return {k: v.mean(0, keepdim=True) for k, v in values.items()}
+        # at each position, the mean over the reference rows whose token there is real (not padding)
+        w = reference_mask.to(torch.float32)[:, :, None]
+        return {k: (v * w).sum(0, keepdim=True) / w.sum(0, keepdim=True) for k, v in values.items()}
     assert ablation == "corrupted"
     return values
 

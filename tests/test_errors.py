@@ -60,8 +60,7 @@ def test_from_pretrained_with_tokenizer_false_loads_the_model_alone(saved_gpt2):
 def base_llama():
     torch.manual_seed(0)
     hf = T.LlamaModel(T.LlamaConfig(**LLAMA)).eval()
-    # table=None: the llama table names "model.layers", a base model's layers are "layers" (see the xfail below)
-    return hf, fxlens.Model.from_hf(hf, table=None)
+    return hf, fxlens.Model.from_hf(hf)
 
 
 def test_a_base_model_refuses_logits_and_names_its_output(base_llama):
@@ -83,7 +82,6 @@ def test_a_base_model_output_is_read_as_the_message_says(base_llama):
     assert logits is None and (cache["norm"] - want).abs().max().item() <= TOL
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 item 5: sweeps take the first output (last_hidden_state) as logits")
 def test_a_sweep_on_a_base_model_is_refused(base_llama):
     _, model = base_llama
     _, clean_cache = model.run_with_cache(tokens(2, 5, seed=2), return_type=None)
@@ -91,7 +89,6 @@ def test_a_sweep_on_a_base_model_is_refused(base_llama):
         patching.get_act_patch_resid_pre(model, tokens(2, 5), clean_cache, lambda logits: logits[:, -1, 0].mean())
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9: a base model's module paths lack the head's prefix the table names")
 def test_a_base_model_wraps_with_its_family_table():
     torch.manual_seed(0)
     model = fxlens.Model.from_hf(T.LlamaModel(T.LlamaConfig(**LLAMA)).eval())
@@ -128,7 +125,6 @@ def test_a_metric_token_beyond_the_logits_is_refused_with_the_size():
     assert (metrics.logit_diff(99, 8)(logits) - want).abs().item() == 0
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 item 5: a sweep's selected-vocabulary path raises a raw IndexError")
 def test_a_sweep_with_a_metric_token_beyond_the_vocabulary_names_the_size():
     _, model = cached_model("gpt2")
     _, clean_cache = model.run_with_cache(tokens(2, 5, seed=2))

@@ -89,7 +89,7 @@ def test_a_metric_returning_a_string_is_refused_by_name():
 
 
 def test_a_metric_token_outside_the_vocabulary_is_refused_in_a_sweep():
-    with pytest.raises(SweepError, match=r"reads token 100, outside the model's output vocabulary 0..99"):
+    with pytest.raises(SweepError, match=r"reads token id 100, but the logits have 100 entries \(ids 0..99\)"):
         _sweep(metrics.logit_diff(100, 3))
 
 

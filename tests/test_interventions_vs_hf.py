@@ -203,21 +203,15 @@ def test_resample_from_the_batch_equals_hf_edit_with_another_row(family, padding
 # ---- run_with_hooks with in-place edits -------------------------------------------------------------
 
 
-FUSED_QKV_VIEW = pytest.mark.xfail(
-    strict=True, reason="found with issue 9's tests: with autograd on, hook_v of a fused qkv projection (GPT-2 c_attn, "
-    "NeoX query_key_value) reaches the hook as one output of split/chunk, and the in-place edit raises 'Output 0 of "
-    "Select is a view and is being modified inplace ... function that returns multiple views'")
-
-
 @pytest.mark.parametrize("grad", [
     pytest.param(False, id="no_grad"),
     pytest.param(True, id="grad"),
 ])
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_run_with_hooks_in_place_edits_equal_hf_hooked_edit(family, padding, grad, request):
-    if grad and family in ("gpt2", "neox"):
-        request.applymarker(FUSED_QKV_VIEW)
+def test_run_with_hooks_in_place_edits_equal_hf_hooked_edit(family, padding, grad):
+    # with autograd on, GPT-2's and NeoX's hook_v is one output of a split, which autograd refuses to
+    # edit in place: the hook gets a copy (this failed before issue 9's fix)
     hf, model = H.pair(family)
     ids, mask, *_ = inputs(padding)
     u = vec(model.cfg.d_model, 3)

@@ -157,7 +157,7 @@ class Model:
                 f"weights with has changed since ({change.describe()}); make the copy again from a Model of the changed HF model"
             )
         warnings.warn(
-            f"the HF model changed after wrapping ({change.describe()}); fxlens captured it again",
+            f"the HF model changed after wrapping ({change.describe()}); it was captured again, and fxlens now computes with it as it is",
             UserWarning,
             stacklevel=4,
         )

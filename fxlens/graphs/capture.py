@@ -57,6 +57,14 @@ class CapturedGraph:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     is_causal: bool = False  # no position reads a later token (probed on the graph: ``causality``)
 
+    @property
+    def logits(self) -> str | None:
+        """The output field that holds logits: "logits", else the first ending in "logits"
+        (BertForPreTraining's "prediction_logits"); None for a model without a head."""
+        if "logits" in self.outputs:
+            return "logits"
+        return next((name for name in self.outputs if name.endswith("logits")), None)
+
 
 @contextlib.contextmanager
 def _borrowed(model: torch.nn.Module, attn_implementation: str | None):

@@ -54,11 +54,13 @@ class Hooks:
 
 def _call_hook(fns, index: int, value: torch.Tensor, name: str):
     fn, point = fns[index]
-    if any(st == 0 and n > 1 for st, n in zip(value.stride(), value.shape)):
-        # a broadcast view (a [1, pos, d] positional embedding read as [batch, pos, d]): one memory
-        # location per batch row, which an in-place edit cannot write. The hook gets its own copy, as
+    broadcast = any(st == 0 and n > 1 for st, n in zip(value.stride(), value.shape))
+    if broadcast or (value.requires_grad and value._is_view() and torch.is_grad_enabled()):
+        # A broadcast view (a [1, pos, d] positional embedding read as [batch, pos, d]) has one memory
+        # location per batch row, which an in-place edit cannot write; autograd refuses in-place edits
+        # of some views (GPT-2's q, k and v are outputs of one split). The hook gets its own copy, as
         # TransformerLens' hooks do, and the copy (edited or not) goes on.
-        value = value.contiguous()
+        value = value.clone(memory_format=torch.contiguous_format)
     out = fn(value, point)
     if out is None:
         return value

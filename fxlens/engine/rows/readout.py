@@ -165,7 +165,9 @@ def _checked_select(metric: Metric, seq: int, batch: int, vocab: int | None):
         raise MetricError(f"the metric does not fit this input ({batch} rows of {seq} positions): {err}") from None
     if pos.shape[0] != batch or tok.shape[0] != batch:
         raise MetricError(f"the metric's per-row answers or positions have {max(pos.shape[0], tok.shape[0])} rows; the input has {batch}")
-    if vocab is not None and tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= vocab):
-        bad = int(tok.max()) if int(tok.max()) >= vocab else int(tok.min())
-        raise MetricError(f"the metric reads token {bad}, outside the model's output vocabulary 0..{vocab - 1}")
+    if vocab is not None:
+        try:
+            metric.check_vocab(vocab, seq, batch)
+        except ValueError as err:
+            raise MetricError(str(err)) from None
     return pos, tok
