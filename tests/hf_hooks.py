@@ -291,3 +291,39 @@ def pair(family: str):
                     p.mul_(WEIGHT_SCALE)
         _PAIRS[family] = (hf, fxlens.Model.from_hf(hf))
     return _PAIRS[family]
+
+
+# ---- shared by the tests that use this library --------------------------------------------------------
+
+# each sweep of fxlens.patching -> (site kind, axes of the index after the layer, in the result's order)
+SWEEPS = {
+    "resid_pre": ("resid_pre", ("pos",)),
+    "resid_mid": ("resid_mid", ("pos",)),
+    "attn_out": ("attn_out", ("pos",)),
+    "mlp_out": ("mlp_out", ("pos",)),
+    "attn_head_out_by_pos": ("z", ("pos", "head")),
+    "attn_head_q_by_pos": ("q", ("pos", "head")),
+    "attn_head_k_by_pos": ("k", ("pos", "head")),
+    "attn_head_v_by_pos": ("v", ("pos", "head")),
+    "attn_head_out_all_pos": ("z", ("head",)),
+    "attn_head_q_all_pos": ("q", ("head",)),
+    "attn_head_k_all_pos": ("k", ("head",)),
+    "attn_head_v_all_pos": ("v", ("head",)),
+}
+
+
+def padding_mask(ids: torch.Tensor, padding: str) -> torch.Tensor:
+    """A mask for three rows with 6, 4 and 3 real tokens (of 6), padded on ``padding``'s side."""
+    mask = torch.ones_like(ids)
+    if padding == "right":
+        mask[1, 4:] = 0
+        mask[2, 3:] = 0
+    else:
+        mask[1, :2] = 0
+        mask[2, :3] = 0
+    return mask
+
+
+def maxdiff(a, b) -> float:
+    assert a.shape == b.shape, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
+    return (a - b).abs().max().item()

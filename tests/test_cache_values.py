@@ -35,19 +35,10 @@ N = 2  # layers of every model here
 
 def ids_mask(padding="right"):
     ids = tokens(B, S, seed=31)
-    mask = torch.ones_like(ids)
-    if padding == "right":
-        mask[1, 4:] = 0
-        mask[2, 3:] = 0
-    else:
-        mask[1, :2] = 0
-        mask[2, :3] = 0
-    return ids, mask
+    return ids, H.padding_mask(ids, padding)
 
 
-def maxdiff(a, b):
-    assert a.shape == b.shape, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
-    return (a - b).abs().max().item()
+maxdiff = H.maxdiff
 
 
 FINAL_NORM = {"gpt2": "transformer.ln_f", "llama": "model.norm", "neox": "gpt_neox.final_layer_norm",
@@ -232,20 +223,7 @@ def test_decompose_resid_layer_minus_one_means_every_layer():
 
 # ---- attribution patching against an HF autograd reference ----------------------------------------
 
-SWEEPS = {  # name -> (site kind, axes kept after the layer, in the result's order)
-    "resid_pre": ("resid_pre", ("pos",)),
-    "resid_mid": ("resid_mid", ("pos",)),
-    "attn_out": ("attn_out", ("pos",)),
-    "mlp_out": ("mlp_out", ("pos",)),
-    "attn_head_out_by_pos": ("z", ("pos", "head")),
-    "attn_head_q_by_pos": ("q", ("pos", "head")),
-    "attn_head_k_by_pos": ("k", ("pos", "head")),
-    "attn_head_v_by_pos": ("v", ("pos", "head")),
-    "attn_head_out_all_pos": ("z", ("head",)),
-    "attn_head_q_all_pos": ("q", ("head",)),
-    "attn_head_k_all_pos": ("k", ("head",)),
-    "attn_head_v_all_pos": ("v", ("head",)),
-}
+SWEEPS = H.SWEEPS
 AXIS = {"pos": 1, "head": 2}  # of [batch, pos, (head, d_head | d_model)]
 
 

@@ -25,6 +25,7 @@ import re
 import networkx as nx
 import pytest
 import torch
+from circuit_references import parse
 from circuit_models import POSITIONAL, TRUE_CIRCUIT, induction_metric, induction_model, repeated_tokens
 from conftest import cached_model
 from families import hf_logits, make, tokens
@@ -125,19 +126,6 @@ def hf_unembed(family, hf, x):
 
 
 # ---- the naive edge reference ---------------------------------------------------------------------
-
-
-def parse(name):
-    """('input'|'head'|'mlp'|'q'|'k'|'v'|'logits', layer, head) of a sender or receiver name."""
-    if name in ("input", "logits"):
-        return name, None, None
-    if name.startswith("m"):
-        return "mlp", int(name[1:]), None
-    layer, rest = name[1:].split(".h")
-    if "<" in rest:
-        head, kind = rest[:-1].split("<")
-        return kind, int(layer), int(head)
-    return "head", int(layer), int(rest)
 
 
 def sender_outputs(model, ids):

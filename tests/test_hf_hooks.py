@@ -21,19 +21,10 @@ FAMILIES = list(H.FAMILY_DIMS)
 def batch(padding):
     """Three rows of 6 tokens with 6, 4 and 3 real tokens, padded on the given side."""
     ids = tokens(3, 6, seed=5)
-    mask = torch.ones_like(ids)
-    if padding == "right":
-        mask[1, 4:] = 0
-        mask[2, 3:] = 0
-    else:
-        mask[1, :2] = 0
-        mask[2, :3] = 0
-    return ids, mask
+    return ids, H.padding_mask(ids, padding)
 
 
-def maxdiff(a, b):
-    assert a.shape == b.shape, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
-    return (a - b).abs().max().item()
+maxdiff = H.maxdiff
 
 
 @pytest.mark.parametrize("padding", ["right", "left"])

@@ -36,13 +36,7 @@ PADDINGS = ["right", "left"]
 def inputs(padding):
     """(ids, mask, other ids, reference ids): rows of 6, 4 and 3 real tokens; a reference batch of 4 unpadded prompts."""
     ids = tokens(B, S, seed=21)
-    mask = torch.ones_like(ids)
-    if padding == "right":
-        mask[1, 4:] = 0
-        mask[2, 3:] = 0
-    else:
-        mask[1, :2] = 0
-        mask[2, :3] = 0
+    mask = H.padding_mask(ids, padding)
     other = (ids - 3 + 41) % 97 + 3
     return ids, mask, other, tokens(4, S, seed=22)
 
@@ -66,9 +60,7 @@ def where(fn, **index):
     return lambda v: torch.where(selected(v.shape, **index), fn(v), v)
 
 
-def maxdiff(a, b):
-    assert a.shape == b.shape
-    return (a - b).abs().max().item()
+maxdiff = H.maxdiff
 
 
 @functools.cache

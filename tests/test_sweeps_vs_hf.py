@@ -36,20 +36,7 @@ TOL = 1e-5
 S = 6
 FAMILIES = H.FAMILY_DIMS
 # sweep -> (site kind, axes of the index after the layer: "pos" / "head")
-SWEEPS = {
-    "resid_pre": ("resid_pre", ("pos",)),
-    "resid_mid": ("resid_mid", ("pos",)),
-    "attn_out": ("attn_out", ("pos",)),
-    "mlp_out": ("mlp_out", ("pos",)),
-    "attn_head_out_by_pos": ("z", ("pos", "head")),
-    "attn_head_q_by_pos": ("q", ("pos", "head")),
-    "attn_head_k_by_pos": ("k", ("pos", "head")),
-    "attn_head_v_by_pos": ("v", ("pos", "head")),
-    "attn_head_out_all_pos": ("z", ("head",)),
-    "attn_head_q_all_pos": ("q", ("head",)),
-    "attn_head_k_all_pos": ("k", ("head",)),
-    "attn_head_v_all_pos": ("v", ("head",)),
-}
+SWEEPS = H.SWEEPS
 
 
 def shifted(ids):
@@ -60,15 +47,8 @@ def shifted(ids):
 def inputs(padding: str, corruption: str):
     """(clean, corrupted, mask, answer, wrong, last real position per row); rows have 6, 4 and 3 real tokens."""
     clean = tokens(3, S, seed=11)
-    mask = torch.ones_like(clean)
-    if padding == "right":
-        mask[1, 4:] = 0
-        mask[2, 3:] = 0
-        last = mask.sum(1) - 1
-    else:
-        mask[1, :2] = 0
-        mask[2, :3] = 0
-        last = torch.full((3,), S - 1)
+    mask = H.padding_mask(clean, padding)
+    last = mask.sum(1) - 1 if padding == "right" else torch.full((3,), S - 1)
     if corruption == "few":
         # a real position of every row (position 2 is real in each padding) and one more in row 0
         corrupted = clean.clone()

@@ -23,7 +23,7 @@ import torch
 from ..graphs.components import CircuitError
 from .circuit import Circuit
 from .edge_sweep import full_rows
-from .edges import reference_feed, sender_values
+from .edges import paired_feeds, sender_values
 
 __all__ = ["acdc"]
 
@@ -49,13 +49,8 @@ def acdc(model, clean_tokens, corrupted_tokens, *, threshold: float, metric=None
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold) or threshold < 0:
         raise CircuitError(f"threshold must be a number >= 0 (the largest change of the metric an edge's removal may cause); got {threshold!r}")
     comp = model.derived.components
-    feed = model._inputs(clean_tokens, attention_mask)
-    corrupted = reference_feed(model, corrupted_tokens, attention_mask, corrupted_attention_mask, "the corrupted tokens")
-    if corrupted["input_ids"].shape != feed["input_ids"].shape:
-        raise CircuitError(
-            f"the clean tokens have shape {tuple(feed['input_ids'].shape)} and the corrupted {tuple(corrupted['input_ids'].shape)}; "
-            "ACDC patches removed edges from the corrupted run row by row and position by position, so both must have the same shape"
-        )
+    feed, corrupted = paired_feeds(model, clean_tokens, corrupted_tokens, attention_mask, corrupted_attention_mask,
+                                   "ACDC patches removed edges from the corrupted run")
     with torch.no_grad():
         full_logits = model(feed["input_ids"], feed.get("attention_mask"))
     if metric is None:

@@ -21,7 +21,7 @@ import torch
 from ..engine.plan import PlanBuilder
 from ..engine.rows.readout import scalar
 from ..graphs.components import CircuitError
-from .edges import receiver_specs, reference_feed, sender_values
+from .edges import paired_feeds, receiver_specs, sender_values
 
 __all__ = ["eap_scores"]
 
@@ -35,14 +35,8 @@ def eap_scores(model, clean_tokens, corrupted_tokens, metric, *, attention_mask=
             raise ValueError("give corrupted_attention_mask or its alias corrupted_mask, not both")
         corrupted_attention_mask = corrupted_mask
     comp = model.derived.components
-    feed = model._inputs(clean_tokens, attention_mask)
-    corrupted = reference_feed(model, corrupted_tokens, attention_mask, corrupted_attention_mask, "the corrupted tokens")
-    if corrupted["input_ids"].shape != feed["input_ids"].shape:
-        raise CircuitError(
-            f"the clean tokens have shape {tuple(feed['input_ids'].shape)} and the corrupted {tuple(corrupted['input_ids'].shape)}; "
-            "EAP scores the difference of the two runs' sender outputs row by row and position by position, so both "
-            "must have the same shape"
-        )
+    feed, corrupted = paired_feeds(model, clean_tokens, corrupted_tokens, attention_mask, corrupted_attention_mask,
+                                   "EAP scores the difference of the two runs' sender outputs")
     batch, seq = feed["input_ids"].shape
     specs = receiver_specs(comp, {r.name for r in comp.receivers})
     groups: dict = {}

@@ -121,6 +121,20 @@ def reference_feed(model, reference, attention_mask=None, reference_attention_ma
     return model._inputs(reference, reference_attention_mask)
 
 
+def paired_feeds(model, clean_tokens, corrupted_tokens, attention_mask=None, corrupted_attention_mask=None,
+                 why: str = "they are compared") -> tuple[dict, dict]:
+    """The clean and corrupted runs' inputs, each with its mask, refused unless their shapes agree
+    (``why`` says, in the message, why the function needs that)."""
+    feed = model._inputs(clean_tokens, attention_mask)
+    corrupted = reference_feed(model, corrupted_tokens, attention_mask, corrupted_attention_mask, "the corrupted tokens")
+    if corrupted["input_ids"].shape != feed["input_ids"].shape:
+        raise CircuitError(
+            f"the clean tokens have shape {tuple(feed['input_ids'].shape)} and the corrupted {tuple(corrupted['input_ids'].shape)}; "
+            f"{why} row by row and position by position, so both must have the same shape"
+        )
+    return feed, corrupted
+
+
 def alternatives(model, ablation, shape: tuple, reference=None, reference_mask=None, senders=None, *, attention_mask=None) -> torch.Tensor:
     """What the senders' outputs become: [batch or 1, pos, senders (or ``senders`` only), d_model].
 

@@ -29,7 +29,7 @@ from ..engine.rows import ReceiverInput, Row, RowEngine
 from ..engine.rows.readout import scalar
 from ..graphs.components import CircuitError
 from .edge_sweep import layered
-from .edges import receiver_specs, reference_feed, sender_values
+from .edges import paired_feeds, receiver_specs, sender_values
 
 __all__ = ["path_patch"]
 
@@ -68,13 +68,8 @@ def path_patch(model, clean_tokens, corrupted_tokens, metric, *, receivers, send
         for r in recv:
             if not comp.reaches(s, r):
                 raise CircuitError(f"sender {s.name} does not reach receiver {r.name}: it writes after the receiver reads")
-    feed = model._inputs(clean_tokens, attention_mask)
-    corrupted = reference_feed(model, corrupted_tokens, attention_mask, corrupted_attention_mask, "the corrupted tokens")
-    if corrupted["input_ids"].shape != feed["input_ids"].shape:
-        raise CircuitError(
-            f"the clean tokens have shape {tuple(feed['input_ids'].shape)} and the corrupted {tuple(corrupted['input_ids'].shape)}; "
-            "path patching compares them row by row and position by position, so both must have the same shape"
-        )
+    feed, corrupted = paired_feeds(model, clean_tokens, corrupted_tokens, attention_mask, corrupted_attention_mask,
+                                   "path patching compares them")
     if not senders:
         return {}
     if method == "rows" or (method == "auto" and not layered(model)):
