@@ -285,7 +285,9 @@ def test_edge_sweep_rows_equal_one_run_with_edges_each(family, ablation):
     _, model = model_for(family)
     ids, ref = clean_ids(), corrupt_ids()
     sets = [edge_sets(family)[k] for k in ("q", "k", "v", "mlp", "one_receiver", "logits", "one_layer", "spanning")]
-    sets += [["input->a1.h0<q>", "a0.h1->a1.h2<q>"], ["input->m2"], []]
+    # receivers at one point: queries only (a query at position 0 matters to nothing but itself) and
+    # keys and values, whose changes at early positions reach every later one
+    sets += [["input->a1.h0<q>", "a0.h1->a1.h2<q>"], ["a0.h0->a1.h1<k>", "input->a1.h1<v>", "m0->a1.h0<q>"], ["input->m2"], []]
     reference = None if ablation == "zero" else ref
     got = circuits.edge_sweep(model, ids, sets, pp_metric, ablation=ablation, reference=reference)
     with torch.no_grad():
@@ -294,6 +296,27 @@ def test_edge_sweep_rows_equal_one_run_with_edges_each(family, ablation):
     assert max_diff(got.float(), want) <= TOL
     got = circuits.edge_sweep(model, ids, [sets[0], sets[-2]], pp_metric, ablation=ablation, reference=reference)  # cells only
     assert max_diff(got.float(), want[[0, -2]]) <= TOL
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_edge_rows_of_different_starts_share_calls_and_equal_one_run_with_edges_each(family):
+    # an ablation tensor that differs from the clean sender outputs only from a chosen position on gives
+    # each set its own first changed position: the sets' rows are packed into one call per layer
+    _, model = model_for(family)
+    ids = clean_ids()
+    alt = sender_values(model, ids).clone()
+    names = [s.name for s in circuits.model_components(model).senders]
+    g = torch.Generator().manual_seed(4)
+    for sender, start in (("a0.h1", 1), ("a0.h2", 3), ("m0", 4), ("input", 2)):
+        i = names.index(sender)
+        alt[:, start:, i] += torch.randn(alt[:, start:, i].shape, generator=g)
+    sets = [["a0.h1->a1.h0<k>", "a0.h1->a1.h1<v>"], ["a0.h2->a1.h0<q>", "a0.h2->a1.h1<k>"],
+            ["m0->a1.h1<v>", "m0->a1.h2<q>"], ["input->a1.h0<v>", "a0.h2->a1.h1<k>"]]
+    got = circuits.edge_sweep(model, ids, sets, pp_metric, ablation=alt)
+    assert model.last_sweep_stats["block_calls"] <= model.cfg.n_layers  # every start in one call per layer
+    with torch.no_grad():
+        want = torch.tensor([float(pp_metric(run_with_edges(model, ids, e, ablation=alt))) for e in sets])
+    assert max_diff(got.float(), want) <= TOL
 
 
 # ---- path patching -----------------------------------------------------------------------------------

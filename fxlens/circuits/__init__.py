@@ -10,10 +10,10 @@ A map of the package:
 - ``circuit.py``: the ``Circuit`` object (set operations, JSON, DOT, networkx, validation);
 - ``edges.py``: sender outputs, ablation values (the vocabulary of ``engine.ablation``), the
   reference run's mask, ``run_with_edges`` and ``run_with_circuit``;
-- ``edge_sweep.py``: many edge sets at once, as rows of the layered-row engine;
+- ``edge_sweeps.py``: many edge sets at once, as rows of the layered-row engine;
 - ``path_patching.py``: path patching, each sender a row;
 - ``eap.py``: edge attribution patching, one forward and one backward;
-- ``acdc.py``: ACDC on top of the edge sweep.
+- ``pruning.py``: ACDC on top of the edge sweep.
 
 Every function that runs a second input (``reference``, ``corrupted_tokens``) runs it with its own
 mask (``reference_attention_mask`` / ``corrupted_attention_mask``), else with ``attention_mask``.
@@ -29,10 +29,10 @@ Example::
 """
 
 from ..graphs.components import CircuitError, Components
-from .acdc import acdc
+from .pruning import acdc
 from .circuit import Circuit
 from .eap import eap_scores
-from .edge_sweep import edge_sweep
+from .edge_sweeps import edge_sweep
 from .edges import run_with_circuit, run_with_edges, sender_values
 from .path_patching import path_patch
 

@@ -28,7 +28,7 @@ from ..engine.plan import PlanBuilder
 from ..engine.rows import ReceiverInput, Row, RowEngine
 from ..engine.rows.readout import scalar
 from ..graphs.components import CircuitError
-from .edge_sweep import layered
+from .edge_sweeps import layered
 from .edges import paired_feeds, receiver_specs, sender_values
 
 __all__ = ["path_patch"]

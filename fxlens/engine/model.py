@@ -109,7 +109,7 @@ class Model:
         self.attn_implementation = attn_implementation
         self._derived = Derived.capture(hf_model, attn_implementation, table)
         self._told: set = set()
-        self.last_sweep_stats: dict = {}
+        self.last_sweep_stats: dict = {}  # what the last run of rows (a sweep, path patching, an edge sweep) did
         self.cfg = _config(self._derived, hf_model, table)
         self._tok = Tokens(tokenizer, self._derived.captured.device)
 

@@ -83,9 +83,9 @@ class Sweep:
         if unchanged:
             # the clean value equals the corrupted one wherever this patch writes: the run is the base run
             out[torch.tensor(unchanged)] = readout.base_value()
+        values = engine.run(rows, base, metric, memory_budget=memory_budget, progress=progress, readout=readout)
         if rows:
-            out[torch.tensor(where)] = engine.run(rows, base, metric, memory_budget=memory_budget, progress=progress, readout=readout)
-        self.model.last_sweep_stats = dict(engine.stats)
+            out[torch.tensor(where)] = values
         return out
 
     def _first_change(self, cell: Cell, value: torch.Tensor, base) -> int | None:

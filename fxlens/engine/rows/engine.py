@@ -74,12 +74,19 @@ class RowEngine:
         readout = readout or self.readout(base, metric)
         out = torch.empty(len(rows), dtype=torch.float32)
         if not rows:
+            self.model.last_sweep_stats = dict(self.stats)
             return out
         for r in rows:
             if not 0 <= r.layer < self.blocks.n_layers:
                 raise RowError(f"a row joins at layer {r.layer}; this model has layers 0..{self.blocks.n_layers - 1}")
             if r.start and not self.causal:
                 raise RowError("rows start after position 0 only in a causal model")
+        try:
+            return self._run(rows, base, readout, out, memory_budget, progress)
+        finally:
+            self.model.last_sweep_stats = dict(self.stats)  # what the last run of rows did (Model docs)
+
+    def _run(self, rows, base, readout, out, memory_budget, progress):
         cost = CostModel(self.blocks, base, readout.declared)
         packable = self.causal and self.blocks.packing() is not None
         sch = schedule(rows, cost, int(memory_budget * 2**30), packable)

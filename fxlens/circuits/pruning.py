@@ -3,7 +3,7 @@
 Problem: finding a circuit by removing edges one at a time costs a forward per edge per step.
 
 Mechanism: receivers are visited from the logits back to the input; for each, every incoming edge's
-removal is checked in one batched run (one row per candidate, ``edge_sweep.full_rows``), then the
+removal is checked in one batched run (one row per candidate, ``edge_sweeps.full_rows``), then the
 candidates are removed in order of increasing effect as long as removing them together stays within
 the threshold (checked in a second batched run). Removed edges are patched from the corrupted run
 (run with its own attention mask). The default metric is the KL divergence of the last position's
@@ -22,7 +22,7 @@ import torch
 
 from ..graphs.components import CircuitError
 from .circuit import Circuit
-from .edge_sweep import full_rows
+from .edge_sweeps import full_rows
 from .edges import paired_feeds, sender_values
 
 __all__ = ["acdc"]
