@@ -127,7 +127,6 @@ class RowEngine:
 
     def _padded_chunk(self, start: int, rows: list, base: Base, readout: Readout, bar):
         """A generator: each ``next`` runs one more block; it returns the rows' metric values."""
-        b0 = base.batch
         first, last = rows[0].layer, self.blocks.n_layers - 1
         h = None
         present: list = []

@@ -63,7 +63,7 @@ class Readout:
     # ---- rows ----------------------------------------------------------------------------------
     def padded(self, h: torch.Tensor, start: int, n_rows: int) -> torch.Tensor:
         """Rows laid out [n_rows * batch, seq - start, d]."""
-        b0, seq = self.base.batch, self.base.seq
+        b0 = self.base.batch
         if self.declared:
             rel = (self.pos - start).clamp(min=0).repeat(n_rows, 1)  # [rows*b0, n_pos]
             hs = h[torch.arange(h.shape[0], device=h.device)[:, None], rel.to(h.device)]
