@@ -25,6 +25,7 @@ import torch
 from ...graphs.nodes import sym_dims
 from ...passes import PassError
 from ...passes.pack_rows import PackRows, core_contexts
+from ..plan import PlanBuilder
 from ..programs import Programs
 
 __all__ = ["Blocks", "BlockError"]
@@ -124,23 +125,17 @@ class Blocks:
     def mlp_programs(self, fused: bool = True) -> list:
         """Each block's MLP as a program of its input. ``fused``: a spelled-out GELU runs as one kernel
         (for rows of differences); unfused, values are bit-identical to the model's own."""
-        if fused in self._mlps:
-            return self._mlps[fused]
-        from ...graphs.segments import _subgraph
-        from ...passes import FuseGelu, apply
+        if not self._mlps:
+            from ...graphs.segments import _subgraph
 
-        if False not in self._mlps:
             gm = self.captured.module
             by_name = {n.name: n for n in gm.graph.nodes}
             syms = (self.captured.batch_symbol, self.captured.seq_symbol)
-            plain = []
             for block in self.graph.structure.blocks:
                 nodes = [n for n in gm.graph.nodes if n.name in block.mlp.nodes]
                 sub, ctx = _subgraph(gm, nodes, by_name[block.mlp.entry], {"mlp": by_name[block.mlp.output]}, syms)
                 if ctx:
                     raise BlockError(f"the MLP of {block.path} reads an input besides the residual stream")
-                plain.append(sub)
-            self._mlps[False] = plain
-        if fused and True not in self._mlps:
-            self._mlps[True] = [apply(sub, FuseGelu()) for sub in self._mlps[False]]
-        return self._mlps[fused]
+                self._mlps[block.index] = Programs(sub)
+        plan = PlanBuilder(self.graph).fuse_gelu().build()[0] if fused else ()
+        return [self._mlps[i].get(plan) for i in range(self.n_layers)]
