@@ -41,6 +41,8 @@ __all__ = [
     "layer_head_pattern_patch_setter",
     "layer_head_pos_pattern_patch_setter",
     "layer_head_dest_src_pos_pattern_patch_setter",
+    "layer_expert_vector_patch_setter",
+    "layer_pos_expert_vector_patch_setter",
     "get_act_patch_resid_pre",
     "get_act_patch_resid_mid",
     "get_act_patch_attn_out",
@@ -56,6 +58,8 @@ __all__ = [
     "get_act_patch_attn_head_k_all_pos",
     "get_act_patch_attn_head_v_all_pos",
     "get_act_patch_attn_head_pattern_all_pos",
+    "get_act_patch_expert_out_all_pos",
+    "get_act_patch_expert_out_by_pos",
     "get_act_patch_block_every",
     "get_act_patch_attn_head_all_pos_every",
     "get_act_patch_attn_head_by_pos_every",
@@ -120,6 +124,22 @@ def layer_head_dest_src_pos_pattern_patch_setter(corrupted_activation, index, cl
     return corrupted_activation
 
 
+@_setter(("expert",))
+def layer_expert_vector_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, expert]: the activation is [batch, pos, expert, d_model] (``hook_expert_out``)."""
+    _, expert = index
+    corrupted_activation[:, :, expert] = clean_activation[:, :, expert]
+    return corrupted_activation
+
+
+@_setter(("pos", "expert"))
+def layer_pos_expert_vector_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, pos, expert]: the activation is [batch, pos, expert, d_model]."""
+    _, pos, expert = index
+    corrupted_activation[:, pos, expert] = clean_activation[:, pos, expert]
+    return corrupted_activation
+
+
 _KNOWN = {f.__name__: f.axes for f in (
     layer_pos_patch_setter,
     layer_pos_head_vector_patch_setter,
@@ -127,6 +147,8 @@ _KNOWN = {f.__name__: f.axes for f in (
     layer_head_pattern_patch_setter,
     layer_head_pos_pattern_patch_setter,
     layer_head_dest_src_pos_pattern_patch_setter,
+    layer_expert_vector_patch_setter,
+    layer_pos_expert_vector_patch_setter,
 )}
 
 
@@ -170,7 +192,8 @@ def generic_activation_patch(
     batch, seq = feed["input_ids"].shape
     kv_heads = model.cfg.n_key_value_heads or model.cfg.n_heads
     heads = kv_heads if activation_name in ("k", "v") else model.cfg.n_heads
-    ranges = {"layer": model.cfg.n_layers, "pos": seq, "head_index": heads, "head": heads, "src_pos": seq, "dest_pos": seq}
+    ranges = {"layer": model.cfg.n_layers, "pos": seq, "head_index": heads, "head": heads, "src_pos": seq, "dest_pos": seq,
+              "expert": model.cfg.num_experts}
     if index_df is None:
         if index_axis_names is None:
             raise ValueError("give index_axis_names (e.g. ('layer', 'pos')) or index_df")
@@ -241,6 +264,8 @@ SWEEPS = {
     "get_act_patch_attn_head_k_all_pos": ("k", layer_head_vector_patch_setter, ("layer", "head"), "each KV head's keys at every position: [n_layers, n_key_value_heads]"),
     "get_act_patch_attn_head_v_all_pos": ("v", layer_head_vector_patch_setter, ("layer", "head"), "each KV head's values at every position: [n_layers, n_key_value_heads]"),
     "get_act_patch_attn_head_pattern_all_pos": ("pattern", layer_head_pattern_patch_setter, ("layer", "head_index"), "each head's whole pattern: [n_layers, n_heads]"),
+    "get_act_patch_expert_out_all_pos": ("expert_out", layer_expert_vector_patch_setter, ("layer", "expert"), "each expert's output of a mixture-of-experts MLP at every position: [n_layers, num_experts]"),
+    "get_act_patch_expert_out_by_pos": ("expert_out", layer_pos_expert_vector_patch_setter, ("layer", "pos", "expert"), "each expert's output by position: [n_layers, pos, num_experts]"),
 }
 
 
@@ -266,6 +291,8 @@ get_act_patch_attn_head_q_all_pos = _sweep("get_act_patch_attn_head_q_all_pos")
 get_act_patch_attn_head_k_all_pos = _sweep("get_act_patch_attn_head_k_all_pos")
 get_act_patch_attn_head_v_all_pos = _sweep("get_act_patch_attn_head_v_all_pos")
 get_act_patch_attn_head_pattern_all_pos = _sweep("get_act_patch_attn_head_pattern_all_pos")
+get_act_patch_expert_out_all_pos = _sweep("get_act_patch_expert_out_all_pos")
+get_act_patch_expert_out_by_pos = _sweep("get_act_patch_expert_out_by_pos")
 
 
 def _block_every(ns, model, corrupted_tokens, clean_cache, metric, **kwargs):

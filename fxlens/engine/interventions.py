@@ -99,7 +99,7 @@ class LowerContext:
 
 def _spec_text(spec) -> str:
     fields = [f"{getattr(spec, 'site', '?')!r}"]
-    for key in ("pos", "head", "neuron", "batch", "query_pos", "key_pos"):
+    for key in ("pos", "head", "expert", "neuron", "batch", "query_pos", "key_pos"):
         value = getattr(spec, key, None)
         if value is not None:
             fields.append(f"{key}={value!r}")
@@ -118,6 +118,7 @@ class Intervention:
     batch: Any = None
     query_pos: Any = None
     key_pos: Any = None
+    expert: Any = None  # a mixture-of-experts site's expert axis (hook_expert_out, hook_router_logits, ...)
     mask: Any = None  # an explicit boolean mask broadcastable to the site (and-ed with the indices)
 
     def lower(self, site: Site, shape: tuple, ctx: LowerContext) -> Lowered:
@@ -285,12 +286,12 @@ def _axis_for(spec, key: str, site: Site) -> int:
 def mask_for(spec, site: Site, shape: tuple) -> torch.Tensor | None:
     """A boolean mask broadcastable to ``shape`` selecting the spec's index, or None (everything)."""
     mask = None
-    for key in ("batch", "pos", "query_pos", "key_pos", "head", "neuron"):
+    for key in ("batch", "pos", "query_pos", "key_pos", "head", "expert", "neuron"):
         value = getattr(spec, key, None)
         if value is None:
             continue
         axis = _axis_for(spec, key, site)
-        what = {"batch": "batch row", "neuron": "neuron", "head": "head"}.get(key, "position")
+        what = {"batch": "batch row", "neuron": "neuron", "head": "head", "expert": "expert"}.get(key, "position")
         idx = _indices(value, shape[axis], what, spec, key)
         m = torch.zeros(shape[axis], dtype=torch.bool)
         m[idx] = True

@@ -67,6 +67,8 @@ class Config:
     d_vocab: int | None = None  # token ids accepted: the input embedding's rows
     d_vocab_out: int | None = None  # the last axis of the logits (num_labels for a classification head)
     n_ctx: int | None = None
+    num_experts: int | None = None  # mixture-of-experts models (TransformerLens' names)
+    experts_per_token: int | None = None
     model_type: str | None = None
     has_table: bool = False
     attn_implementation: str = "sdpa"
@@ -88,6 +90,8 @@ def _config(derived: Derived, hf_model, table) -> Config:
         d_vocab=dims.get("d_vocab") or getattr(config, "vocab_size", None),
         d_vocab_out=dims.get("d_vocab_out") or dims.get("d_vocab"),
         n_ctx=n_ctx,
+        num_experts=dims.get("n_experts"),
+        experts_per_token=dims.get("experts_per_token"),
         model_type=getattr(config, "model_type", None),
         has_table=table is not None,
         attn_implementation=derived.captured.attn_implementation,

@@ -43,14 +43,17 @@ from ..passes import (
     PackRows,
     Read,
     SelectVocab,
+    SplitExperts,
     SplitHeads,
     check_order,
 )
+from ..passes.split_experts import Experts
 from ..passes.split_heads import Head
 
 __all__ = ["PlanBuilder", "rewrites_for"]
 
-_REWRITES = (("expand_attention", ExpandAttention), ("decompose_norm", DecomposeNorm), ("split_heads", SplitHeads))
+_REWRITES = (("expand_attention", ExpandAttention), ("decompose_norm", DecomposeNorm), ("split_heads", SplitHeads),
+             ("split_experts", SplitExperts))
 
 
 def rewrites_for(mg: ModelGraph, sites, write=()) -> tuple:
@@ -72,6 +75,9 @@ def rewrites_for(mg: ModelGraph, sites, write=()) -> tuple:
         if kind == "split_heads":
             a = mg.attn[site.layer]
             entry = Head(target, a.z.node, a.z.layout, a.n_heads, a.d_head)
+        elif kind == "split_experts":
+            m = mg.moe[site.layer]
+            entry = Experts(m.contributions, m.indices.node, m.combine, m.n_experts)
         found[kind][entry] = found[kind].get(entry, False) or site.name in write
     specs = []
     for kind, cls in _REWRITES:

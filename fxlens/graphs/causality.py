@@ -9,11 +9,14 @@ patch on earlier positions.
 Mechanism: run the captured program on a small probe input and again with only the last token
 changed, recording every node that has exactly one sequence axis (hidden states, queries, keys,
 values, MLP activations, logits). The model is causal only if, at every such node, every position
-before the last is bit-identical between the two runs. Nodes with two sequence axes (scores,
+before the last is unchanged between the two runs, up to rounding: the largest change relative to
+the node's largest value must stay under 1e-4 in float32 (``_noise``). Dense causal models match
+bit for bit; a mixture-of-experts model regroups every token by expert when the last token's routing
+changes, which moves earlier rows by a few units of the last place (4e-7 to 6e-7 measured on Mixtral
+and Qwen3-MoE); a bidirectional encoder moves them by 0.2-0.3. Nodes with two sequence axes (scores,
 masks) are not compared: a causal model's raw scores do read the later key before it is masked.
-A causal model recomputes earlier rows with the same kernels on the same shapes, so they match
-exactly; any dependence, however small, is a difference. Should numerical noise ever make a causal
-model look otherwise, the error is on the safe side: sweeps then recompute earlier positions.
+Should noise ever make a causal model look otherwise, the error is on the safe side: sweeps then
+recompute earlier positions.
 
 Example::
 
@@ -68,12 +71,18 @@ def _watching(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.shape != b.shape:
-        return False
-    if a.is_floating_point() or a.is_complex():
-        return bool(torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))
-    return bool(torch.equal(a, b))
+def _relative(a, b) -> float:
+    if a.shape != b.shape or not a.is_floating_point():
+        return 0.0 if torch.equal(a, b) else float("inf")
+    return float((a.double() - b.double()).abs().max() / a.double().abs().max().clamp_min(1e-30))
+
+
+def _noise(dtype: torch.dtype) -> float:
+    """The largest relative change at earlier positions still taken for rounding: 1e-4 in float32 and
+    float64, four units of the last place in half precision."""
+    if dtype in (torch.float32, torch.float64):
+        return 1e-4
+    return 4 * torch.finfo(dtype).eps
 
 
 def probe_causal(gm: fx.GraphModule, seq_symbol, vocab: int | None, *, max_len: int | None = None, device=None) -> bool:
@@ -98,4 +107,5 @@ def probe_causal(gm: fx.GraphModule, seq_symbol, vocab: int | None, *, max_len: 
                 feed["attention_mask"] = torch.ones_like(feed["input_ids"])
             values = watch(*(feed[name] for name in placeholders))
             runs.append([v.narrow(axes[name], 0, length - 1) for name, v in zip(axes, values)])
-    return all(_same(a, b) for a, b in zip(*runs))
+    dtype = next((v.dtype for v in runs[0] if v.is_floating_point()), torch.float32)
+    return max((_relative(a, b) for a, b in zip(*runs)), default=0.0) <= _noise(dtype)

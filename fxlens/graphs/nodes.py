@@ -58,7 +58,9 @@ LAYOUT_OPS = frozenset(
         "t",
     }
 )
-MATMUL_OPS = frozenset({"linear", "addmm", "mm", "bmm", "matmul", "baddbmm", "einsum", "conv1d"})
+# grouped_mm_fallback / _grouped_mm: transformers' mixture-of-experts kernels (one product per expert group)
+MATMUL_OPS = frozenset({"linear", "addmm", "mm", "bmm", "matmul", "baddbmm", "einsum", "conv1d",
+                        "grouped_mm_fallback", "_grouped_mm", "grouped_mm"})
 ATTENTION_OPS = frozenset(
     {
         "scaled_dot_product_attention",

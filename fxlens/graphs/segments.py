@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,32 @@ def _subgraph(root: fx.GraphModule, nodes: list[fx.Node], hidden: fx.Node, outpu
     context = []
     sizes: dict = {}
 
+    def size(expr):
+        """A size the block reads from outside, recomputed from its own input: the batch and sequence
+        sizes, or an expression of them (a mixture-of-experts block reads 2 * batch * seq, computed once
+        by an earlier block and shared)."""
+        if expr in syms:
+            dim = syms.index(expr)
+            if dim not in sizes:
+                sizes[dim] = g.call_function(torch.ops.aten.sym_size.int, (ph, dim))
+            return sizes[dim]
+        if expr.is_Integer:
+            return int(expr)
+        if (expr.is_Mul or expr.is_Add) and expr.free_symbols <= set(syms):
+            op = operator.mul if expr.is_Mul else operator.add
+            terms = [size(a) for a in expr.args]
+            out = terms[0]
+            for t in terms[1:]:
+                out = g.call_function(op, (out, t))
+            return out
+        if expr.is_Pow and expr.exp.is_Integer and int(expr.exp) > 0 and expr.free_symbols <= set(syms):
+            base = size(expr.base)
+            out = base
+            for _ in range(int(expr.exp) - 1):
+                out = g.call_function(operator.mul, (out, base))
+            return out
+        raise SegmentError(f"a block reads the size {expr} from outside; only sizes computed from the batch and sequence sizes are supported")
+
     def lookup(n: fx.Node) -> fx.Node:
         if n in env:
             return env[n]
@@ -74,13 +101,7 @@ def _subgraph(root: fx.GraphModule, nodes: list[fx.Node], hidden: fx.Node, outpu
             return env[n]
         val = tensor_meta(n)
         if isinstance(val, torch.SymInt):
-            expr = val.node.expr
-            dim = 0 if expr == syms[0] else 1 if expr == syms[1] else None
-            if dim is None:
-                raise SegmentError(f"a block reads the size {expr} from outside; only batch and sequence sizes are supported")
-            if dim not in sizes:
-                sizes[dim] = g.call_function(torch.ops.aten.sym_size.int, (ph, dim))
-            env[n] = sizes[dim]
+            env[n] = size(val.node.expr)
             return env[n]
         if is_tensor(n):
             p = g.placeholder(n.name)

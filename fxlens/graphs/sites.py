@@ -31,6 +31,7 @@ from .capture import CapturedGraph
 from .dataflow import DataGraph
 from .layout import IDENTITY, Layout
 from .mlp import Mlp, find_mlp
+from .moe import Moe, find_moe
 from .nodes import is_tensor, op_name, scope, sym_dims
 from .norms import Norm, find_norm
 from .structure import Structure, StructureError, _escaping, _module_nodes, _norm_modules, find_structure
@@ -96,6 +97,10 @@ _SHORT = {
     "pre_linear": "mlp.hook_pre_linear",
     "post": "mlp.hook_post",
     "mid": "mlp.hook_mid",
+    "router_logits": "mlp.hook_router_logits",
+    "expert_weights": "mlp.hook_expert_weights",
+    "expert_indices": "mlp.hook_expert_indices",
+    "expert_out": "mlp.hook_expert_out",
 }
 _GLOBAL = {"embed": "hook_embed", "pos_embed": "hook_pos_embed", "token_type_embed": "hook_token_type_embed"}
 
@@ -176,6 +181,7 @@ class ModelGraph:
     norms: dict  # module path -> Norm
     sites: SiteTable
     dims: dict = field(default_factory=dict)
+    moe: list = field(default_factory=list)  # per block: Moe | None (a mixture-of-experts MLP)
 
     @property
     def n_layers(self) -> int:
@@ -186,7 +192,8 @@ class ModelGraph:
         if site.rewrite is not None:
             d = self.dims
             sizes = {"batch": batch, "pos": seq, "query_pos": seq, "key_pos": seq, "one": 1,
-                     "head": d.get("n_heads"), "d_model": d.get("d_model"), "d_head": d.get("d_head")}
+                     "head": d.get("n_heads"), "d_model": d.get("d_model"), "d_head": d.get("d_head"),
+                     "expert": d.get("n_experts")}
             return tuple(sizes[a] for a in site.axes)
         dims = sym_dims(self.dg.node(site.node), *(self.captured.batch_symbol, self.captured.seq_symbol))
         user = site.layout.shape(dims)
@@ -223,7 +230,7 @@ def analyse(cg: CapturedGraph, table=None) -> ModelGraph:
         norm = find_norm(dg, path, by_scope[path], syms)
         if norm is not None:
             norms[path] = norm
-    attns, mlps = [], []
+    attns, mlps, moes = [], [], []
     for block in st.blocks:
         a = m = None
         if block.attn is not None:
@@ -234,14 +241,19 @@ def analyse(cg: CapturedGraph, table=None) -> ModelGraph:
                     raise StructureError(f"block {block.index} of a {table.model_types[0]} model: {err}") from err
                 warnings.warn(f"block {block.index}: attention sites unavailable ({err}); raw sites still work")
         if block.mlp is not None:
-            m = find_mlp(dg, block.mlp, syms)
+            moe = find_moe(dg, block.mlp, syms)
+            # a mixture of experts has no per-position hidden layer: its sites are the router's and experts'
+            m = find_mlp(dg, block.mlp, syms) if moe is None else None
+        else:
+            moe = None
         attns.append(a)
         mlps.append(m)
+        moes.append(moe)
     if table is not None:
         _check_table(st, table)
-    sites = _Builder(dg, syms, st, attns, mlps, norms, table).build(by_scope)
-    dims = _dims(dg, syms, st, attns, mlps)
-    return ModelGraph(cg, dg, st, attns, mlps, norms, SiteTable(sites, len(st.blocks)), dims)
+    sites = _Builder(dg, syms, st, attns, mlps, norms, table, moes).build(by_scope)
+    dims = _dims(dg, syms, st, attns, mlps, moes)
+    return ModelGraph(cg, dg, st, attns, mlps, norms, SiteTable(sites, len(st.blocks)), dims, moes)
 
 
 def _check_table(st: Structure, table) -> None:
@@ -265,7 +277,7 @@ def _check_table(st: Structure, table) -> None:
         )
 
 
-def _dims(dg, syms, st, attns, mlps) -> dict:
+def _dims(dg, syms, st, attns, mlps, moes=()) -> dict:
     first = st.blocks[0]
     d_model = sym_dims(dg.node(first.resid_pre), *syms)[-1]
     a = next((x for x in attns if x is not None), None)
@@ -275,6 +287,9 @@ def _dims(dg, syms, st, attns, mlps) -> dict:
         out.update(n_heads=a.n_heads, n_key_value_heads=a.n_kv_heads, d_head=a.d_head)
     if m is not None:
         out["d_mlp"] = sym_dims(dg.node(m.post.node), *syms)[-1]
+    e = next((x for x in moes if x is not None), None)
+    if e is not None:
+        out.update(n_experts=e.n_experts, experts_per_token=e.top_k)
     # d_vocab: the token ids the model accepts (the input embedding's rows, TransformerLens' meaning);
     # d_vocab_out: the last axis of the main output (num_labels for a classification head)
     vocab = input_vocab(dg.graph)
@@ -286,9 +301,10 @@ def _dims(dg, syms, st, attns, mlps) -> dict:
 
 
 class _Builder:
-    def __init__(self, dg, syms, st, attns, mlps, norms, table):
+    def __init__(self, dg, syms, st, attns, mlps, norms, table, moes=None):
         self.dg, self.syms, self.st = dg, syms, st
         self.attns, self.mlps, self.norms, self.table = attns, mlps, norms, table
+        self.moes = moes or [None] * len(st.blocks)
         self.sites: list[Site] = []
 
     def add(self, name, view: View | str, axes=None, layer=None, kind="module", rewrite=None, expensive=False):
@@ -349,6 +365,7 @@ class _Builder:
                 self.add(p + "hook_mlp_out", self._unflat(block.mlp.output), RESID_AXES, i, "mlp_out")
             self._attention(i, p, self.attns[i])
             self._mlp(i, p, self.mlps[i])
+            self._moe(i, p, self.moes[i])
             self._block_norms(i, p, block)
         if st.final_norm is not None and st.final_norm in self.norms:
             self._norm("ln_final.", self.norms[st.final_norm], None)
@@ -415,6 +432,19 @@ class _Builder:
             rw,
             expensive=True,
         )
+
+    def _moe(self, i: int, p: str, m: Moe | None) -> None:
+        if m is None:
+            return
+        mp = p + "mlp."
+        self.add(mp + "hook_router_logits", m.router, ("batch", "pos", "expert"), i, "router_logits")
+        if m.probs is not None:
+            self.add(mp + "hook_expert_weights", m.probs, ("batch", "pos", "expert"), i, "expert_weights")
+        self.add(mp + "hook_expert_indices", m.indices, ("batch", "pos", "slot"), i, "expert_indices")
+        rw = ("split_experts", m.combine)
+        # [batch, pos, expert, d_model]: left out of "every site", like per-head results
+        self.add(mp + "hook_expert_out", rewritten(*rw, "experts"), ("batch", "pos", "expert", "d_model"), i, "expert_out", rw,
+                 expensive=True)
 
     def _mlp(self, i: int, p: str, m: Mlp | None) -> None:
         if m is None:

@@ -229,9 +229,7 @@ def _analyse_block(dg, index, path, resid_pre, resid_post, block_nodes, external
         terms = _sum_terms(dg, b, a, interior)
         for term in terms:
             nodes = (dg.upstream([term]) & interior) | {term}
-            has_attn = any(
-                op_name(dg.node(n)) in ATTENTION_OPS or op_name(dg.node(n)) in ("softmax", "_softmax") for n in nodes
-            )
+            has_attn = _mixes_positions(dg, nodes)
             matmuls = [dg.node(n) for n in dg.sorted(nodes) if op_name(dg.node(n)) in MATMUL_OPS | ATTENTION_OPS]
             if not matmuls:
                 continue
@@ -271,6 +269,27 @@ def _analyse_block(dg, index, path, resid_pre, resid_post, block_nodes, external
         context=context,
         nodes=frozenset(block_nodes),
     )
+
+
+_PRODUCTS = frozenset({"matmul", "bmm", "baddbmm", "einsum"})
+
+
+def _mixes_positions(dg, nodes) -> bool:
+    """Whether a branch is attention: an attention op, or a product of two activations (q @ k).
+
+    A softmax alone does not make attention: a mixture-of-experts router takes the softmax of a
+    token's expert logits, which never mixes positions.
+    """
+    inputs = {n.name for n in dg.graph.nodes if n.op == "placeholder"}
+    for n in nodes:
+        name = op_name(dg.node(n))
+        if name in ATTENTION_OPS:
+            return True
+        if name in _PRODUCTS:
+            operands = dg.data_inputs(n)
+            if len(operands) >= 2 and all(dg.upstream([a]) & inputs for a in operands[:2]):
+                return True
+    return False
 
 
 def _entry_norm(dg, entry, first_matmul, region, norm_modules, block_path) -> str | None:

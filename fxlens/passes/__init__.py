@@ -27,6 +27,7 @@ from .intervene import Edit, EditError, Intervene, intervene
 from .kv_prefix import KVPrefix, kv_prefix
 from .pack_rows import PackRows, pack_rows
 from .select_vocab import SelectVocab, select_vocab
+from .split_experts import SplitExperts, split_experts
 from .split_heads import SplitHeads, split_heads
 
 STAGES = ("kernels", "layout", "materialise", "edit", "read", "output")
@@ -35,6 +36,7 @@ _PASSES = {
     ExpandAttention: expand_attention,
     DecomposeNorm: decompose_norm,
     SplitHeads: split_heads,
+    SplitExperts: split_experts,
     Cache: cache,
     Hooks: hooks,
     Intervene: intervene,
@@ -90,6 +92,7 @@ __all__ = [
     "DecomposeNorm",
     "ExpandAttention",
     "SplitHeads",
+    "SplitExperts",
     "Hooks",
     "HookAt",
     "HookError",

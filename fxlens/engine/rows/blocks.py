@@ -132,10 +132,26 @@ class Blocks:
             by_name = {n.name: n for n in gm.graph.nodes}
             syms = (self.captured.batch_symbol, self.captured.seq_symbol)
             for block in self.graph.structure.blocks:
-                nodes = [n for n in gm.graph.nodes if n.name in block.mlp.nodes]
+                members = set(block.mlp.nodes) | _local_inputs(self.graph.dg, block)
+                nodes = [n for n in gm.graph.nodes if n.name in members]
                 sub, ctx = _subgraph(gm, nodes, by_name[block.mlp.entry], {"mlp": by_name[block.mlp.output]}, syms)
                 if ctx:
-                    raise BlockError(f"the MLP of {block.path} reads an input besides the residual stream")
+                    raise BlockError(f"the MLP of {block.path} reads an input besides the residual stream ({ctx})")
                 self._mlps[block.index] = Programs(sub)
         plan = PlanBuilder(self.graph).fuse_gelu().build()[0] if fused else ()
         return [self._mlps[i].get(plan) for i in range(self.n_layers)]
+
+
+def _local_inputs(dg, block) -> set:
+    """Nodes of the block that the MLP reads without a data path from the residual stream: a weight
+    transposed, an index range over the tokens (a mixture-of-experts MLP). They are recomputed in the
+    MLP's program; anything else it reads from outside becomes an input (and is refused)."""
+    out, stack = set(), [a for n in block.mlp.nodes for a in dg.data_inputs(n)]
+    entry_side = dg.downstream([block.resid_pre]) | {block.resid_pre}
+    while stack:
+        name = stack.pop()
+        if name in out or name in block.mlp.nodes or name not in block.nodes or name in entry_side:
+            continue
+        out.add(name)
+        stack.extend(dg.data_inputs(name))
+    return out
