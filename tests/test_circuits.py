@@ -764,12 +764,11 @@ def test_sender_values_of_chosen_senders_are_columns_of_all_of_them():
 
 
 @pytest.mark.parametrize("family, reason", [("bert", "post-norm"), ("gemma2", "normalises the")])
-def test_models_whose_residual_is_not_a_sum_of_components_are_refused(family, reason):
+def test_edges_on_models_whose_residual_is_not_a_sum_of_components_are_refused(family, reason):
+    # the components exist (path patching's textbook algorithm uses them); edges from one component do not
     _, model = cached_model(family)
-    with pytest.raises(CircuitError, match=reason):
-        circuits.model_components(model)
-    with pytest.raises(CircuitError, match=reason):
-        Circuit.full(model)
+    assert circuits.model_components(model).not_additive is not None
+    assert len(Circuit.full(model)) > 0
     with pytest.raises(CircuitError, match=reason):
         run_with_edges(model, tokens(1, 5), ["input->logits"])
 

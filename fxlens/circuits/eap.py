@@ -35,6 +35,7 @@ def eap_scores(model, clean_tokens, corrupted_tokens, metric, *, attention_mask=
             raise ValueError("give corrupted_attention_mask or its alias corrupted_mask, not both")
         corrupted_attention_mask = corrupted_mask
     comp = model.derived.components
+    comp.require_additive("edge attribution patching")
     feed, corrupted = paired_feeds(model, clean_tokens, corrupted_tokens, attention_mask, corrupted_attention_mask,
                                    "EAP scores the difference of the two runs' sender outputs")
     batch, seq = feed["input_ids"].shape

@@ -47,6 +47,7 @@ def edge_sweep(model, tokens, edge_sets, metric, *, ablation="zero", reference=N
     (TransformerLens' direct path patching), or ACDC's candidate removals.
     """
     comp = model.derived.components
+    comp.require_additive("an edge sweep")
     sets = [Circuit(e).validate(model).edges for e in edge_sets]
     feed = model._inputs(tokens, attention_mask)
     shape = tuple(feed["input_ids"].shape)

@@ -193,6 +193,7 @@ def run_with_edges(model, tokens, edges, *, ablation="zero", reference=None, att
     The reference run uses ``reference_attention_mask``, else ``attention_mask``.
     """
     comp = model.derived.components
+    comp.require_additive("an edge intervention")
     circuit = Circuit(edges).validate(model)
     feed = model._inputs(tokens, attention_mask)
     alt = alternatives(model, ablation, tuple(feed["input_ids"].shape), reference, reference_attention_mask,

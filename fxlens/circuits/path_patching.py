@@ -72,7 +72,9 @@ def path_patch(model, clean_tokens, corrupted_tokens, metric, *, receivers, send
                                    "path patching compares them")
     if not senders:
         return {}
-    if method == "rows" or (method == "auto" and not layered(model)):
+    if method == "layers" and comp.not_additive is not None:
+        comp.require_additive("path patching by layers (method='layers')")
+    if method == "rows" or (method == "auto" and (not layered(model) or comp.not_additive is not None)):
         return _rows_method(model, comp, feed, corrupted, metric, recv, senders, freeze_mlps)
     return _layers_method(model, comp, feed, corrupted, metric, recv, senders, freeze_mlps)
 

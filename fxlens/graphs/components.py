@@ -9,8 +9,10 @@ Mechanism: from the structure analysis, each block contributes its heads (per-he
 output projection, ``split_heads``) and its MLP output as senders; each receiver names the spine node
 its branch reads (``entry``) and how that read is replayed: for q/k/v, the nodes from the branch
 entry to the q/k/v node (the norm and the projection, whatever the family fuses); for an MLP or the
-logits, the nodes that read the entry inside the branch. A model whose residual stream is not a sum of
-component outputs (BERT's post-norm, Gemma 2's norms after each branch) is refused with the reason.
+logits, the nodes that read the entry inside the branch. Where the residual stream is not a sum of
+component outputs (BERT's post-norm, Gemma 2's and OLMo 2's norms after each branch) the components
+still exist (path patching's textbook algorithm needs only heads' z and MLP outputs), and
+``not_additive`` says why edges from single components are not defined there.
 
 Example::
 
@@ -60,6 +62,7 @@ class Components:
     receivers: list
     n_layers: int
     parallel: bool  # attention and MLP of a block read the same residual
+    not_additive: str | None = None  # why the residual stream is not a sum of component outputs (or None)
 
     def _range(self) -> str:
         heads = sum(1 for s in self.senders if s.kind == "head" and s.layer == 0)
@@ -85,6 +88,16 @@ class Components:
             f"unknown receiver {name!r}; receivers are 'a<layer>.h<head><q|k|v>', 'm<layer>' and 'logits' "
             f"(e.g. 'a1.h0<k>'); {self._range()}"
         )
+
+    def require_additive(self, what: str) -> None:
+        """Refuse ``what`` (an edge intervention, EAP, ...) on a model whose residual stream is not a sum
+        of component outputs: an edge from one head has no meaning there."""
+        if self.not_additive is not None:
+            raise CircuitError(
+                f"{what} needs each component's output added to the residual stream as it is; {self.not_additive}. "
+                "Path patching (circuits.path_patch, which freezes every other head's z and recomputes the rest) and "
+                "activation patching (fxlens.patching) work on this model"
+            )
 
     def reaches(self, s: Sender, r: Receiver) -> bool:
         """Whether sender ``s`` writes into the residual stream before receiver ``r`` reads it."""
@@ -126,20 +139,21 @@ def components(mg) -> Components:
     senders = [Sender("input", -1, "input")]
     receivers = []
     parallel = False
+    not_additive = None
     for i, block in enumerate(st.blocks):
         a = mg.attn[i]
         if block.attn is None or a is None or block.mlp is None:
             raise CircuitError(f"block {i} has no attention or no MLP branch that fxlens can decompose")
-        if block.spine_norms:
-            raise CircuitError(
-                "circuits need a residual stream that is a sum of component outputs; this model normalises "
-                "the residual stream itself after each branch (post-norm, as BERT does)"
+        if block.spine_norms and not_additive is None:
+            not_additive = (
+                "this model normalises the residual stream itself after each branch (post-norm, as BERT does), "
+                "so the residual stream is not a sum of what the components write"
             )
         for br in (block.attn, block.mlp):
-            if br.post_norm is not None:
-                raise CircuitError(
-                    f"circuits need each component's output added to the residual stream as it is; "
-                    f"{br.post_norm} normalises the {br.kind} output first (Gemma 2/3 style), so per-head outputs do not sum to it"
+            if br.post_norm is not None and not_additive is None:
+                not_additive = (
+                    f"{br.post_norm} normalises the {br.kind} output before it is added (Gemma 2/3 and OLMo 2 style), "
+                    "so per-head outputs do not sum to what the layer writes"
                 )
         parallel = block.attn.entry == block.mlp.entry
         mlp_stage = 0 if parallel else 1
@@ -157,4 +171,4 @@ def components(mg) -> Components:
     blocks = set().union(*(b.nodes for b in st.blocks))
     consumers = tuple(u.name for u in dg.node(last).users if u.name not in blocks and u.op != "output")
     receivers.append(Receiver("logits", len(st.blocks), "logits", None, 0, last, None, (), consumers))
-    return Components(senders, receivers, len(st.blocks), parallel)
+    return Components(senders, receivers, len(st.blocks), parallel, not_additive)
