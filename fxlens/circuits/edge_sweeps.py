@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 
 from ..engine.plan import PlanBuilder
-from ..engine.rows import ReceiverInput, Row, RowEngine
+from ..engine.rows import ReceiverInput, Row, RowEngine, RowError
+from ..graphs.components import CircuitError
 from ..engine.rows.readout import Readout, _checked_select, scalar
 from ..engine.sweep import Cell, Sweep
 from ..metrics import Metric
@@ -59,8 +60,14 @@ def edge_sweep(model, tokens, edge_sets, metric, *, ablation="zero", reference=N
         alt = alternatives(model, ablation, shape, reference, reference_attention_mask, used,
                            attention_mask=given_mask(tokens, attention_mask, feed)).to(model.captured.dtype)
     points = [{(comp.receiver(r).layer, comp.receiver(r).stage) for _, r in edges} for edges in sets]
-    if all(len(p) <= 1 for p in points) and layered(model):
-        return _layered(model, comp, feed, sets, metric, alt, used)
+    engine = RowEngine(model)
+    if all(len(p) <= 1 for p in points) and layered(model) and not engine.whole:
+        try:
+            return _layered(model, comp, feed, sets, metric, alt, used)
+        except (CircuitError, RowError):
+            raise
+        except Exception as err:  # noqa: BLE001 - a structural failure: told once, then whole-model rows
+            engine.fall_back(err)
     full_alt = torch.zeros(1, shape[1], len(comp.senders), model.cfg.d_model, dtype=model.captured.dtype, device=model.captured.device)
     if used:
         full_alt = full_alt.expand(alt.shape[0], -1, -1, -1).clone()

@@ -25,7 +25,7 @@ import torch
 
 from ..engine.interventions import Patch, prepare
 from ..engine.plan import PlanBuilder
-from ..engine.rows import ReceiverInput, Row, RowEngine
+from ..engine.rows import ReceiverInput, Row, RowEngine, RowError
 from ..engine.rows.readout import scalar
 from ..graphs.components import CircuitError
 from .edge_sweeps import layered
@@ -74,9 +74,18 @@ def path_patch(model, clean_tokens, corrupted_tokens, metric, *, receivers, send
         return {}
     if method == "layers" and comp.not_additive is not None:
         comp.require_additive("path patching by layers (method='layers')")
-    if method == "rows" or (method == "auto" and (not layered(model) or comp.not_additive is not None)):
+    engine = RowEngine(model)
+    if method == "rows" or (method == "auto" and (not layered(model) or comp.not_additive is not None or engine.whole)):
         return _rows_method(model, comp, feed, corrupted, metric, recv, senders, freeze_mlps)
-    return _layers_method(model, comp, feed, corrupted, metric, recv, senders, freeze_mlps)
+    try:
+        return _layers_method(model, comp, feed, corrupted, metric, recv, senders, freeze_mlps)
+    except (CircuitError, RowError):
+        raise
+    except Exception as err:  # noqa: BLE001 - a structural failure: told once, then the literal algorithm
+        if method == "layers":
+            raise
+        engine.fall_back(err)
+        return _rows_method(model, comp, feed, corrupted, metric, recv, senders, freeze_mlps)
 
 
 def _first_change(delta: torch.Tensor) -> int:

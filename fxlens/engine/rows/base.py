@@ -38,6 +38,7 @@ class Base:
     values: dict  # base values of the sites asked for
     full_logits: torch.Tensor | None = None  # computed when a plain callable metric asks for them
     selected: dict = field(default_factory=dict)  # metric -> logits it reads [B0, n_pos, n_tok]
+    feed: dict | None = None  # the inputs it ran on (rows on the whole model run them again)
 
 
 def run_base(blocks, feed: dict, keep_kv: bool = True, sites=()) -> Base:

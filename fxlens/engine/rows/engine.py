@@ -26,6 +26,7 @@ new value never builds a new program. ``stats`` counts the work done, in (row, p
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 
 import torch
@@ -39,6 +40,7 @@ from .base import Base, run_base
 from .blocks import Blocks
 from .layouts import Packed, Padded
 from .readout import Readout
+from .whole import base_values, run_whole
 from .rows import RowError
 from .schedule import CostModel, schedule
 
@@ -49,23 +51,54 @@ class RowEngine:
     def __init__(self, model, compile: bool = False):
         self.model = model
         self.derived = model.derived
-        self.blocks = Blocks.of(self.derived)
         self.graph = self.derived.graph
         self.compile = compile
         self.stats = {"token_layers": 0, "kv_token_layers": 0, "block_calls": 0, "cells_skipped": 0}
 
     @property
+    def blocks(self) -> Blocks:
+        return Blocks.of(self.derived)
+
+    @property
     def causal(self) -> bool:
-        return self.blocks.causal
+        return self.derived.captured.is_causal
+
+    @property
+    def whole(self) -> bool:
+        """Whether this capture runs rows on the whole model (the layered engine failed on it)."""
+        return bool(self.derived.item("whole_model_rows", list))
+
+    def fall_back(self, err: Exception) -> None:
+        """Run rows on the whole model from now on for this capture, and say so once, with the reason."""
+        told = self.derived.item("whole_model_rows", list)
+        if not told:
+            told.append(f"{type(err).__name__}: {err}")
+            warnings.warn(
+                "the batched layer-by-layer engine cannot run this model's sweeps "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); they run as whole-model "
+                "forwards instead, exact and slower. Please report this with the model's config.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def base(self, feed: dict, keep_kv: bool | None = None, sites=()) -> Base:
-        """The unpatched run (keys and values kept for causal models unless ``keep_kv`` says otherwise)."""
-        base = run_base(self.blocks, feed, self.causal if keep_kv is None else keep_kv, sites)
-        self.stats["token_layers"] += base.batch * base.seq * self.blocks.n_layers
-        return base
+        """The unpatched run (keys and values kept for causal models unless ``keep_kv`` says otherwise);
+        on a model the layered engine cannot run, the sites' values from one whole-model run."""
+        if not self.whole:
+            try:
+                base = run_base(self.blocks, feed, self.causal if keep_kv is None else keep_kv, sites)
+                self.stats["token_layers"] += base.batch * base.seq * self.blocks.n_layers
+                base.feed = feed
+                return base
+            except RowError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a structural failure: told once, then the exact path
+                self.fall_back(err)
+        batch, seq = feed["input_ids"].shape
+        return Base([], [], {}, None, batch, seq, base_values(self.model, feed, sites), feed=feed)
 
     def readout(self, base: Base, metric) -> Readout:
-        return Readout(self.blocks, base, metric)
+        return Readout(self.blocks if not self.whole else None, base, metric, model=self.model)
 
     # ---- running rows ------------------------------------------------------------------------------
     def run(self, rows: list, base: Base, metric, *, memory_budget: float = 1.0, progress: bool = False,
@@ -77,12 +110,19 @@ class RowEngine:
             self.model.last_sweep_stats = dict(self.stats)
             return out
         for r in rows:
-            if not 0 <= r.layer < self.blocks.n_layers:
-                raise RowError(f"a row joins at layer {r.layer}; this model has layers 0..{self.blocks.n_layers - 1}")
+            if not 0 <= r.layer < self.graph.n_layers:
+                raise RowError(f"a row joins at layer {r.layer}; this model has layers 0..{self.graph.n_layers - 1}")
             if r.start and not self.causal:
                 raise RowError("rows start after position 0 only in a causal model")
         try:
-            return self._run(rows, base, readout, out, memory_budget, progress)
+            if not self.whole:
+                try:
+                    return self._run(rows, base, readout, out, memory_budget, progress)
+                except RowError:
+                    raise
+                except Exception as err:  # noqa: BLE001 - a structural failure: told once, then the exact path
+                    self.fall_back(err)
+            return run_whole(self.model, rows, base.feed, readout.metric)
         finally:
             self.model.last_sweep_stats = dict(self.stats)  # what the last run of rows did (Model docs)
 

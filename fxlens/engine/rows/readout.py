@@ -5,7 +5,7 @@ and vocabulary entries; the head should compute the final norm at those position
 unembedding on those entries only. A plain callable needs full logits, and a row that never computed
 the positions before its start must take the base run's logits there.
 
-Mechanism: ``Readout(blocks, base, metric)`` checks the metric once against this input (positions,
+Mechanism: ``Readout(blocks, base, metric, model=model)`` checks the metric once against this input (positions,
 token ids, the batch size of per-row answers), then reads rows laid out padded (``padded``: [rows *
 batch, seq - start, d]) or packed (``packed``: [batch, T, d] with each token's row and position). A
 declared metric goes through the head with the vocabulary-selecting pass (``SelectVocab``); positions a
@@ -14,7 +14,7 @@ itself (for rows that change nothing).
 
 Example::
 
-    readout = Readout(blocks, base, metrics.logit_diff(a, b))
+    readout = Readout(blocks, base, metrics.logit_diff(a, b), model=model)
     values = readout.padded(h, start=4, n_rows=12)        # [12]
 """
 
@@ -35,27 +35,35 @@ class MetricError(RowError):
 
 
 class Readout:
-    def __init__(self, blocks, base, metric):
+    def __init__(self, blocks, base, metric, *, model):
         if not callable(metric):
             raise MetricError(f"the metric must be a callable on logits (or from fxlens.metrics); got {type(metric).__name__}")
-        if blocks.captured.logits is None:
-            raise MetricError(blocks.derived.no_logits("a metric"))
-        self.blocks = blocks
+        derived = model.derived
+        if derived.captured.logits is None:
+            raise MetricError(derived.no_logits("a metric"))
+        self.model = model
+        self.blocks = blocks  # None when rows run on the whole model
+        self.causal = derived.captured.is_causal
         self.base = base
         self.metric = metric
         self.declared = isinstance(metric, Metric)
         if self.declared:
-            vocab = blocks.derived.graph.dims.get("d_vocab_out") or blocks.derived.graph.dims.get("d_vocab")
+            vocab = derived.graph.dims.get("d_vocab_out") or derived.graph.dims.get("d_vocab")
             self.pos, self.tok = _checked_select(metric, base.seq, base.batch, vocab)
 
     # ---- what the metric reads ---------------------------------------------------------------------
     def first_read(self, start: int) -> int:
         """The first position the metric reads at or after ``start`` (``start`` for a plain callable)."""
-        if not (self.declared and self.blocks.causal):
+        if not (self.declared and self.causal):
             return start
         return max(start, int(self.pos.min()))
 
     def base_value(self) -> float:
+        if self.blocks is None:  # rows run on the whole model: so does the base run
+            from .rows import Row
+            from .whole import run_whole
+
+            return float(run_whole(self.model, [Row(0)], self.base.feed, self.metric)[0])
         if self.declared:
             return float(self.metric.from_selected(self._base_selected()[None])[0])
         return float(self.per_row(self._base_logits()[None])[0])
