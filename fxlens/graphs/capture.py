@@ -26,14 +26,18 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch.fx.graph import CodeGen
 
-from .causality import probe_causal
+from .causality import Probe, probe
+from .functional import functionalize, is_mutation
 from .nodes import is_assert, tensor_meta
+from .selfcheck import compare
 from .vocab import input_vocab
 
 __all__ = ["CapturedGraph", "CaptureError", "capture"]
@@ -68,13 +72,20 @@ class CapturedGraph:
 
 @contextlib.contextmanager
 def _borrowed(model: torch.nn.Module, attn_implementation: str | None):
-    """Put the model in eval mode (and an attention implementation) and restore it exactly."""
+    """Put the model in eval mode, ``use_cache=False`` on its configs (some families read only the
+    config's flag) and an attention implementation, and restore all of it exactly."""
     modes = {m: m.training for m in model.modules()}
     config = getattr(model, "config", None)
     saved_attn = getattr(config, "_attn_implementation", None) if config is not None else None
-    saved_subconfigs = []
+    # Every config the model's modules hold (the top one and sub-configs such as text_config):
+    # whether each had its own use_cache attribute, and its value.
+    configs = {id(c): c for c in [config, *(getattr(m, "config", None) for m in model.modules())] if c is not None}
+    saved_cache = {key: _flag(c) for key, c in configs.items() if hasattr(c, "use_cache")}
     try:
         model.eval()
+        for key, (name, _) in saved_cache.items():
+            with contextlib.suppress(AttributeError, TypeError):  # a read-only flag stays as it is
+                setattr(configs[key], name, False)
         if attn_implementation is not None and config is not None and saved_attn != attn_implementation:
             if hasattr(model, "set_attn_implementation"):
                 model.set_attn_implementation(attn_implementation)
@@ -84,12 +95,26 @@ def _borrowed(model: torch.nn.Module, attn_implementation: str | None):
     finally:
         for m, was_training in modes.items():
             m.training = was_training
+        for key, (name, value) in saved_cache.items():
+            if value is _MISSING:
+                configs[key].__dict__.pop(name, None)
+            else:
+                configs[key].__dict__[name] = value
         if config is not None and getattr(config, "_attn_implementation", None) != saved_attn:
             if hasattr(model, "set_attn_implementation") and saved_attn is not None:
                 model.set_attn_implementation(saved_attn)
             else:
                 config._attn_implementation = saved_attn
-        del saved_subconfigs
+
+
+_MISSING = object()
+
+
+def _flag(config) -> tuple[str, object]:
+    """The attribute that holds ``config.use_cache`` (through the config's attribute_map) and its own
+    value there (``_MISSING`` when it comes from the class), so that it can be put back exactly."""
+    name = (getattr(config, "attribute_map", None) or {}).get("use_cache", "use_cache")
+    return name, config.__dict__.get(name, _MISSING)
 
 
 def _example_inputs(model, accepts: set[str]):
@@ -245,26 +270,31 @@ def capture(model: torch.nn.Module, *, attn_implementation: str | None = None) -
             f"{type(model).__name__}.forward takes no input_ids; fxlens captures token-in models. "
             "Wrap the model so that its forward takes input_ids (and attention_mask)."
         )
-    kwargs, dynamic, extra = _example_inputs(model, accepts)
     with _borrowed(model, attn_implementation):
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
+        kwargs, dynamic, extra = _example_inputs(model, accepts)
         try:
             ep = _export(model, kwargs, dynamic, extra)
         except Exception as err:  # noqa: BLE001 - re-raised with an explanation
             raise _explain(model, err) from err
-    gm = ep.module()
-    graph, inputs = _rebuild(gm, _output_names(ep))
-    graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
-    graph.set_codegen(CodeGen())
-    module = fx.GraphModule(gm, graph, class_name=f"Captured{type(model).__name__}")
-    _rename_attrs(module)
-    ids_val = next(n for n in module.graph.nodes if n.op == "placeholder" and n.name == "input_ids").meta["val"]
-    batch_sym, seq_sym = (s.node.expr if isinstance(s, torch.SymInt) else s for s in ids_val.shape)
-    param = next(iter(model.parameters()), None)
-    config = getattr(model, "config", None)
-    vocab = input_vocab(module.graph) or getattr(config, "vocab_size", None)
-    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    causal = probe_causal(module, seq_sym, vocab, max_len=max_pos, device=param.device if param is not None else None)
+        gm = ep.module()
+        names = _output_names(ep)
+        graph, inputs = _rebuild(gm, names)
+        functionalize(graph)
+        # Whatever mutation functionalize left in place still runs: only unread pure nodes are dead.
+        graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output") or is_mutation(n))
+        graph.set_codegen(CodeGen())
+        module = fx.GraphModule(gm, graph, class_name=f"Captured{type(model).__name__}")
+        _rename_attrs(module)
+        ids_val = next(n for n in module.graph.nodes if n.op == "placeholder" and n.name == "input_ids").meta["val"]
+        batch_sym, seq_sym = (s.node.expr if isinstance(s, torch.SymInt) else s for s in ids_val.shape)
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+        config = getattr(model, "config", None)
+        vocab = input_vocab(module.graph) or getattr(config, "vocab_size", None)
+        max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        seen = probe(module, seq_sym, vocab, max_len=max_pos, device=device)
+        _self_check(model, seen, inputs, extra, names)
     return CapturedGraph(
         module=module,
         inputs=tuple(inputs),
@@ -273,9 +303,25 @@ def capture(model: torch.nn.Module, *, attn_implementation: str | None = None) -
         seq_symbol=seq_sym,
         attn_implementation=impl,
         dtype=param.dtype if param is not None else torch.float32,
-        device=param.device if param is not None else torch.device("cpu"),
-        is_causal=causal,
+        device=device,
+        is_causal=seen.causal,
     )
+
+
+def _self_check(model, seen: Probe, inputs: list[str], extra: dict, names: list[str]) -> None:
+    """Refuse a graph that does not compute what the model computes on the probe input (``selfcheck``)."""
+    feed = {"input_ids": seen.ids}
+    if "attention_mask" in inputs:
+        feed["attention_mask"] = torch.ones_like(seen.ids)
+    with torch.no_grad():
+        reference = model(**feed, **extra)
+    if not isinstance(reference, Mapping):  # a model that returns a tuple: fields in the export's order
+        reference = dict(zip(names, pytree.tree_leaves(reference)))
+    param = next(iter(model.parameters()), None)
+    dtype = param.dtype if param is not None else torch.float32
+    mismatch = compare(seen.outputs["outputs"], reference, dtype, length=seen.ids.shape[1])
+    if mismatch is not None:
+        raise CaptureError(mismatch.describe(type(model).__name__))
 
 
 def _rename_attrs(module: fx.GraphModule) -> None:

@@ -18,24 +18,30 @@ masks) are not compared: a causal model's raw scores do read the later key befor
 Should noise ever make a causal model look otherwise, the error is on the safe side: sweeps then
 recompute earlier positions.
 
+The first run also returns the graph's outputs, so that capture's self-check (``selfcheck``)
+compares them with the HF model without a third forward of the graph.
+
 Example::
 
     probe_causal(cg.module, cg.seq_symbol, vocab=30522)             # False for any BERT head
     probe_causal(cg.module, cg.seq_symbol, vocab=50257)             # True for GPT-2
+    p = probe(cg.module, cg.seq_symbol, vocab=50257)                # p.ids, p.outputs["logits"], p.causal
 
 Gotchas: the probe runs the graph once per input on the model's device (a [1, 6] input; positions
 are capped by ``max_len``). A model whose vocabulary or context holds a single entry cannot be
-probed and is treated as not causal.
+probed for causality and is treated as not causal (``probe`` then runs the graph once).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from .nodes import tensor_meta
 
-__all__ = ["probe_causal", "sequence_axes"]
+__all__ = ["Probe", "probe", "probe_causal", "sequence_axes"]
 
 PROBE_LENGTH = 6
 
@@ -61,13 +67,13 @@ def sequence_axes(graph: fx.Graph, seq_symbol) -> dict[str, int]:
 
 
 def _watching(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
-    """A copy of ``gm`` whose output is the tuple of the named nodes' values (generated code, so the
-    probe costs two plain forwards rather than two interpreted ones)."""
+    """A copy of ``gm`` whose output is (the named nodes' values, ``gm``'s own output) (generated
+    code, so the probe costs two plain forwards rather than two interpreted ones)."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    graph.graph_copy(gm.graph, env)
+    out = graph.graph_copy(gm.graph, env)
     by_name = {n.name: n for n in gm.graph.nodes}
-    graph.output(tuple(env[by_name[name]] for name in names))
+    graph.output((tuple(env[by_name[name]] for name in names), out))
     return fx.GraphModule(gm, graph)
 
 
@@ -85,27 +91,42 @@ def _noise(dtype: torch.dtype) -> float:
     return 4 * torch.finfo(dtype).eps
 
 
-def probe_causal(gm: fx.GraphModule, seq_symbol, vocab: int | None, *, max_len: int | None = None, device=None) -> bool:
-    """Whether no position before the last depends on the last token (see the module docstring)."""
+@dataclass
+class Probe:
+    """What the probe ran and saw: its input, the graph's output on it, and the causality verdict."""
+
+    ids: torch.Tensor  # [1, length] on the model's device
+    outputs: dict  # the graph's output on ``ids`` (an all-ones attention mask where the graph takes one)
+    causal: bool
+
+
+def probe(gm: fx.GraphModule, seq_symbol, vocab: int | None, *, max_len: int | None = None, device=None) -> Probe:
+    """Run the graph on a small probe input (twice when causality can be probed; see the module docstring)."""
     length = PROBE_LENGTH if max_len is None else min(PROBE_LENGTH, int(max_len))
-    if vocab is None or vocab < 2 or length < 2:
-        return False
+    length = max(length, 1)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (1, length), generator=g)
+    ids = torch.randint(0, max(int(vocab or 1), 1), (1, length), generator=g)
     changed = ids.clone()
-    changed[0, -1] = (ids[0, -1] + 1 + torch.randint(0, vocab - 1, (1,), generator=g)) % vocab
+    if vocab is not None and vocab >= 2:
+        changed[0, -1] = (ids[0, -1] + 1 + torch.randint(0, vocab - 1, (1,), generator=g)) % vocab
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     axes = sequence_axes(gm.graph, seq_symbol)
-    if not axes:
-        return False
-    watch = _watching(gm, list(axes))
-    runs = []
+    probing = bool(axes) and vocab is not None and vocab >= 2 and length >= 2
+    watch = _watching(gm, list(axes) if probing else [])
+    runs, outputs = [], None
     with torch.no_grad():
-        for tokens in (ids, changed):
+        for tokens in (ids, changed) if probing else (ids,):
             feed = {"input_ids": tokens.to(device)}
             if "attention_mask" in placeholders:
                 feed["attention_mask"] = torch.ones_like(feed["input_ids"])
-            values = watch(*(feed[name] for name in placeholders))
+            values, out = watch(*(feed[name] for name in placeholders))
+            outputs = out if outputs is None else outputs
             runs.append([v.narrow(axes[name], 0, length - 1) for name, v in zip(axes, values)])
-    dtype = next((v.dtype for v in runs[0] if v.is_floating_point()), torch.float32)
-    return max((_relative(a, b) for a, b in zip(*runs)), default=0.0) <= _noise(dtype)
+    dtype = next((v.dtype for v in runs[0] if v.is_floating_point()), torch.float32) if runs and runs[0] else torch.float32
+    causal = probing and max((_relative(a, b) for a, b in zip(*runs)), default=0.0) <= _noise(dtype)
+    return Probe(ids=ids.to(device), outputs=outputs, causal=causal)
+
+
+def probe_causal(gm: fx.GraphModule, seq_symbol, vocab: int | None, *, max_len: int | None = None, device=None) -> bool:
+    """Whether no position before the last depends on the last token (see the module docstring)."""
+    return probe(gm, seq_symbol, vocab, max_len=max_len, device=device).causal
