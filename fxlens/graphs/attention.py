@@ -27,14 +27,13 @@ ask for the rewrite in ``passes/expand_attention.py``.
 from __future__ import annotations
 
 import sys
-from collections import deque
 from dataclasses import dataclass
 
 import torch.fx as fx
 
 from .dataflow import DataGraph
 from .layout import IDENTITY, Layout
-from .nodes import ATTENTION_OPS, LAYOUT_OPS, MATMUL_OPS, is_tensor, op_name, scope, sym_dims
+from .nodes import ATTENTION_OPS, LAYOUT_OPS, MATMUL_OPS, is_tensor, op_name, scope, sym_dims, tensor_meta
 
 __all__ = ["View", "Attention", "find_attention", "AttentionError"]
 
@@ -78,6 +77,8 @@ class Attention:
     d_head: int
     k_consumer: str = ""  # the node that reads k_in on its way to the attention op (SDPA or k's transpose)
     v_consumer: str = ""  # the node that reads v_in (SDPA or the pattern @ v product)
+    d_head_qk: int = 0  # head size of q and k (differs from d_head, v's and z's, in latent attention)
+    missing: tuple = ()  # (site suffix, reason) for sites this attention cannot show
 
 
 def _is_layout(node: fx.Node) -> bool:
@@ -102,6 +103,55 @@ def _walk_back(dg: DataGraph, name: str) -> list[str]:
         node = inputs[0]
         chain.append(node.name)
     return chain
+
+
+def _mm_operands(node: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """The two matrix operands of a product (``baddbmm(bias, a, b)`` adds a bias first: Bloom's ALiBi)."""
+    name = op_name(node)
+    if name in ("baddbmm", "addmm", "addbmm"):
+        return node.args[1], node.args[2]
+    if name == "einsum":
+        return node.args[1][0], node.args[1][1]
+    return node.args[0], node.args[1]
+
+
+def _scalar_input(node: fx.Node) -> fx.Node | None:
+    """The tensor that ``node`` multiplies or divides by a scalar (a number or a 0-d tensor), else None."""
+    if op_name(node) not in ("mul", "div") or len(node.args) != 2:
+        return None
+    a, b = node.args
+    tensors = [x for x in (a, b) if isinstance(x, fx.Node) and is_tensor(x) and len(tensor_meta(x).shape) > 0]
+    scalars = [x for x in (a, b) if isinstance(x, (int, float)) or (isinstance(x, fx.Node) and is_tensor(x) and len(tensor_meta(x).shape) == 0)]
+    if len(tensors) != 1 or len(scalars) != 1 or (op_name(node) == "div" and tensors[0] is not a):
+        return None
+    return tensors[0]
+
+
+def _swaps_last_two(node: fx.Node) -> bool:
+    """A transpose or permute that only swaps the last two axes (k -> k^T)."""
+    if op_name(node) not in ("transpose", "permute", "t") or not node.all_input_nodes:
+        return False
+    shape, src = tuple(tensor_meta(node).shape), tuple(tensor_meta(node.all_input_nodes[0]).shape)
+    if len(shape) < 2 or len(shape) != len(src):
+        return False
+    if op_name(node) == "permute":
+        perm = [p % len(shape) for p in node.args[1]]
+        return perm == list(range(len(shape) - 2)) + [len(shape) - 1, len(shape) - 2]
+    if op_name(node) == "t":
+        return True
+    dims = sorted(d % len(shape) for d in node.args[1:3])
+    return dims == [len(shape) - 2, len(shape) - 1]
+
+
+def _strip(node: fx.Node, consumer: fx.Node, transposes: bool) -> tuple[fx.Node, fx.Node]:
+    """Step back from a product's operand over scalar scales (and k's transpose): (operand, its reader)."""
+    while True:
+        inner = _scalar_input(node)
+        if inner is None and transposes and _swaps_last_two(node):
+            inner = node.all_input_nodes[0]
+        if inner is None:
+            return node, consumer
+        node, consumer = inner, node
 
 
 def _walk_forward(dg: DataGraph, name: str) -> list[str]:
@@ -135,8 +185,8 @@ def _heads_of(dg, view: View, syms) -> int:
     return int(dims[2])
 
 
-def _operand_views(dg: DataGraph, operand: str, ctx: set[str], syms, d_head: int, norms: dict):
-    """(pre-rotary view, rotated view or None) for a q or k operand."""
+def _operand_views(dg: DataGraph, operand: str, ctx: set[str], syms, d_head: int, norms: dict, entry: str, within: set[str]):
+    """(pre-rotary view or None, rotated view or None) for a q or k operand."""
     chain = _walk_back(dg, operand)
     stop = chain[-1]
     if stop not in ctx:
@@ -145,25 +195,31 @@ def _operand_views(dg: DataGraph, operand: str, ctx: set[str], syms, d_head: int
             raise AttentionError(f"no [batch, pos, head, d_head] node behind {operand}")
         return _unscaled(dg, _before_norm(dg, view, norms, syms, d_head)), None
     rot = _pick_heads(dg, chain, syms, d_head)
-    # nearest context-free ancestor with the full head size
-    seen = {stop}
-    queue = deque([stop])
-    pre = None
-    while queue and pre is None:
-        for src in dg.data_inputs(queue.popleft()):
-            if src in seen:
-                continue
-            seen.add(src)
-            dims = sym_dims(dg.node(src), *syms)
-            if src not in ctx and len(dims) == 4 and dims[3] == d_head and "B" in dims and "S" in dims:
-                pre = src
-                break
-            if src in ctx or not (len(dims) == 4 and dims[3] == d_head):
-                queue.append(src)
-    if pre is None or rot is None:
-        raise AttentionError(f"could not separate rotary embedding around {operand}")
+    if rot is None:
+        raise AttentionError(f"no [batch, pos, head, d_head] node behind the rotated {operand}")
+    pre = _pre_rotary(dg, stop, ctx, syms, d_head, entry, within)
+    if pre is None:
+        return None, rot
     view = _pick_heads(dg, _walk_back(dg, pre), syms, d_head)
     return _unscaled(dg, _before_norm(dg, view, norms, syms, d_head)), rot
+
+
+def _pre_rotary(dg: DataGraph, rotated: str, ctx: set[str], syms, d_head: int, entry: str, within: set[str]) -> str | None:
+    """The per-head value the rotation is applied to: the nearest dominator of ``rotated`` (every path from
+    the branch's input passes through it) that is [batch, pos, head, d_head] up to order and free of the
+    positional context. None when the rotated value joins parts from different sources (latent attention's
+    key: a per-head part and a rotary part shared by all heads), so no per-head value exists before rotary."""
+    region = (dg.upstream([rotated]) & within) | {entry, rotated}
+    idom = dg.dominators(entry, region)
+    name = rotated
+    while name in idom and idom[name] != name:
+        name = idom[name]
+        if name == entry:
+            return None
+        dims = sym_dims(dg.node(name), *syms)
+        if name not in ctx and len(dims) == 4 and dims[3] == d_head and "B" in dims and "S" in dims:
+            return name
+    return None
 
 
 def _unscaled(dg: DataGraph, view: View) -> View:
@@ -194,6 +250,7 @@ def find_attention(dg: DataGraph, block, branch, syms, norms: dict | None = None
     sdpa = [n for n in ordered if op_name(dg.node(n)) in ATTENTION_OPS]
     softmax = [n for n in ordered if op_name(dg.node(n)) in ("softmax", "_softmax")]
     ctx = dg.downstream_within(block.context, set(block.nodes))
+    missing = []
     if sdpa:
         op = dg.node(sdpa[0])
         kind = "sdpa"
@@ -206,38 +263,51 @@ def find_attention(dg: DataGraph, block, branch, syms, norms: dict | None = None
     elif softmax:
         sm = dg.node(softmax[0])
         kind = "eager"
-        scores_node = sm.args[0]
-        while op_name(scores_node) in ("to", "_to_copy") and scores_node.all_input_nodes:
-            scores_node = scores_node.all_input_nodes[0]
         pv = next(
             (dg.node(n) for n in ordered if op_name(dg.node(n)) in MATMUL_OPS and sm.name in dg.upstream([n])),
             None,
         )
         if pv is None:
             raise AttentionError(f"no pattern @ v product after {sm.name}")
-        v_in = pv.args[1].name
-        qk = [n for n in dg.sorted(dg.upstream([scores_node.name]) & nodes) if op_name(dg.node(n)) in MATMUL_OPS]
+        weights, v_node = _mm_operands(pv)
+        v_in, v_consumer = v_node.name, pv.name
+        pattern_node = _pattern_node(dg, weights.name, sm.name, syms)
+        if pattern_node is None:
+            raise AttentionError(f"no [batch, head, query_pos, key_pos] attention weights before {pv.name}")
+        # the content product: shaped like the weights (DeBERTa's relative terms multiply by position embeddings)
+        qk = [n for n in dg.sorted(dg.upstream([sm.name]) & nodes)
+              if op_name(dg.node(n)) in MATMUL_OPS and _weights_shape(sym_dims(dg.node(n), *syms))]
         if not qk:
             raise AttentionError(f"no q @ k product before {sm.name}")
         qk_node = dg.node(qk[-1])
-        q_in = qk_node.args[0].name
-        k_t = qk_node.args[1]
-        if op_name(k_t) in ("transpose", "permute", "t"):
-            k_in, k_consumer = k_t.all_input_nodes[0].name, k_t.name
-        else:
-            k_in, k_consumer = k_t.name, qk_node.name
-        v_consumer = pv.name
+        q_node, k_node = _mm_operands(qk_node)
+        q_in = _strip(q_node, qk_node, transposes=False)[0].name
+        k_node, k_reader = _strip(k_node, qk_node, transposes=True)
+        k_in, k_consumer = k_node.name, k_reader.name
         mask = None
         z_heads = pv.name
         op = sm
-        scores = View(scores_node.name)
-        pattern = View(sm.name)
+        scores_node = _scores_node(dg, sm, qk_node, pattern_node, nodes, syms)
+        if scores_node is None:
+            missing.append(("hook_attn_scores", "no node holds the scores over the real keys alone"))
+        pattern = View(pattern_node)
+        scores = View(scores_node) if scores_node is not None else None
     else:
         raise AttentionError(f"no attention op in {branch.module}")
 
     d_head = int(sym_dims(dg.node(z_heads), *syms)[-1])
-    q, rot_q = _operand_views(dg, q_in, ctx, syms, d_head, norms)
-    k, rot_k = _operand_views(dg, k_in, ctx, syms, d_head, norms)
+    d_qk = int(sym_dims(dg.node(q_in), *syms)[-1])
+    within = set(nodes)
+    q, rot_q = _operand_views(dg, q_in, ctx, syms, d_qk, norms, branch.entry, within)
+    k, rot_k = _operand_views(dg, k_in, ctx, syms, d_qk, norms, branch.entry, within)
+    if q is None:
+        raise AttentionError(f"no per-head query before its rotary embedding behind {q_in}")
+    if k is None:
+        # latent attention (DeepSeek's MLA): the key joins a per-head part and a rotary part shared by
+        # every head, so only the rotated key exists per head; receivers read that
+        k = rot_k
+        missing.append(("hook_k", "the key is joined from a per-head part and a rotary part shared by all heads "
+                                  "(latent attention), so no per-head key exists before rotary; hook_rot_k holds it"))
     v = _pick_heads(dg, _walk_back(dg, v_in), syms, d_head)
     if v is None:
         raise AttentionError(f"no [batch, pos, head, d_head] node behind {v_in}")
@@ -261,6 +331,12 @@ def find_attention(dg: DataGraph, block, branch, syms, norms: dict | None = None
                     break
     if o_mm is None:
         raise AttentionError(f"no output projection after {o_input}")
+    n_heads = _heads_of(dg, q, syms)
+    for suffix, view in (("hook_pattern", pattern), ("hook_attn_scores", scores)):
+        if view is not None and _heads_first(dg, view, n_heads, syms) is None:
+            missing.append((suffix, f"the graph holds it as one axis of batch x head that is not batch x {n_heads} heads"))
+    pattern = pattern and _heads_first(dg, pattern, n_heads, syms)
+    scores = scores and _heads_first(dg, scores, n_heads, syms)
     return Attention(
         op=op.name,
         kind=kind,
@@ -280,9 +356,59 @@ def find_attention(dg: DataGraph, block, branch, syms, norms: dict | None = None
         o_input=o_input,
         o_matmul=o_mm.name,
         o_proj=scope(o_mm),
-        n_heads=_heads_of(dg, q, syms),
+        n_heads=n_heads,
         n_kv_heads=_heads_of(dg, k, syms),
         d_head=d_head,
         k_consumer=k_consumer,
         v_consumer=v_consumer,
+        d_head_qk=d_qk,
+        missing=tuple(missing),
     )
+
+
+def _weights_shape(dims: tuple) -> bool:
+    """[batch, head, q, k] or [batch*head, q, k] (bmm attention), with q and k the sequence."""
+    if len(dims) == 4:
+        return dims[0] == "B" and isinstance(dims[1], int) and dims[2:] == ("S", "S")
+    return len(dims) == 3 and dims[0] not in ("B", "S") and not isinstance(dims[0], int) and dims[1:] == ("S", "S")
+
+
+def _pattern_node(dg: DataGraph, weights: str, softmax: str, syms) -> str | None:
+    """The attention weights the model multiplies v by: the furthest-back node behind the pattern @ v
+    operand (through casts, dropout and reshapes) shaped like a pattern. Usually the softmax; with
+    attention sinks (GPT-OSS) the softmax runs over one extra column and this is its slice to the real keys."""
+    found = None
+    for name in _walk_back(dg, weights):
+        if _weights_shape(sym_dims(dg.node(name), *syms)):
+            found = name
+    if found is None:
+        return None
+    if found != softmax and softmax not in dg.upstream([found]):
+        return None
+    return found
+
+
+def _scores_node(dg: DataGraph, sm: fx.Node, qk: fx.Node, pattern: str, nodes, syms) -> str | None:
+    """The scores over the real keys that the softmax normalises: its input (behind casts) when shaped like
+    the pattern, else the last pattern-shaped node between the q @ k product and the softmax (before an
+    attention sink's column is joined on, or a max subtracted)."""
+    want = sym_dims(dg.node(pattern), *syms)
+    node = sm.args[0]
+    while op_name(node) in ("to", "_to_copy") and node.all_input_nodes:
+        node = node.all_input_nodes[0]
+    if sym_dims(node, *syms) == want:
+        return node.name
+    between = (dg.upstream([sm.name]) & dg.downstream([qk.name]) & set(nodes)) | {qk.name}
+    fits = [n for n in dg.sorted(between) if sym_dims(dg.node(n), *syms) == want]
+    return fits[-1] if fits else None
+
+
+def _heads_first(dg: DataGraph, view: View, n_heads: int, syms) -> View | None:
+    """A [batch*head, q, k] pattern or scores node read as [batch, head, q, k] (batch-major, as a reshape of
+    [batch, head, ...] makes it); None when the flat axis is not batch times the query heads."""
+    dims = sym_dims(dg.node(view.node), *syms)
+    if len(dims) != 3:
+        return view
+    if dims[0] - n_heads * syms[0] != 0:
+        return None
+    return View(view.node, view.layout.then(("unflatten_heads", n_heads)))

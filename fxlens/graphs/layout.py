@@ -15,8 +15,10 @@ Example::
     Layout((("scale", 0.125),))              # graph holds 0.125 * q (OPT); the user sees q
     Layout((("expand_batch",),))             # graph holds [1, s, d]; the user sees [b, s, d]
     Layout((("unflatten_bs",),))             # graph holds [b*s, d] (OPT's MLP); the user sees [b, s, d]
+    Layout((("unflatten_heads", 4),))        # graph holds [b*4, q, k] (bmm attention); the user sees [b, 4, q, k]
 
-``sizes`` is the pair (batch, seq) as graph nodes (graph side) or ints (eager side).
+``sizes`` is the pair (batch, seq) as graph nodes (graph side) or ints (eager side); only
+``expand_batch`` and ``unflatten_bs`` need it (``unflatten_heads`` knows its static head count).
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ class Layout:
                 shape = (batch,) + shape[1:]
             elif op[0] == "unflatten_bs":
                 shape = (batch, seq) + shape[1:]
+            elif op[0] == "unflatten_heads":
+                shape = (batch, op[1]) + shape[1:]
         return shape
 
 
@@ -106,6 +110,10 @@ def _emit(graph: fx.Graph, op: tuple, x: fx.Node, sizes, inverse: bool) -> fx.No
         if inverse:
             return graph.call_function(aten.flatten.using_ints, (x, 0, 1))
         return graph.call_function(aten.view.default, (x, [sizes[0], sizes[1], -1]))
+    if kind == "unflatten_heads":
+        if inverse:
+            return graph.call_function(aten.flatten.using_ints, (x, 0, 1))
+        return graph.call_function(aten.unflatten.int, (x, 0, [-1, op[1]]))
     raise ValueError(f"unknown layout op {op!r}")
 
 
@@ -121,6 +129,8 @@ def _eager(op: tuple, x: torch.Tensor, sizes, inverse: bool) -> torch.Tensor:
         return x if inverse or sizes is None else x.expand(sizes[0], *x.shape[1:])
     if kind == "unflatten_bs":
         return x.flatten(0, 1) if inverse else x.view(sizes[0], sizes[1], -1)
+    if kind == "unflatten_heads":
+        return x.flatten(0, 1) if inverse else x.unflatten(0, (-1, op[1]))
     raise ValueError(f"unknown layout op {op!r}")
 
 

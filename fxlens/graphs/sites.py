@@ -25,6 +25,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import sympy
 
 from .attention import Attention, AttentionError, View, find_attention
 from .capture import CapturedGraph
@@ -108,9 +109,10 @@ _GLOBAL = {"embed": "hook_embed", "pos_embed": "hook_pos_embed", "token_type_emb
 class SiteTable:
     """An ordered mapping of site names to ``Site``s with helpful errors for unknown names."""
 
-    def __init__(self, sites: "OrderedDict[str, Site]", n_layers: int):
+    def __init__(self, sites: "OrderedDict[str, Site]", n_layers: int, left_out: dict | None = None):
         self._sites = sites
         self.n_layers = n_layers
+        self.left_out = dict(left_out or {})  # canonical name -> why this model does not offer it
 
     def __contains__(self, name) -> bool:
         return name in self._sites
@@ -161,6 +163,8 @@ class SiteTable:
         return site
 
     def unknown(self, key: str) -> str:
+        if key in self.left_out:
+            return f"site {key!r} is not offered for this model: {self.left_out[key]}"
         m = re.match(r"blocks\.(\d+)\.", str(key))
         if m and int(m.group(1)) >= self.n_layers:
             return f"unknown site {key!r}: layer {m.group(1)} is out of range, this model has layers 0..{self.n_layers - 1}"
@@ -230,7 +234,7 @@ def analyse(cg: CapturedGraph, table=None) -> ModelGraph:
         norm = find_norm(dg, path, by_scope[path], syms)
         if norm is not None:
             norms[path] = norm
-    attns, mlps, moes = [], [], []
+    attns, mlps, moes, unfound = [], [], [], {}
     for block in st.blocks:
         a = m = None
         if block.attn is not None:
@@ -239,7 +243,7 @@ def analyse(cg: CapturedGraph, table=None) -> ModelGraph:
             except AttentionError as err:
                 if table is not None:
                     raise StructureError(f"block {block.index} of a {table.model_types[0]} model: {err}") from err
-                warnings.warn(f"block {block.index}: attention sites unavailable ({err}); raw sites still work")
+                unfound[block.index] = f"attention not recognised ({_plain(err)})"
         if block.mlp is not None:
             moe = find_moe(dg, block.mlp, syms)
             # a mixture of experts has no per-position hidden layer: its sites are the router's and experts'
@@ -251,9 +255,40 @@ def analyse(cg: CapturedGraph, table=None) -> ModelGraph:
         moes.append(moe)
     if table is not None:
         _check_table(st, table)
-    sites = _Builder(dg, syms, st, attns, mlps, norms, table, moes).build(by_scope)
+    builder = _Builder(dg, syms, st, attns, mlps, norms, table, moes)
+    sites = builder.build(by_scope)
+    for i, why in unfound.items():
+        for suffix in ATTN_SUFFIXES:
+            builder.left_out[f"blocks.{i}.attn.{suffix}"] = why
+    if builder.left_out:
+        warnings.warn(_left_out_message(builder.left_out), stacklevel=2)
     dims = _dims(dg, syms, st, attns, mlps, moes)
-    return ModelGraph(cg, dg, st, attns, mlps, norms, SiteTable(sites, len(st.blocks)), dims, moes)
+    return ModelGraph(cg, dg, st, attns, mlps, norms, SiteTable(sites, len(st.blocks), builder.left_out), dims, moes)
+
+
+# the output projections passes/split_heads.py can split per head (graphs/ must not import passes/)
+SPLITTABLE_PROJECTIONS = ("linear", "addmm")
+ATTN_SUFFIXES = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_attn_scores", "hook_pattern", "hook_result")
+
+
+def _plain(err: Exception) -> str:
+    """An analysis error without graph node names, which mean nothing to a user."""
+    return re.sub(r"\s+(behind|after|before|around|in)\s+\S+$", "", str(err))
+
+
+def _left_out_message(left_out: dict) -> str:
+    """One line per (site kind, reason): ``blocks.{0,1}.attn.hook_k: reason``."""
+    groups: dict = {}
+    for name, why in left_out.items():
+        m = re.match(r"blocks\.(\d+)\.(.+)$", name)
+        key = (m.group(2) if m else name, why)
+        groups.setdefault(key, []).append(m.group(1) if m else None)
+    lines = []
+    for (suffix, why), layers in groups.items():
+        where = f"blocks.{{{','.join(layers)}}}." if layers[0] is not None else ""
+        lines.append(f"  {where}{suffix}: {why}")
+    return (f"{len(left_out)} TransformerLens sites are not offered for this model (raw module sites still work):\n"
+            + "\n".join(lines))
 
 
 def _check_table(st: Structure, table) -> None:
@@ -306,14 +341,52 @@ class _Builder:
         self.attns, self.mlps, self.norms, self.table = attns, mlps, norms, table
         self.moes = moes or [None] * len(st.blocks)
         self.sites: list[Site] = []
+        self.left_out: dict = {}  # canonical name -> why it cannot be laid out
+        self.d_model = sym_dims(dg.node(st.blocks[0].resid_pre), *syms)[-1] if st.blocks else None
 
-    def add(self, name, view: View | str, axes=None, layer=None, kind="module", rewrite=None, expensive=False):
+    def add(self, name, view: View | str, axes=None, layer=None, kind="module", rewrite=None, expensive=False,
+            sizes=None, unfit=None):
+        """Add a site. A canonical site (``axes`` given) is offered only if its layout turns the node's
+        shape into ``axes``; ``sizes`` gives the int an axis must have (None: any), beyond batch, positions
+        and d_model. A rewrite's node does not exist yet: the caller checks what it is built from and
+        passes the reason it cannot be laid out as ``unfit``."""
         if isinstance(view, str):
             view = View(view)
         if axes is None:
             dims = sym_dims(self.dg.node(view.node), *self.syms)
             axes = _axes(view.layout.shape(dims))
+        else:
+            why = unfit if rewrite is not None else self._misfit(view, axes, sizes or {})
+            if why is not None:
+                self.left_out[name] = why
+                return
         self.sites.append(Site(name, view.node, view.layout, tuple(axes), layer, kind, rewrite, expensive))
+
+    def _misfit(self, view: View, axes: tuple, sizes: dict) -> str | None:
+        """Why ``view`` cannot be shown with ``axes``, or None when it can."""
+        dims = sym_dims(self.dg.node(view.node), *self.syms)
+        try:
+            user = view.layout.shape(dims)
+        except (IndexError, TypeError):
+            user = None
+        want = {"batch": "B", "pos": "S", "query_pos": "S", "key_pos": "S", "one": 1, "d_model": self.d_model, **sizes}
+        if user is not None and len(user) == len(axes) and all(
+            (d == want[a]) if want.get(a) is not None else isinstance(d, int) for a, d in zip(axes, user)
+        ):
+            return None
+        return f"the graph holds it as [{self._describe(dims)}], which does not lay out as [{', '.join(axes)}]"
+
+    def _describe(self, dims: tuple) -> str:
+        named = {self.syms[0]: "batch", self.syms[1]: "pos"}
+        out = []
+        for d in dims:
+            if d in ("B", "S"):
+                out.append("batch" if d == "B" else "pos")
+            elif isinstance(d, int):
+                out.append(str(d))
+            else:
+                out.append(str(d.subs({k: sympy.Symbol(v) for k, v in named.items()})))
+        return ", ".join(out)
 
     def order(self, site: Site) -> tuple:
         node = site.rewrite[1] if site.rewrite else site.node
@@ -401,37 +474,47 @@ class _Builder:
                 continue
             dims = sym_dims(self.dg.node(node), *self.syms)
             layout = Layout((("expand_batch",),)) if dims and dims[0] == 1 else IDENTITY
-            self.add(name, View(node, layout), RESID_AXES, None, name[5:])
+            self.add(name, View(node, layout), RESID_AXES, None, name[5:], sizes={"d_model": None})
 
     def _attention(self, i: int, p: str, a: Attention | None) -> None:
         if a is None:
             return
         ap = p + "attn."
-        self.add(ap + "hook_q", a.q, QKV_AXES, i, "q")
-        self.add(ap + "hook_k", a.k, QKV_AXES, i, "k")
-        self.add(ap + "hook_v", a.v, QKV_AXES, i, "v")
-        if a.rot_q is not None:
-            self.add(ap + "hook_rot_q", a.rot_q, QKV_AXES, i, "rot_q")
-        if a.rot_k is not None:
-            self.add(ap + "hook_rot_k", a.rot_k, QKV_AXES, i, "rot_k")
+        missing = dict(a.missing)
+        for suffix, why in missing.items():
+            self.left_out[ap + suffix] = why
+        d_qk = a.d_head_qk or a.d_head
+        q_sizes, k_sizes = {"head": a.n_heads, "d_head": d_qk}, {"head": a.n_kv_heads, "d_head": d_qk}
+        v_sizes, z_sizes = {"head": a.n_kv_heads, "d_head": a.d_head}, {"head": a.n_heads, "d_head": a.d_head}
+
+        def add(suffix, view, axes, kind, sizes=None, **kw):
+            if suffix not in missing and view is not None:
+                self.add(ap + suffix, view, axes, i, kind, sizes=sizes, **kw)
+
+        add("hook_q", a.q, QKV_AXES, "q", q_sizes)
+        add("hook_k", a.k, QKV_AXES, "k", k_sizes)
+        add("hook_v", a.v, QKV_AXES, "v", v_sizes)
+        add("hook_rot_q", a.rot_q, QKV_AXES, "rot_q", q_sizes)
+        add("hook_rot_k", a.rot_k, QKV_AXES, "rot_k", k_sizes)
         if a.kind == "eager":
-            self.add(ap + "hook_attn_scores", a.scores, PATTERN_AXES, i, "attn_scores")
-            self.add(ap + "hook_pattern", a.pattern, PATTERN_AXES, i, "pattern")
+            add("hook_attn_scores", a.scores, PATTERN_AXES, "attn_scores", {"head": a.n_heads})
+            add("hook_pattern", a.pattern, PATTERN_AXES, "pattern", {"head": a.n_heads})
         else:
+            # the rewrite computes [batch, head, q, k] from SDPA's own [batch, head, pos, d] operands
+            operands = (View(a.q_in), ("batch", "head", "pos", "d_head"), {"head": a.n_heads, "d_head": d_qk})
+            unfit = self._misfit(*operands)
             rw = ("expand_attention", a.op)
-            self.add(ap + "hook_attn_scores", rewritten(*rw, "scores"), PATTERN_AXES, i, "attn_scores", rw)
-            self.add(ap + "hook_pattern", rewritten(*rw, "pattern"), PATTERN_AXES, i, "pattern", rw)
-        self.add(ap + "hook_z", a.z, QKV_AXES, i, "z")
+            add("hook_attn_scores", rewritten(*rw, "scores"), PATTERN_AXES, "attn_scores", rewrite=rw, unfit=unfit)
+            add("hook_pattern", rewritten(*rw, "pattern"), PATTERN_AXES, "pattern", rewrite=rw, unfit=unfit)
+        add("hook_z", a.z, QKV_AXES, "z", z_sizes)
+        # per-head results multiply z by W_O's head blocks: as well laid out as z is
         rw = ("split_heads", a.o_matmul)
-        self.add(
-            ap + "hook_result",
-            rewritten(*rw, "result"),
-            ("batch", "pos", "head", "d_model"),
-            i,
-            "result",
-            rw,
-            expensive=True,
-        )
+        unfit = self._misfit(a.z, QKV_AXES, z_sizes)
+        o_op = op_name(self.dg.node(a.o_matmul))
+        if o_op not in SPLITTABLE_PROJECTIONS:
+            unfit = f"the output projection is a {o_op}, which the per-head split handles only as linear or addmm"
+        add("hook_result", rewritten(*rw, "result"), ("batch", "pos", "head", "d_model"), "result", rewrite=rw,
+            unfit=unfit, expensive=True)
 
     def _moe(self, i: int, p: str, m: Moe | None) -> None:
         if m is None:
@@ -473,12 +556,14 @@ class _Builder:
 
     def _norm(self, prefix: str, norm: Norm, layer) -> None:
         flat = self._unflat(norm.input).layout  # OPT normalises a [batch*pos, d] residual
+        unfit = None
         if norm.fused is not None:
             rw = ("decompose_norm", norm.fused)
             scale, normalized = View(rewritten(*rw, "scale"), flat), View(rewritten(*rw, "normalized"), flat)
+            unfit = self._misfit(View(norm.input, flat), RESID_AXES, {})
         else:
             rw = None
             scale = View(norm.scale.node, flat.then(*norm.scale.layout.ops))
             normalized = View(norm.normalized.node, flat.then(*norm.normalized.layout.ops))
-        self.add(prefix + "hook_scale", scale, RESID_AXES[:2] + ("one",), layer, "scale", rw)
-        self.add(prefix + "hook_normalized", normalized, RESID_AXES, layer, "normalized", rw)
+        self.add(prefix + "hook_scale", scale, RESID_AXES[:2] + ("one",), layer, "scale", rw, unfit=unfit)
+        self.add(prefix + "hook_normalized", normalized, RESID_AXES, layer, "normalized", rw, unfit=unfit)

@@ -120,6 +120,12 @@ def _sum_terms(dg: DataGraph, junction: str, entry: str, region: set[str]) -> li
         node = dg.node(name)
         if name == entry:
             return
+        # a value-preserving op over a sum (Falcon's dropout(mlp + attn)) is looked through
+        inner = node.all_input_nodes[0] if _passes_value(node) and node.all_input_nodes else None
+        if inner is not None and inner.name in region and len(inner.users) == 1 and is_op(inner, "add"):
+            if top or (name in region and len(node.users) == 1):
+                visit(inner.name, True)
+                return
         expandable = is_op(node, "add") and (top or (name in region and len(node.users) == 1))
         if expandable:
             operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
@@ -131,6 +137,17 @@ def _sum_terms(dg: DataGraph, junction: str, entry: str, region: set[str]) -> li
 
     visit(junction, True)
     return terms
+
+
+def _passes_value(node: fx.Node) -> bool:
+    """An op whose output equals its input in an eval-mode graph: dropout, an alias, a same-dtype cast."""
+    name = op_name(node)
+    if name in ("dropout", "alias", "clone", "contiguous", "detach"):
+        return True
+    if name in ("to", "_to_copy", "type_as") and node.all_input_nodes:
+        src, out = tensor_meta(node.all_input_nodes[0]), tensor_meta(node)
+        return src is not None and out is not None and src.dtype == out.dtype and src.shape == out.shape
+    return False
 
 
 def _norm_modules(by_scope: dict[str, list[fx.Node]]) -> set[str]:
