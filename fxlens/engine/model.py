@@ -22,6 +22,8 @@ registered on the HF model are not part of the graph (use ``run_with_hooks``).
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import os
 import warnings
@@ -115,6 +117,7 @@ class Model:
         self.attn_implementation = attn_implementation
         self._derived = Derived.capture(hf_model, attn_implementation, table)
         self._told: set = set()
+        self._persistent: list = []  # (site name, fn, permanent) added with add_hook, applied to every forward call
         self.last_sweep_stats: dict = {}  # what the last run of rows (a sweep, path patching, an edge sweep) did
         self.cfg = _config(self._derived, hf_model, table)
         self._tok = Tokens(tokenizer, self._derived.captured.device)
@@ -194,6 +197,7 @@ class Model:
         new.__dict__.update(self.__dict__)
         new._derived = derived
         new._told = set()
+        new._persistent = list(self._persistent)  # the copy's own list: hooks added to one stay off the other
         new.last_sweep_stats = {}
         new._tok = Tokens(self.tokenizer, derived.captured.device)
         return new
@@ -347,7 +351,11 @@ class Model:
 
     def __call__(self, input, attention_mask=None, *, return_type: str | None = "logits", prepend_bos: bool | None = None, padding_side: str = "right"):
         feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
-        out = self.programs.get(())(**feed)
+        if not self._persistent:
+            out = self.programs.get(())(**feed)
+        else:
+            plan, inputs = self._with_persistent(PlanBuilder(self.graph)).build()
+            out = self.programs.get(plan)(**feed, **inputs)
         return self._outputs(out, feed, return_type)
 
     forward = __call__
@@ -365,8 +373,12 @@ class Model:
         prepend_bos: bool | None = None,
         padding_side: str = "right",
         canonical_only: bool = False,
+        fwd_hooks=(),
     ):
         """Run once and return ``(logits, ActivationCache)`` of the sites ``names_filter`` selects.
+
+        ``fwd_hooks`` (as in ``run_with_hooks``) and hooks added with ``add_hook`` run first: the cache
+        holds the values after them, as in TransformerLens.
 
         ``names_filter``: None (every site except the expensive per-head results ``attn.hook_result`` and
         per-expert outputs), a name, a list of names, or a predicate on names. A predicate sees every site
@@ -387,8 +399,13 @@ class Model:
             sites = [s for s in sites if self.graph.dg.order.get(s.rewrite[1] if s.rewrite else s.node, 0) <= limit]
             stop = stop_node
         keep_outputs = return_logits and stop is None and return_type is not None
-        plan = self._cache_plan(sites, stop, keep_outputs)
-        out = self.programs.get(plan)(**feed)
+        if fwd_hooks or self._persistent:
+            b = self._hooked(PlanBuilder(self.graph), fwd_hooks, canonical_only)
+            plan, inputs = b.cache(sites, reads=[Read("fxl_stop", stop)] if stop else (), keep_outputs=keep_outputs).build()
+            out = self.programs.get(plan)(**feed, **inputs)
+        else:
+            plan = self._cache_plan(sites, stop, keep_outputs)
+            out = self.programs.get(plan)(**feed)
         values = {k: v.detach() if v.requires_grad else v for k, v in out["cache"].items()}
         stopped = values.pop("fxl_stop", None)
         cache = ActivationCache(values, self.site_table, self)
@@ -409,6 +426,75 @@ class Model:
             return b.build()[0]
 
         return d.plan(("cache", tuple(s.name for s in sites), stop, keep_outputs), build)
+
+    # ---- hooks ----------------------------------------------------------------------------------
+    def _hook_sites(self, name, canonical_only: bool = False) -> list:
+        if callable(name):
+            matched = self._resolve(name, canonical_only)
+            if not matched:
+                raise SiteError("the hook predicate matched no site; see model.sites for the names")
+            return matched
+        return [self.site_table[name]]
+
+    def _hooked(self, b: PlanBuilder, fwd_hooks, canonical_only: bool = False) -> PlanBuilder:
+        """``b`` with the persistent hooks, then ``fwd_hooks = [(name or predicate, fn)]``, in that order."""
+        self._with_persistent(b)
+        for entry in fwd_hooks:
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and callable(entry[1])):
+                raise TypeError("fwd_hooks must be a list of (site name or predicate, function) pairs")
+            name, fn = entry
+            for site in self._hook_sites(name, canonical_only):
+                b.hook(site, fn, HookPoint(site.name, site.layer))
+        return b
+
+    def _with_persistent(self, b: PlanBuilder) -> PlanBuilder:
+        for name, fn, _ in self._persistent:
+            site = self.site_table[name]
+            b.hook(site, fn, HookPoint(site.name, site.layer))
+        return b
+
+    def add_hook(self, name, hook, dir: str = "fwd", is_permanent: bool = False, *, canonical_only: bool = False) -> None:
+        """Keep ``hook(value, hook_point)`` at the site ``name`` (or every site a predicate accepts) for every
+        forward call (``model(...)``, ``run_with_cache``, ``run_with_hooks``, ``run_with_interventions``)
+        until ``reset_hooks()``; it is part of each call's program, not a Python hook on the HF model.
+        ``is_permanent=True`` keeps it through ``reset_hooks()`` (``including_permanent=True`` removes it).
+        Sweeps, path patching and other runs of rows refuse while hooks are set (they build their own
+        programs): pass the edit as an intervention there."""
+        if dir != "fwd":
+            raise ValueError(
+                f"dir={dir!r}: only forward hooks can be kept on the model; for gradients use "
+                "run_with_cache with gradients enabled and torch.autograd (see fxlens.attribution)"
+            )
+        if not callable(hook):
+            raise TypeError(f"hook must be a function (value, hook_point) -> value or None; got {type(hook).__name__}")
+        for site in self._hook_sites(name, canonical_only):
+            self._persistent.append((site.name, hook, bool(is_permanent)))
+
+    def reset_hooks(self, including_permanent: bool = False) -> None:
+        """Remove the hooks ``add_hook`` kept (the permanent ones too with ``including_permanent``)."""
+        self._persistent = [h for h in self._persistent if h[2] and not including_permanent]
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True):
+        """``with model.hooks(fwd_hooks=[(name, fn)]):`` every forward call inside runs with these hooks;
+        they are removed on exit, errors included (``reset_hooks_end=False`` keeps them)."""
+        if bwd_hooks:
+            raise ValueError("backward hooks are not supported: use torch.autograd on cached activations (fxlens.attribution)")
+        before = list(self._persistent)
+        try:
+            for entry in fwd_hooks:
+                if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and callable(entry[1])):
+                    raise TypeError("fwd_hooks must be a list of (site name or predicate, function) pairs")
+                self.add_hook(*entry)
+            yield self
+        finally:
+            if reset_hooks_end:
+                self._persistent = before
+
+    @property
+    def persistent_hooks(self) -> list:
+        """[(site name, function)] of the hooks every forward call runs with (``add_hook``)."""
+        return [(name, fn) for name, fn, _ in self._persistent]
 
     def run_with_hooks(
         self,
@@ -437,19 +523,12 @@ class Model:
                 "cached activations instead (see fxlens.attribution)"
             )
         if not reset_hooks_end:
-            raise ValueError("fxlens never leaves hooks on a model; reset_hooks_end=False has no meaning here")
+            raise ValueError(
+                "reset_hooks_end=False would keep these hooks after the call: add them with model.add_hook(name, fn) "
+                "(or `with model.hooks(fwd_hooks=...):`) to keep them"
+            )
         feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
-        b = PlanBuilder(self.graph)
-        for entry in fwd_hooks:
-            if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and callable(entry[1])):
-                raise TypeError("fwd_hooks must be a list of (site name or predicate, function) pairs")
-            name, fn = entry
-            matched = self._resolve(name, canonical_only) if callable(name) else [self.site_table[name]]
-            if callable(name) and not matched:
-                raise SiteError("the hook predicate matched no site; see model.sites for the names")
-            for site in matched:
-                b.hook(site, fn, HookPoint(site.name, site.layer))
-        plan, inputs = b.build()
+        plan, inputs = self._hooked(PlanBuilder(self.graph), fwd_hooks, canonical_only).build()
         out = self.programs.get(plan)(**feed, **inputs)
         return self._outputs(out, feed, return_type)
 
@@ -475,7 +554,7 @@ class Model:
         feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
         batch, seq = feed["input_ids"].shape
         prep = prepare(list(interventions), self, batch, seq, feed.get("attention_mask"))
-        b = PlanBuilder(self.graph)
+        b = self._with_persistent(PlanBuilder(self.graph))
         prep.add_to(b)
         if names_filter is not None:
             b.cache(self._resolve(names_filter))

@@ -104,6 +104,12 @@ class RowEngine:
     def run(self, rows: list, base: Base, metric, *, memory_budget: float = 1.0, progress: bool = False,
             readout: Readout | None = None) -> torch.Tensor:
         """The metric of each row, [len(rows)] (float32, on the CPU)."""
+        if self.model.persistent_hooks:
+            raise RowError(
+                f"this model has {len(self.model.persistent_hooks)} hook(s) kept with add_hook; sweeps, path patching and "
+                "edge runs build their own programs and would run without them: call model.reset_hooks() first, or "
+                "express the edit as an intervention (fxlens.Patch, Ablate, Steer, ...)"
+            )
         readout = readout or self.readout(base, metric)
         self.stats["metric_reads"] = readout.reads
         out = torch.empty(len(rows), dtype=torch.float32)
