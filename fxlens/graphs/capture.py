@@ -70,12 +70,18 @@ class CapturedGraph:
         return next((name for name in self.outputs if name.endswith("logits")), None)
 
     @property
-    def logits_dtype(self) -> torch.dtype:
-        """The dtype of the logits output (some models cast them to float32 whatever their own dtype)."""
+    def logits_meta(self) -> torch.Tensor | None:
+        """The logits output's fake tensor (its dtype: some models cast logits to float32; its rank: a
+        sequence-classification head gives [batch, labels]), or None."""
         out = next(n for n in self.module.graph.nodes if n.op == "output").args[0]["outputs"]
         node = out.get(self.logits) if self.logits is not None else None
         meta = tensor_meta(node) if node is not None else None
-        return meta.dtype if isinstance(meta, torch.Tensor) else self.dtype
+        return meta if isinstance(meta, torch.Tensor) else None
+
+    @property
+    def logits_dtype(self) -> torch.dtype:
+        meta = self.logits_meta
+        return meta.dtype if meta is not None else self.dtype
 
 
 @contextlib.contextmanager
