@@ -35,7 +35,8 @@ from .mlp import Mlp, find_mlp
 from .moe import Moe, find_moe
 from .nodes import is_tensor, op_name, scope, sym_dims
 from .norms import Norm, find_norm
-from .structure import Structure, StructureError, _escaping, _module_nodes, _norm_modules, find_structure
+from .structure import (Structure, StructureError, _escaping, _module_nodes, _norm_modules, attention_module_branch,
+                        find_structure)
 from .vocab import input_vocab, token_embedding
 
 __all__ = ["Site", "SiteTable", "ModelGraph", "analyse", "rewritten", "SiteError"]
@@ -243,7 +244,9 @@ def analyse(cg: CapturedGraph, table=None) -> ModelGraph:
             except AttentionError as err:
                 if table is not None:
                     raise StructureError(f"block {block.index} of a {table.model_types[0]} model: {err}") from err
-                unfound[block.index] = f"attention not recognised ({_plain(err)})"
+                a = _attention_by_module(dg, block, by_scope, syms, norms)
+                if a is None:
+                    unfound[block.index] = f"attention not recognised ({_plain(err)})"
         if block.mlp is not None:
             moe = find_moe(dg, block.mlp, syms)
             # a mixture of experts has no per-position hidden layer: its sites are the router's and experts'
@@ -266,8 +269,22 @@ def analyse(cg: CapturedGraph, table=None) -> ModelGraph:
     return ModelGraph(cg, dg, st, attns, mlps, norms, SiteTable(sites, len(st.blocks), builder.left_out), dims, moes)
 
 
+def _attention_by_module(dg, block, by_scope, syms, norms) -> Attention | None:
+    """Attention found inside its own module, where the block's residual sum does not isolate it (AltUp)."""
+    branch = attention_module_branch(dg, block, by_scope)
+    if branch is None:
+        return None
+    try:
+        return find_attention(dg, block, branch, syms, norms)
+    except AttentionError:
+        return None
+
+
 # the output projections passes/split_heads.py can split per head (graphs/ must not import passes/)
 SPLITTABLE_PROJECTIONS = ("linear", "addmm")
+STACKED_SUFFIXES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+                    "mlp.hook_pre", "mlp.hook_post", "ln1.hook_scale", "ln1.hook_normalized", "ln2.hook_scale",
+                    "ln2.hook_normalized")
 ATTN_SUFFIXES = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_attn_scores", "hook_pattern", "hook_result")
 
 
@@ -424,6 +441,13 @@ class _Builder:
         self._embeddings()
         for i, block in enumerate(st.blocks):
             p = f"blocks.{i}."
+            stacked = self._stacked(block.resid_pre)
+            if stacked is not None:
+                # the residual sum is over stacked streams: its terms are not the attention and MLP outputs
+                for suffix in STACKED_SUFFIXES:
+                    self.left_out[p + suffix] = stacked
+                self._attention(i, p, self.attns[i])
+                continue
             resid_mid, resid_post = block.resid_mid, block.resid_post
             if t is not None and t.post_ln and block.attn and block.mlp:
                 resid_mid, resid_post = block.attn.junction, block.mlp.junction
@@ -442,6 +466,15 @@ class _Builder:
             self._block_norms(i, p, block)
         if st.final_norm is not None and st.final_norm in self.norms:
             self._norm("ln_final.", self.norms[st.final_norm], None)
+
+    def _stacked(self, name: str) -> str | None:
+        """Why a block has no single residual stream, when it keeps several stacked (Gemma-3n's AltUp)."""
+        dims = sym_dims(self.dg.node(name), *self.syms)
+        if len(dims) == 4 and isinstance(dims[0], int) and dims[1:3] == ("B", "S"):
+            return (f"the model keeps {dims[0]} residual streams stacked as [{self._describe(dims)}] and mixes them "
+                    "in every layer (AltUp): there is no single residual stream, nor an attention or MLP output added "
+                    "to one; read modules by their HF paths")
+        return None
 
     def _unflat(self, name: str) -> View:
         """A [batch*pos, d] node (OPT flattens before its MLP) seen as [batch, pos, d]."""
@@ -473,6 +506,9 @@ class _Builder:
             if name is None:
                 continue
             dims = sym_dims(self.dg.node(node), *self.syms)
+            if self._stacked(node) is not None:
+                self.left_out[name] = self._stacked(node)
+                continue
             layout = Layout((("expand_batch",),)) if dims and dims[0] == 1 else IDENTITY
             self.add(name, View(node, layout), RESID_AXES, None, name[5:], sizes={"d_model": None})
 

@@ -219,8 +219,12 @@ def recording(hf, outputs=(), inputs=()):
     outs, ins, handles = {}, {}, []
     try:
         for path in outputs:
-            # cloned: Falcon adds the attention output into the MLP's output in place after the hook runs
-            handles.append(modules[path].register_forward_hook(lambda m, a, o, path=path: outs.setdefault(path, _clone(o))))
+            # cloned: Falcon adds the attention output into the MLP's output in place after the hook runs.
+            # The hooks return None: a forward hook's return value would replace the module's output.
+            def post(m, args, out, path=path):
+                outs.setdefault(path, _clone(out))
+
+            handles.append(modules[path].register_forward_hook(post))
         for path in inputs:
             def pre(m, args, kwargs, path=path):
                 ins.setdefault(path, args[0] if args else next(iter(kwargs.values())))
