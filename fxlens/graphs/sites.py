@@ -294,16 +294,21 @@ def _plain(err: Exception) -> str:
 
 
 def _left_out_message(left_out: dict) -> str:
-    """One line per (site kind, reason): ``blocks.{0,1}.attn.hook_k: reason``."""
+    """One line per reason and layers: ``blocks.{0,1}.attn.hook_k: reason``, ``blocks.{0,1}.{hook_a, hook_b}: reason``."""
     groups: dict = {}
     for name, why in left_out.items():
         m = re.match(r"blocks\.(\d+)\.(.+)$", name)
         key = (m.group(2) if m else name, why)
         groups.setdefault(key, []).append(m.group(1) if m else None)
-    lines = []
+    # then the sites left out for one reason in the same layers share a line
+    lines_by: dict = {}
     for (suffix, why), layers in groups.items():
+        lines_by.setdefault((tuple(layers), why), []).append(suffix)
+    lines = []
+    for (layers, why), suffixes in lines_by.items():
         where = f"blocks.{{{','.join(layers)}}}." if layers[0] is not None else ""
-        lines.append(f"  {where}{suffix}: {why}")
+        what = suffixes[0] if len(suffixes) == 1 else "{" + ", ".join(suffixes) + "}"
+        lines.append(f"  {where}{what}: {why}")
     return (f"{len(left_out)} TransformerLens sites are not offered for this model (raw module sites still work):\n"
             + "\n".join(lines))
 
