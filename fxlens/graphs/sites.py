@@ -10,6 +10,11 @@ canonical sites. A site that the fast graph lacks (the pattern under SDPA, per-h
 LayerNorm's scale) carries ``rewrite=(kind, node)``; the pass named by ``kind`` creates the node named
 ``site.node``.
 
+A canonical site is offered only where its layout turns the node's shape into the site's axes; the
+rest go to ``SiteTable.left_out`` with the reason in the user's terms (one grouped warning at capture,
+and the unknown-site error repeats it). Gemma-3n keeps four residual streams stacked [4, batch, pos,
+d_model] (AltUp): its residual, attn_out and MLP sites are left out, its attention is found in its module.
+
 Example::
 
     mg = analyse(captured, table)
@@ -244,7 +249,9 @@ def analyse(cg: CapturedGraph, table=None) -> ModelGraph:
             except AttentionError as err:
                 if table is not None:
                     raise StructureError(f"block {block.index} of a {table.model_types[0]} model: {err}") from err
-                a = _attention_by_module(dg, block, by_scope, syms, norms)
+                # stacked residual streams (AltUp) hide attention from the residual sum: find it in its module.
+                # Only there: elsewhere a branch the sum does not isolate would feed circuits a wrong entry.
+                a = _attention_by_module(dg, block, by_scope, syms, norms) if _stacked(dg, syms, block.resid_pre) else None
                 if a is None:
                     unfound[block.index] = f"attention not recognised ({_plain(err)})"
         if block.mlp is not None:
@@ -267,6 +274,14 @@ def analyse(cg: CapturedGraph, table=None) -> ModelGraph:
         warnings.warn(_left_out_message(builder.left_out), stacklevel=2)
     dims = _dims(dg, syms, st, attns, mlps, moes)
     return ModelGraph(cg, dg, st, attns, mlps, norms, SiteTable(sites, len(st.blocks), builder.left_out), dims, moes)
+
+
+def _stacked(dg, syms, name: str) -> int | None:
+    """The number of residual streams a [n, batch, pos, d_model] node stacks (Gemma-3n's AltUp), else None."""
+    dims = sym_dims(dg.node(name), *syms)
+    if len(dims) == 4 and isinstance(dims[0], int) and dims[1:3] == ("B", "S"):
+        return dims[0]
+    return None
 
 
 def _attention_by_module(dg, block, by_scope, syms, norms) -> Attention | None:
@@ -446,7 +461,7 @@ class _Builder:
         self._embeddings()
         for i, block in enumerate(st.blocks):
             p = f"blocks.{i}."
-            stacked = self._stacked(block.resid_pre)
+            stacked = self._stacked_reason(block.resid_pre)
             if stacked is not None:
                 # the residual sum is over stacked streams: its terms are not the attention and MLP outputs
                 for suffix in STACKED_SUFFIXES:
@@ -472,10 +487,10 @@ class _Builder:
         if st.final_norm is not None and st.final_norm in self.norms:
             self._norm("ln_final.", self.norms[st.final_norm], None)
 
-    def _stacked(self, name: str) -> str | None:
+    def _stacked_reason(self, name: str) -> str | None:
         """Why a block has no single residual stream, when it keeps several stacked (Gemma-3n's AltUp)."""
-        dims = sym_dims(self.dg.node(name), *self.syms)
-        if len(dims) == 4 and isinstance(dims[0], int) and dims[1:3] == ("B", "S"):
+        if _stacked(self.dg, self.syms, name) is not None:
+            dims = sym_dims(self.dg.node(name), *self.syms)
             return (f"the model keeps {dims[0]} residual streams stacked as [{self._describe(dims)}] and mixes them "
                     "in every layer (AltUp): there is no single residual stream, nor an attention or MLP output added "
                     "to one; read modules by their HF paths")
@@ -511,8 +526,8 @@ class _Builder:
             if name is None:
                 continue
             dims = sym_dims(self.dg.node(node), *self.syms)
-            if self._stacked(node) is not None:
-                self.left_out[name] = self._stacked(node)
+            if self._stacked_reason(node) is not None:
+                self.left_out[name] = self._stacked_reason(node)
                 continue
             layout = Layout((("expand_batch",),)) if dims and dims[0] == 1 else IDENTITY
             self.add(name, View(node, layout), RESID_AXES, None, name[5:], sizes={"d_model": None})

@@ -23,7 +23,10 @@ Example::
 
 Gotchas: a float32 graph may route the residual through a no-op ``.to(float32)`` inside a norm's
 scope (the spine then contains that alias); resid sites always name the block's input, the first
-junction and the block's output, never such aliases.
+junction and the block's output, never such aliases. Gemma-3n keeps four residual streams stacked as
+[4, batch, pos, d_model] and mixes them (AltUp), so its residual sum does not isolate attention;
+``attention_module_branch`` then reads the attention branch from the attention module's own nodes.
+RMSNorm written as ``x * pow(mean(x^2) + eps, -0.5)`` (Gemma-3n) counts as a norm (``is_norm_op``).
 """
 
 from __future__ import annotations
