@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import importlib.util
 import re
 import warnings
 
@@ -40,13 +39,6 @@ import fxlens
 
 TOL = 1e-5
 B, P = 3, 7
-
-# The capture helper's functionalisation (issue 10, "capture drops operations that matter") makes
-# in-place ops (Falcon's `mlp_output += attention_output`, DeepSeek's key written into `new_empty`,
-# Gemma-3n's `x[1:] += y`) ordinary dataflow; until it is merged these families read wrong values.
-FUNCTIONAL = importlib.util.find_spec("fxlens.graphs.functional") is not None
-needs_functional = pytest.mark.xfail(not FUNCTIONAL, strict=True,
-                                     reason="issue 10: capture must functionalise in-place ops (capture helper)")
 
 _C = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
 
@@ -153,12 +145,12 @@ SPEC["trocr"] = SPEC["mvp"]
 SPEC["falcon_40b"] = SPEC["falcon_alibi"] = SPEC["falcon"]
 SPEC["deepseek_v3"] = SPEC["deepseek_v2"]
 FAMILIES = tuple(BUILD)
-# families whose capture is exact only once in-place ops are functionalised
-IN_PLACE = ("falcon", "falcon_40b", "deepseek_v2", "deepseek_v3", "gemma3n")
+# Falcon, DeepSeek and Gemma-3n are exact because capture functionalises their in-place ops
+# (Falcon's `mlp_output += attention_output`, DeepSeek's key written into `new_empty`, Gemma-3n's `x[1:] += y`)
 
 
 def family_params(names=FAMILIES):
-    return [pytest.param(f, marks=needs_functional) if f in IN_PLACE else f for f in names]
+    return list(names)
 
 
 @functools.cache
