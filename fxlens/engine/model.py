@@ -590,6 +590,15 @@ class Model:
 
         return WeightEdits(self, in_place=True)
 
+    def generate(self, input, max_new_tokens: int = 10, **kwargs):
+        """Generate ``max_new_tokens`` tokens with ``interventions=[...]`` and hooks applied at every step;
+        TransformerLens' arguments (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``stop_at_eos``,
+        ``eos_token_id``, ``return_type``, ``verbose``) plus ``generator`` (a torch.Generator for
+        reproducible sampling). See ``fxlens.engine.generate``."""
+        from .generate import generate
+
+        return generate(self, input, max_new_tokens, **kwargs)
+
     def with_weight_edits(self, edit) -> "Model":
         """A new Model with ``edit(w)`` applied to copies of the touched tensors; this model is unchanged."""
         from .weights import WeightEdits
