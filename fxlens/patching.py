@@ -181,13 +181,28 @@ def generic_activation_patch(
     memory_budget: float = 1.0,
     progress: bool = False,
     compile: bool = False,
+    decoder_input=None,
+    decoder_attention_mask=None,
+    stack: str = "decoder",
 ):
     """Patch ``activation_name`` at every index of the grid (or of ``index_df``); see the module docstring.
 
     ``index_axis_names`` (e.g. ("layer", "pos", "head")) sweep the full grid and the result has one axis
     per name; ``index_df`` (rows of indices, layer first) gives a flat result with one entry per row.
     ``memory_budget`` (GiB) bounds the rows batched at once; ``progress`` shows a bar.
+    Encoder-decoders (``fxlens.Seq2SeqModel``): ``decoder_input`` (and ``decoder_attention_mask``) is the
+    decoder's input, ``stack`` ("decoder" or "encoder") the stack whose sites are patched.
     """
+    if getattr(model, "is_encoder_decoder", False):
+        from .engine.seq2seq import activation_patch
+
+        axes = getattr(patch_setter, "axes", None) or _KNOWN.get(getattr(patch_setter, "__name__", ""))
+        return activation_patch(model, corrupted_tokens, clean_cache, patching_metric, patch_setter, activation_name,
+                                index_axis_names, index_df, return_index_df, attention_mask=attention_mask,
+                                decoder_input=decoder_input, decoder_attention_mask=decoder_attention_mask, stack=stack,
+                                axes=axes, rows_of=_rows, make_df=make_df_from_ranges)
+    if decoder_input is not None or decoder_attention_mask is not None:
+        raise ValueError(f"decoder_input is for encoder-decoder models; {type(model.hf_model).__name__} has no decoder input")
     feed = model._inputs(corrupted_tokens, attention_mask)
     batch, seq = feed["input_ids"].shape
     kv_heads = model.cfg.n_key_value_heads or model.cfg.n_heads

@@ -207,8 +207,15 @@ class Derived:
 
     @classmethod
     def capture(cls, hf_model, attn_implementation, table, overrides: dict | None = None) -> "Derived":
-        cg = capture(hf_model, attn_implementation=attn_implementation)
-        derived = cls(cg, analyse(cg, table), Binding(hf_model, cg.module), attn_implementation, table)
+        from ..graphs.seq2seq import analyse_seq2seq, capture_seq2seq, is_encoder_decoder
+
+        if is_encoder_decoder(hf_model):  # two stacks: graphs/seq2seq.py
+            cg = capture_seq2seq(hf_model, attn_implementation=attn_implementation)
+            graph = analyse_seq2seq(cg)
+        else:
+            cg = capture(hf_model, attn_implementation=attn_implementation)
+            graph = analyse(cg, table)
+        derived = cls(cg, graph, Binding(hf_model, cg.module), attn_implementation, table)
         return derived.rebound(overrides) if overrides else derived
 
     # ---- following the HF model ---------------------------------------------------------------

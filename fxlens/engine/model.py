@@ -103,6 +103,14 @@ def _config(derived: Derived, hf_model, table) -> Config:
 class Model:
     """A HuggingFace model captured as a graph of named sites. See the module docstring."""
 
+    def __new__(cls, hf_model=None, *args, **kwargs):
+        # an encoder-decoder (config.is_encoder_decoder) is a Seq2SeqModel (engine/seq2seq.py)
+        if cls is Model and getattr(getattr(hf_model, "config", None), "is_encoder_decoder", False):
+            from .seq2seq import Seq2SeqModel
+
+            cls = Seq2SeqModel
+        return object.__new__(cls)
+
     def __init__(self, hf_model: torch.nn.Module, tokenizer=None, *, attn_implementation: str | None = None, table="auto"):
         _check_model_and_tokenizer(hf_model, tokenizer)
         self.hf_model = hf_model
@@ -188,7 +196,7 @@ class Model:
 
     def _with_derived(self, derived: Derived) -> "Model":
         """A Model sharing this one's HF model, tokenizer and table, computing with ``derived``."""
-        new = object.__new__(Model)
+        new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new._derived = derived
         new._told = set()
