@@ -86,7 +86,13 @@ class Seq2SeqModel(Model):
         self.derived
         if isinstance(value, _Feed):
             return dict(value)
-        return dict(self._feed(value, None, attention_mask, prepend_bos=prepend_bos, padding_side=padding_side))
+        # only the entry points of this class hand over both stacks' inputs; anything else was written for
+        # one token sequence and would run the decoder on a start token alone
+        raise NotImplementedError(
+            f"{type(self.hf_model).__name__} is an encoder-decoder; this function takes one token sequence and is not "
+            "offered for encoder-decoders yet. Encoder-decoders offer model(tokens, decoder_input), run_with_cache, "
+            "run_with_hooks, run_with_interventions and fxlens.patching sweeps (with decoder_input=...)."
+        )
 
     @staticmethod
     def _mask(attention_mask, one_zero_attention_mask):

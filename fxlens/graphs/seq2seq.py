@@ -54,7 +54,7 @@ from .mlp import find_mlp
 from .moe import find_moe
 from .nodes import is_tensor, op_name
 from .norms import find_norm
-from .sites import PATTERN_AXES, RESID_AXES, ModelGraph, Site, SiteError, SiteTable, _Builder, _dims, _plain
+from .sites import PATTERN_AXES, QKV_AXES, RESID_AXES, ModelGraph, Site, SiteError, SiteTable, _Builder, _dims, _plain
 from .structure import StructureError, _module_nodes, _norm_modules, find_structure
 
 __all__ = ["is_encoder_decoder", "capture_seq2seq", "analyse_seq2seq", "Seq2SeqCaptured", "Seq2SeqGraph", "STACKS"]
@@ -340,17 +340,60 @@ def _cross_attention(dg, cg, st, norms, sites: list, left_out: dict) -> list:
         mlp_junction = block.mlp.junction if block.mlp is not None else None
         if cross.junction != mlp_junction:
             sites.append(Site(p + "hook_resid_mid_cross", cross.junction, IDENTITY, RESID_AXES, block.index, "resid_mid_cross"))
+        try:
+            # the attention finder sees one "pos" symbol; here the keys run over the encoder's positions. No
+            # rotary context: everything after the self-attention depends on the block's mask and positions
+            a = find_attention(dg, dataclasses.replace(block, context=()), cross, (B, _Either(S, E)), norms)
+        except AttentionError:
+            a = None
         pattern = _cross_pattern(dg, cross, (B, S, E))
-        out.append(pattern)
+        out.append(a)
         if pattern is None:
             left_out[p + "cross_attn.hook_pattern"] = "no softmax over the encoder's positions found in the cross-attention"
-            continue
-        scores, weights = pattern
-        sites.append(Site(p + "cross_attn.hook_attn_scores", scores, IDENTITY, PATTERN_AXES, block.index, "cross_attn_scores"))
-        sites.append(Site(p + "cross_attn.hook_pattern", weights, IDENTITY, PATTERN_AXES, block.index, "cross_pattern"))
+        else:
+            scores, weights = pattern
+            sites.append(Site(p + "cross_attn.hook_attn_scores", scores, IDENTITY, PATTERN_AXES, block.index, "cross_attn_scores"))
+            sites.append(Site(p + "cross_attn.hook_pattern", weights, IDENTITY, PATTERN_AXES, block.index, "cross_pattern"))
+        want = {}
+        if a is not None:
+            d_qk = a.d_head_qk or a.d_head
+            want = {
+                "hook_q": (a.q, (B, S, a.n_heads, d_qk)),
+                "hook_k": (a.k, (B, E, a.n_kv_heads, d_qk)),
+                "hook_v": (a.v, (B, E, a.n_kv_heads, a.d_head)),
+                "hook_z": (a.z, (B, S, a.n_heads, a.d_head)),
+            }
         for suffix in ("hook_q", "hook_k", "hook_v", "hook_z"):
-            left_out[p + "cross_attn." + suffix] = _NO_CROSS_HEADS
+            name = p + "cross_attn." + suffix
+            view, shape = want.get(suffix, (None, None))
+            if view is None or _user_shape(dg, view, B) != shape:
+                left_out[name] = _NO_CROSS_HEADS
+                continue
+            sites.append(Site(name, view.node, view.layout, QKV_AXES, block.index, "cross_" + suffix[5:]))
     return out
+
+
+class _Either:
+    """Equal to either of two sympy symbols: the attention finder's "pos" for a cross-attention, whose
+    queries run over the decoder's positions and keys over the encoder's. Every site it finds is then
+    checked against the exact symbols (``_user_shape``)."""
+
+    def __init__(self, *symbols):
+        self.symbols = symbols
+
+    def __eq__(self, other):
+        return any(other == s for s in self.symbols)
+
+    def __hash__(self):
+        return hash(self.symbols)
+
+
+def _user_shape(dg, view, batch) -> tuple | None:
+    dims = tuple((d.node.expr if isinstance(d, torch.SymInt) else d) for d in dg.node(view.node).meta["val"].shape)
+    try:
+        return tuple(view.layout.shape(dims, batch, None))
+    except (IndexError, TypeError):
+        return None
 
 
 def _cross_pattern(dg, branch, syms) -> tuple | None:

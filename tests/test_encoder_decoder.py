@@ -1,0 +1,286 @@
+"""Encoder-decoders (T5, BART, Marian, MT5) against the HF model and plain HF hooks.
+
+Every reference here is computed without fxlens: HF's outputs (logits, ``encoder_hidden_states``,
+``decoder_hidden_states``, eager ``cross_attentions``) and forwards of the HF model with
+``register_forward_pre_hook`` / ``register_forward_hook`` on its layers and attention modules.
+Norm weights and biases are perturbed so that where a norm sits matters.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import transformers
+
+import fxlens
+from fxlens import patching
+from fxlens.graphs.capture import CaptureError
+
+V = 50
+
+
+def _perturb(hf):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return hf.eval()
+
+
+def _t5(cls=transformers.T5ForConditionalGeneration, config=transformers.T5Config, **kw):
+    c = config(vocab_size=V, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=3, num_heads=4,
+               relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, attn_implementation="eager", **kw)
+    return cls(c)
+
+
+def _bart():
+    c = transformers.BartConfig(vocab_size=V, d_model=16, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+                                decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+                                attn_implementation="eager")
+    return transformers.BartForConditionalGeneration(c)
+
+
+def _marian():
+    c = transformers.MarianConfig(vocab_size=V, d_model=16, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+                                  decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+                                  pad_token_id=V - 1, decoder_start_token_id=V - 1, attn_implementation="eager")
+    return transformers.MarianMTModel(c)
+
+
+def _mt5():
+    return _t5(transformers.MT5ForConditionalGeneration, transformers.MT5Config, feed_forward_proj="gated-gelu")
+
+
+BUILD = {"t5": _t5, "bart": _bart, "marian": _marian, "mt5": _mt5}
+_MODELS: dict = {}
+
+
+def model(family):
+    """(hf, fxlens model), once per session. HF is called once with output_attentions first: transformers
+    installs its output-recording hooks on first use, which the Model would otherwise report as added."""
+    if family not in _MODELS:
+        torch.manual_seed(0)
+        hf = _perturb(BUILD[family]())
+        ids, mask, dids, dmask = _inputs(padded=True)
+        with torch.no_grad():
+            hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dids, decoder_attention_mask=dmask,
+               output_attentions=True, output_hidden_states=True)
+        _MODELS[family] = (hf, fxlens.Model(hf))
+    return _MODELS[family]
+
+
+def _inputs(padded: bool, seed: int = 0, batch: int = 2, enc: int = 7, dec: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, V - 1, (batch, enc), generator=g)
+    dids = torch.randint(1, V - 1, (batch, dec), generator=g)
+    mask, dmask = torch.ones_like(ids), torch.ones_like(dids)
+    if padded:
+        mask[1, -3:] = 0
+        dmask[0, -2:] = 0
+    return ids, mask, dids, dmask
+
+
+def _hf(hf, ids, mask, dids, dmask, **kw):
+    with torch.no_grad():
+        return hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dids, decoder_attention_mask=dmask, **kw)
+
+
+def _layers(hf, stack):
+    base = hf.get_encoder() if stack == "encoder" else hf.get_decoder()
+    return base.block if hasattr(base, "block") else base.layers
+
+
+def _cross(hf, layer):
+    block = _layers(hf, "decoder")[layer]
+    return block.layer[1].EncDecAttention if hasattr(block, "layer") else block.encoder_attn
+
+
+FAMILIES = ["t5", "bart", "marian", "mt5"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("padded", [False, True])
+def test_logits_and_residual_sites_equal_hf(family, padded):
+    hf, m = model(family)
+    assert isinstance(m, fxlens.Seq2SeqModel)
+    ids, mask, dids, dmask = _inputs(padded)
+    ref = _hf(hf, ids, mask, dids, dmask, output_hidden_states=True, output_attentions=True)
+    logits, cache = m.run_with_cache(ids, dids, attention_mask=mask, decoder_attention_mask=dmask)
+    torch.testing.assert_close(logits, ref.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(m(ids, dids, attention_mask=mask, decoder_attention_mask=dmask), ref.logits, atol=1e-5, rtol=0)
+    assert m.cfg.n_encoder_layers == 2 and m.cfg.n_layers == 3
+    for i in range(2):
+        torch.testing.assert_close(cache[f"encoder.{i}.hook_resid_pre"], ref.encoder_hidden_states[i], atol=1e-5, rtol=0)
+        torch.testing.assert_close(cache[f"encoder.{i}.attn.hook_pattern"], ref.encoder_attentions[i], atol=1e-5, rtol=0)
+    for i in range(3):
+        torch.testing.assert_close(cache[f"decoder.{i}.hook_resid_pre"], ref.decoder_hidden_states[i], atol=1e-5, rtol=0)
+        torch.testing.assert_close(cache[f"decoder.{i}.attn.hook_pattern"], ref.decoder_attentions[i], atol=1e-5, rtol=0)
+        pattern = cache[f"decoder.{i}.cross_attn.hook_pattern"]
+        assert pattern.shape == (2, 4, dids.shape[1], ids.shape[1])  # [batch, head, decoder pos, encoder pos]
+        torch.testing.assert_close(pattern, ref.cross_attentions[i], atol=1e-5, rtol=0)
+    # the last residual of each stack: the input of its final norm (T5) or the last hidden state (BART, post-norm)
+    last = cache["decoder.2.hook_resid_post"]
+    if family in ("t5", "mt5"):
+        normalized = cache["encoder_final_ln.hook_normalized"]  # x / rms(x), before the norm's weight
+        torch.testing.assert_close(normalized * hf.encoder.final_layer_norm.weight, ref.encoder_last_hidden_state, atol=1e-5, rtol=0)
+    else:
+        torch.testing.assert_close(last, ref.decoder_hidden_states[3], atol=1e-5, rtol=0)
+        torch.testing.assert_close(cache["encoder.1.hook_resid_post"], ref.encoder_last_hidden_state, atol=1e-5, rtol=0)
+
+
+def _with_hooks(hf, feed, hooks):
+    """HF forward with [(module, kind, fn)] hooks installed ("pre": forward-pre-hook on args[0], "out":
+    forward hook on output[0]); removed afterwards."""
+    handles = []
+    for module, kind, fn in hooks:
+        if kind == "pre":
+            handles.append(module.register_forward_pre_hook(lambda mod, args, kwargs, fn=fn: ((fn(args[0].clone()),) + args[1:], kwargs),
+                                                             with_kwargs=True))
+        else:
+            def out_hook(mod, args, output, fn=fn):
+                if isinstance(output, tuple):
+                    return (fn(output[0].clone()),) + output[1:]
+                return fn(output.clone())
+            handles.append(module.register_forward_hook(out_hook))
+    try:
+        return _hf(hf, *feed).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_interventions_on_both_stacks_equal_plain_hf_hooks(family):
+    hf, m = model(family)
+    feed = _inputs(True)
+    ids, mask, dids, dmask = feed
+    clean = _inputs(True, seed=3)
+    _, clean_cache = m.run_with_cache(clean[0], clean[2], attention_mask=clean[1], decoder_attention_mask=clean[3])
+    ref_clean = _hf(hf, *clean, output_hidden_states=True)
+
+    # Patch decoder.1.hook_resid_pre at decoder position 2 from the clean run
+    got = m.run_with_interventions(ids, [fxlens.Patch("decoder.1.hook_resid_pre", clean_cache, pos=2)], dids,
+                                   attention_mask=mask, decoder_attention_mask=dmask)
+
+    def patch_pos2(x, src=ref_clean.decoder_hidden_states[1]):
+        x[:, 2] = src[:, 2]
+        return x
+
+    want = _with_hooks(hf, feed, [(_layers(hf, "decoder")[1], "pre", patch_pos2)])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+    # Ablate (zero) decoder.0's cross-attention output, and an encoder residual at position 1
+    got = m.run_with_interventions(ids, [fxlens.Ablate("decoder.0.hook_cross_attn_out"),
+                                         fxlens.Ablate("encoder.1.hook_resid_pre", pos=1)], dids,
+                                   attention_mask=mask, decoder_attention_mask=dmask)
+
+    def zero_pos1(x):
+        x[:, 1] = 0
+        return x
+
+    want = _with_hooks(hf, feed, [(_cross(hf, 0), "out", torch.zeros_like), (_layers(hf, "encoder")[1], "pre", zero_pos1)])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    plain = _hf(hf, *feed).logits
+    assert (got - plain).abs().max() > 1e-4  # the interventions changed something
+
+    # run_with_hooks: a user hook on the cross-attention pattern
+    seen = {}
+
+    def read(value, hook):
+        seen[hook.name] = value.clone()
+
+    m.run_with_hooks(ids, dids, attention_mask=mask, decoder_attention_mask=dmask,
+                     fwd_hooks=[("decoder.2.cross_attn.hook_pattern", read)])
+    ref = _hf(hf, *feed, output_attentions=True)
+    torch.testing.assert_close(seen["decoder.2.cross_attn.hook_pattern"], ref.cross_attentions[2], atol=1e-5, rtol=0)
+
+
+def _metric(logits):
+    return logits[:, -1, 3].mean() - logits[:, -1, 7].mean()
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("stack", ["decoder", "encoder"])
+def test_resid_pre_sweep_equals_a_loop_of_hooked_hf_forwards(family, stack):
+    hf, m = model(family)
+    corrupted = _inputs(True, seed=5)
+    clean = _inputs(True, seed=6)
+    # the decoder input and the masks are shared; the source tokens differ (the decoder sweep then
+    # reads the difference through cross-attention), and for the decoder sweep the decoder tokens too
+    clean = (clean[0], corrupted[1], clean[2] if stack == "decoder" else corrupted[2], corrupted[3])
+    _, clean_cache = m.run_with_cache(clean[0], clean[2], attention_mask=clean[1], decoder_attention_mask=clean[3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got = patching.get_act_patch_resid_pre(m, corrupted[0], clean_cache, _metric, attention_mask=corrupted[1],
+                                               decoder_input=corrupted[2], decoder_attention_mask=corrupted[3], stack=stack)
+    ref_clean = _hf(hf, *clean, output_hidden_states=True)
+    states = ref_clean.decoder_hidden_states if stack == "decoder" else ref_clean.encoder_hidden_states
+    n_layers, seq = (3, corrupted[2].shape[1]) if stack == "decoder" else (2, corrupted[0].shape[1])
+    assert got.shape == (n_layers, seq)
+    want = torch.empty(n_layers, seq)
+    for layer in range(n_layers):
+        for pos in range(seq):
+            def patch(x, src=states[layer], pos=pos):
+                x[:, pos] = src[:, pos]
+                return x
+
+            want[layer, pos] = _metric(_with_hooks(hf, corrupted, [(_layers(hf, stack)[layer], "pre", patch)]))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert want.abs().max() > 0
+
+
+def test_whisper_is_refused_with_what_works():
+    c = transformers.WhisperConfig(vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                   decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16, num_mel_bins=8,
+                                   max_source_positions=8, max_target_positions=16, pad_token_id=0, bos_token_id=1,
+                                   eos_token_id=2, decoder_start_token_id=3)
+    with pytest.raises(CaptureError, match=r"input_features.*T5.*BART"):
+        fxlens.Model(transformers.WhisperForConditionalGeneration(c))
+
+
+def test_site_names_and_input_errors():
+    hf, m = model("t5")
+    assert m.get_act_name("resid_pre", 1) == "decoder.1.hook_resid_pre"
+    assert m.get_act_name("resid_pre", 1, "encoder") == "encoder.1.hook_resid_pre"
+    assert m.site_table["pattern", 0].name == "decoder.0.attn.hook_pattern"
+    assert "decoder.0.hook_resid_mid_cross" in m.sites and "encoder_final_ln.hook_normalized" in m.sites
+    with pytest.raises(fxlens.SiteError, match="not offered"):
+        m.site("decoder.0.attn.hook_result")
+    ids = torch.randint(1, V, (2, 5))
+    with pytest.raises(ValueError, match="one decoder sequence per source"):
+        m(ids, torch.randint(1, V, (3, 4)))
+    # no decoder input: one decoder_start_token_id per row, as HF's generate starts
+    start = torch.zeros(2, 1, dtype=torch.long)
+    torch.testing.assert_close(m(ids), _hf(hf, ids, torch.ones_like(ids), start, torch.ones_like(start)).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_cross_attention_heads_equal_hf_projections(family):
+    hf, m = model(family)
+    feed = _inputs(True)
+    ids, mask, dids, dmask = feed
+    _, cache = m.run_with_cache(ids, dids, attention_mask=mask, decoder_attention_mask=dmask,
+                                names_filter=lambda n: ".cross_attn." in n)
+    for layer in range(3):
+        attn = _cross(hf, layer)
+        names = ("q", "k", "v", "o") if family == "t5" else ("q_proj", "k_proj", "v_proj", "out_proj")
+        seen, handles = {}, []
+        for kind, name in zip("qkvz", names):
+            module = getattr(attn, name)
+            if kind == "z":
+                handles.append(module.register_forward_pre_hook(lambda mod, args, kind=kind: seen.__setitem__(kind, args[0])))
+            else:
+                handles.append(module.register_forward_hook(lambda mod, args, out, kind=kind: seen.__setitem__(kind, out)))
+        try:
+            _hf(hf, *feed)
+        finally:
+            for h in handles:
+                h.remove()
+        for kind in "qkvz":
+            value = seen[kind]
+            want = value.view(*value.shape[:2], 4, -1)  # [batch, pos, head, d_head]
+            torch.testing.assert_close(cache[f"decoder.{layer}.cross_attn.hook_{kind}"], want, atol=1e-5, rtol=0)
+    assert cache[f"decoder.0.cross_attn.hook_k"].shape[1] == ids.shape[1]  # keys over the encoder's positions
