@@ -284,3 +284,61 @@ def test_cross_attention_heads_equal_hf_projections(family):
             want = value.view(*value.shape[:2], 4, -1)  # [batch, pos, head, d_head]
             torch.testing.assert_close(cache[f"decoder.{layer}.cross_attn.hook_{kind}"], want, atol=1e-5, rtol=0)
     assert cache[f"decoder.0.cross_attn.hook_k"].shape[1] == ids.shape[1]  # keys over the encoder's positions
+
+
+@pytest.mark.parametrize("activation", ["z", "cross_z"])
+def test_decoder_head_sweep_equals_hooked_hf_loop(activation):
+    """Each decoder head's z (self- or cross-attention), patched at every position from the clean run,
+    against HF forwards with a pre-hook on the output projection."""
+    hf, m = model("bart")
+    corrupted = _inputs(True, seed=7)
+    clean = _inputs(True, seed=8)
+    clean = (clean[0], corrupted[1], clean[2], corrupted[3])
+    _, clean_cache = m.run_with_cache(clean[0], clean[2], attention_mask=clean[1], decoder_attention_mask=clean[3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got = patching.generic_activation_patch(m, corrupted[0], clean_cache, _metric, patching.layer_head_vector_patch_setter,
+                                                activation, index_axis_names=("layer", "head"), attention_mask=corrupted[1],
+                                                decoder_input=corrupted[2], decoder_attention_mask=corrupted[3])
+    assert got.shape == (3, 4)
+
+    def out_proj(layer):
+        block = _layers(hf, "decoder")[layer]
+        return (block.self_attn if activation == "z" else block.encoder_attn).out_proj
+
+    clean_z = {}
+    handles = [out_proj(i).register_forward_pre_hook(lambda mod, args, i=i: clean_z.__setitem__(i, args[0].clone())) for i in range(3)]
+    try:
+        _hf(hf, *clean)
+    finally:
+        for h in handles:
+            h.remove()
+    want = torch.empty(3, 4)
+    for layer in range(3):
+        for head in range(4):
+            def patch(mod, args, layer=layer, head=head):
+                z = args[0].clone().view(*args[0].shape[:2], 4, -1)
+                z[:, :, head] = clean_z[layer].view_as(z)[:, :, head]
+                return (z.flatten(2),)
+
+            handle = out_proj(layer).register_forward_pre_hook(patch)
+            try:
+                want[layer, head] = _metric(_hf(hf, *corrupted).logits)
+            finally:
+                handle.remove()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_circuits_and_one_sequence_functions_refuse_encoder_decoders():
+    from fxlens import attribution, circuits
+
+    hf, m = model("t5")
+    ids = torch.randint(1, V, (2, 5))
+    with pytest.raises(NotImplementedError, match="not offered for encoder-decoders"):
+        circuits.model_components(m)
+    with pytest.raises(NotImplementedError, match="not offered for encoder-decoders"):
+        circuits.eap_scores(m, ids, ids, _metric)
+    with pytest.raises(NotImplementedError, match="not offered for encoder-decoders"):
+        attribution.attribute(m, ids, m.run_with_cache(ids)[1], _metric, "resid_pre", ("pos",))
+    with pytest.raises(NotImplementedError, match="not offered for encoder-decoders"):
+        m.run_with_edges(ids, [])

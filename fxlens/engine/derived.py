@@ -277,6 +277,7 @@ class Derived:
         """The graph split into prelude, blocks and head (``graphs.segments``)."""
         from ..graphs.segments import split
 
+        self._one_stack("the layer-by-layer engine")
         return self.item("segments", lambda: split(self.graph))
 
     @property
@@ -284,7 +285,15 @@ class Derived:
         """Circuit senders and receivers (``graphs.components``)."""
         from ..graphs.components import components
 
+        self._one_stack("circuits (senders and receivers)")
         return self.item("components", lambda: components(self.graph))
+
+    def _one_stack(self, what: str) -> None:
+        if getattr(self.graph, "stacks", None) is not None:  # an encoder-decoder (graphs/seq2seq.py)
+            raise NotImplementedError(
+                f"{what} is not offered for encoder-decoders yet ({type(self.binding.hf_model).__name__}); they offer "
+                "model(tokens, decoder_input), run_with_cache, run_with_hooks, run_with_interventions and fxlens.patching sweeps"
+            )
 
 
 def _with_tensors(module: fx.GraphModule, tensors: dict) -> fx.GraphModule:
