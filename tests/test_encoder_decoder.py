@@ -232,13 +232,103 @@ def test_resid_pre_sweep_equals_a_loop_of_hooked_hf_forwards(family, stack):
     assert want.abs().max() > 0
 
 
-def test_whisper_is_refused_with_what_works():
-    c = transformers.WhisperConfig(vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                                   decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16, num_mel_bins=8,
-                                   max_source_positions=8, max_target_positions=16, pad_token_id=0, bos_token_id=1,
-                                   eos_token_id=2, decoder_start_token_id=3)
-    with pytest.raises(CaptureError, match=r"input_features.*T5.*BART"):
-        fxlens.Model(transformers.WhisperForConditionalGeneration(c))
+def _whisper():
+    c = transformers.WhisperConfig(vocab_size=V, d_model=16, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+                                   decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=8,
+                                   max_source_positions=12, max_target_positions=20, pad_token_id=0, bos_token_id=1,
+                                   eos_token_id=2, decoder_start_token_id=3, attn_implementation="eager")
+    return transformers.WhisperForConditionalGeneration(c)
+
+
+def test_whisper_reads_input_features_exactly():
+    torch.manual_seed(0)
+    hf = _perturb(_whisper())
+    g = torch.Generator().manual_seed(2)
+    feats, other = torch.randn(2, 8, 24, generator=g), torch.randn(2, 8, 24, generator=g)
+    dids = torch.randint(4, V, (2, 5), generator=g)
+    dmask = torch.ones_like(dids)
+    dmask[0, -1] = 0
+
+    def run(features, hooks=()):
+        handles = [module.register_forward_pre_hook(fn) for module, fn in hooks]
+        try:
+            with torch.no_grad():
+                return hf(input_features=features, decoder_input_ids=dids, decoder_attention_mask=dmask,
+                          output_hidden_states=True, output_attentions=True)
+        finally:
+            for h in handles:
+                h.remove()
+
+    ref = run(feats)
+    m = fxlens.Model(hf)
+    logits, cache = m.run_with_cache(feats, dids, decoder_attention_mask=dmask)
+    torch.testing.assert_close(logits, ref.logits, atol=1e-5, rtol=0)
+    for i in range(2):
+        torch.testing.assert_close(cache[f"encoder.{i}.hook_resid_pre"], ref.encoder_hidden_states[i], atol=1e-5, rtol=0)
+    for i in range(3):
+        torch.testing.assert_close(cache[f"decoder.{i}.hook_resid_pre"], ref.decoder_hidden_states[i], atol=1e-5, rtol=0)
+        torch.testing.assert_close(cache[f"decoder.{i}.cross_attn.hook_pattern"], ref.cross_attentions[i], atol=1e-5, rtol=0)
+    # a pre-norm family: the decomposed LayerNorm, against the HF norm's output
+    norm = hf.model.decoder.layers[1].self_attn_layer_norm
+    seen = {}
+    handle = norm.register_forward_hook(lambda mod, args, out: seen.__setitem__("out", out))
+    try:
+        run(feats)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(cache["decoder.1.ln1.hook_normalized"] * norm.weight + norm.bias, seen["out"], atol=1e-5, rtol=0)
+    # a decoder resid_pre sweep: the clean run reads other audio
+    _, clean_cache = m.run_with_cache(other, dids, decoder_attention_mask=dmask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got = patching.get_act_patch_resid_pre(m, feats, clean_cache, _metric, decoder_input=dids, decoder_attention_mask=dmask)
+    states = run(other).decoder_hidden_states
+    want = torch.empty(3, 5)
+    for layer in range(3):
+        for pos in range(5):
+            def patch(mod, args, src=states[layer], pos=pos):
+                x = args[0].clone()
+                x[:, pos] = src[:, pos]
+                return (x,) + args[1:]
+
+            want[layer, pos] = _metric(run(feats, [(hf.model.decoder.layers[layer], patch)]).logits)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"input_features of shape \[batch, 8, 24\]"):
+        m(torch.randn(2, 8, 20), dids)
+
+
+def test_unsupported_feature_models_are_refused_with_what_works():
+    c = transformers.Speech2TextConfig(vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                       decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16, input_feat_per_channel=8,
+                                       max_source_positions=16, max_target_positions=16, pad_token_id=0, bos_token_id=1,
+                                       eos_token_id=2, decoder_start_token_id=2)
+    with pytest.raises(CaptureError, match=r"input_features.*T5.*BART.*Whisper"):
+        fxlens.Model(transformers.Speech2TextForConditionalGeneration(c))
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_sdpa_attention_patterns_equal_eager_hf(family):
+    """Under SDPA (the default) the self- and cross-attention patterns are computed from SDPA's operands."""
+    import copy
+
+    torch.manual_seed(0)
+    hf = _perturb(BUILD[family]())
+    hf.set_attn_implementation("sdpa")
+    eager = copy.deepcopy(hf)
+    eager.set_attn_implementation("eager")
+    feed = _inputs(True)
+    ref = _hf(eager, *feed, output_attentions=True)
+    m = fxlens.Model(hf)
+    assert m.cfg.attn_implementation == "sdpa"
+    ids, mask, dids, dmask = feed
+    logits, cache = m.run_with_cache(ids, dids, attention_mask=mask, decoder_attention_mask=dmask,
+                                     names_filter=lambda n: n.endswith("hook_pattern"))
+    torch.testing.assert_close(logits, ref.logits, atol=1e-5, rtol=0)
+    for i in range(3):
+        torch.testing.assert_close(cache[f"decoder.{i}.cross_attn.hook_pattern"], ref.cross_attentions[i], atol=1e-5, rtol=0)
+        torch.testing.assert_close(cache[f"decoder.{i}.attn.hook_pattern"], ref.decoder_attentions[i], atol=1e-5, rtol=0)
+    for i in range(2):
+        torch.testing.assert_close(cache[f"encoder.{i}.attn.hook_pattern"], ref.encoder_attentions[i], atol=1e-5, rtol=0)
 
 
 def test_site_names_and_input_errors():

@@ -22,7 +22,7 @@ Example::
     patching.get_act_patch_resid_pre(model, src_ids, cache, metric, decoder_input=tgt_ids)   # decoder layers x pos
 
 Gotchas: without ``decoder_input`` the decoder reads one ``decoder_start_token_id`` per row (as HF's
-generate starts). ``model.cfg.n_layers`` is the decoder's; ``model.cfg.n_encoder_layers`` the encoder's.
+generate starts). Whisper takes ``input_features`` [batch, mel bins, frames] in place of tokens. ``model.cfg.n_layers`` is the decoder's; ``model.cfg.n_encoder_layers`` the encoder's.
 Circuits, path patching and attribution are not offered for encoder-decoders yet.
 """
 
@@ -68,7 +68,10 @@ class Seq2SeqModel(Model):
         self.derived
         common = dict(tokens=self._tok, device=self.captured.device, vocab=self.cfg.d_vocab, takes_mask=True,
                       model_name=type(self.hf_model).__name__, padding_side=padding_side)
-        enc = checked_feed(input, attention_mask, n_ctx=self.cfg.n_ctx, prepend_bos=prepend_bos, **common)
+        if self.captured.source == "input_features":
+            enc = {"input_ids": self._features(input, attention_mask)}
+        else:
+            enc = checked_feed(input, attention_mask, n_ctx=self.cfg.n_ctx, prepend_bos=prepend_bos, **common)
         if decoder_input is None:
             start = self.captured.decoder_start_token_id
             if start is None:
@@ -78,9 +81,31 @@ class Seq2SeqModel(Model):
         if dec["input_ids"].shape[0] != enc["input_ids"].shape[0]:
             raise InputError(f"the decoder input has {dec['input_ids'].shape[0]} rows and the encoder input "
                              f"{enc['input_ids'].shape[0]}: give one decoder sequence per source sequence")
-        out = _Feed(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], decoder_input_ids=dec["input_ids"],
-                    decoder_attention_mask=dec["attention_mask"])
+        if self.captured.source == "input_features":
+            out = _Feed(input_features=enc["input_ids"], decoder_input_ids=dec["input_ids"], decoder_attention_mask=dec["attention_mask"])
+        else:
+            out = _Feed(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], decoder_input_ids=dec["input_ids"],
+                        decoder_attention_mask=dec["attention_mask"])
         return _Feed(feed_of(self.captured, out))
+
+    def _features(self, value, attention_mask) -> torch.Tensor:
+        """Whisper-style ``input_features`` [batch, mel bins, frames], checked: the encoder reads a fixed size."""
+        name = type(self.hf_model).__name__
+        want = self.captured.feature_shape
+        if attention_mask is not None:
+            raise InputError(f"{name}'s encoder reads input_features without a mask; drop attention_mask")
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise InputError(f"{name} reads input_features: a float tensor [batch, {want[0]}, {want[1]}] (log-mel frames, "
+                             f"as its feature extractor makes them); got {type(value).__name__}"
+                             + (f" of dtype {value.dtype}" if isinstance(value, torch.Tensor) else ""))
+        if value.dim() == 2:
+            value = value.unsqueeze(0)
+        if value.dim() != 3 or tuple(value.shape[1:]) != tuple(want) or value.shape[0] == 0:
+            raise InputError(f"{name} reads input_features of shape [batch, {want[0]}, {want[1]}]; got {tuple(value.shape)} "
+                             "(pad or cut the audio's frames to that length, as its feature extractor does)")
+        if not bool(torch.isfinite(value).all()):
+            raise InputError("input_features holds NaN or infinite values")
+        return value.to(self.captured.device, self.captured.dtype)
 
     def _inputs(self, value, attention_mask=None, prepend_bos: bool = True, padding_side: str = "right") -> dict:
         self.derived
@@ -139,7 +164,7 @@ class Seq2SeqModel(Model):
         """As ``Model.run_with_interventions``; each site is sized from its own stack's length."""
         feed = dict(self._feed(input, decoder_input, self._mask(attention_mask, one_zero_attention_mask),
                                decoder_attention_mask, prepend_bos=prepend_bos, padding_side=padding_side))
-        batch = feed["input_ids"].shape[0]
+        batch = feed["decoder_input_ids"].shape[0]
         prep = prepare(list(interventions), self, batch, _lengths(feed), feed.get("attention_mask"))
         b = PlanBuilder(self.graph)
         prep.add_to(b)
@@ -170,7 +195,9 @@ class Seq2SeqModel(Model):
 
 
 def _lengths(feed: dict) -> tuple[int, int]:
-    return feed["input_ids"].shape[1], feed["decoder_input_ids"].shape[1]
+    """(encoder length, decoder length); a fixed-size encoder input (Whisper) says None for the encoder."""
+    enc = feed["input_ids"].shape[1] if "input_ids" in feed else None
+    return enc, feed["decoder_input_ids"].shape[1]
 
 
 # ---- activation patching -------------------------------------------------------------------------
@@ -183,9 +210,11 @@ def activation_patch(model: Seq2SeqModel, corrupted_tokens, clean_cache, metric,
     if stack not in ("encoder", "decoder"):
         raise ValueError(f"stack must be 'encoder' or 'decoder'; got {stack!r}")
     feed = dict(model._feed(corrupted_tokens, decoder_input, attention_mask, decoder_attention_mask))
-    batch = feed["input_ids"].shape[0]
+    batch = feed["decoder_input_ids"].shape[0]
     lengths = _lengths(feed)
-    seq = lengths[0] if stack == "encoder" else lengths[1]
+    seq = lengths[1]
+    if stack == "encoder":
+        seq = lengths[0] if lengths[0] is not None else model.captured.seq_symbol
     n_layers = model.cfg.n_encoder_layers if stack == "encoder" else model.cfg.n_layers
     heads = model.cfg.n_heads
     ranges = {"layer": n_layers, "pos": seq, "head_index": heads, "head": heads, "src_pos": seq, "dest_pos": seq}
@@ -247,7 +276,7 @@ def _clean_value(clean_cache, site, want):
 
 
 def _run_rows(model, feed: dict, cells: list, clean_cache, metric, max_rows: int) -> torch.Tensor:
-    batch = feed["input_ids"].shape[0]
+    batch = feed["decoder_input_ids"].shape[0]
     device, dtype = model.captured.device, model.captured.dtype
     out = []
     for first in range(0, len(cells), max_rows):
@@ -267,7 +296,7 @@ def _run_rows(model, feed: dict, cells: list, clean_cache, metric, max_rows: int
                 mask[tuple(where)] = True
             b.edit(site, set_to, (value.repeat(n, *([1] * (value.dim() - 1))),), mask.to(device))
         plan, inputs = b.build()
-        tiled = {k: v.repeat(n, 1) for k, v in feed.items()}
+        tiled = {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in feed.items()}
         logits = model._logits(model.programs.get(plan)(**tiled, **inputs))
         out += [scalar(metric(logits[k * batch : (k + 1) * batch])).float().cpu() for k in range(n)]
     return torch.stack(out) if out else torch.empty(0)

@@ -29,8 +29,10 @@ Example::
 
 Gotchas: ``structure`` (the decoder's) is what the single-stack engine sees; the layered-row engine
 does not run two stacks, so sweeps run whole-model rows (``engine/seq2seq.py``). A site's "pos" axis
-means its own stack's positions. Models that read ``input_features`` (Whisper, speech models) are
-refused with a message.
+means its own stack's positions. Whisper's encoder reads ``input_features`` of a fixed size
+(``num_mel_bins`` x ``2 * max_source_positions``): only the batch and the decoder's length vary, and the
+encoder's fixed length stands for its "pos" axis. Other feature-reading models are refused. Per-head
+results (``attn.hook_result``) are not offered: their rewrite reads the single-stack analysis.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from .mlp import find_mlp
 from .moe import find_moe
 from .nodes import is_tensor, op_name
 from .norms import find_norm
-from .sites import PATTERN_AXES, QKV_AXES, RESID_AXES, ModelGraph, Site, SiteError, SiteTable, _Builder, _dims, _plain
+from .sites import rewritten, PATTERN_AXES, QKV_AXES, RESID_AXES, ModelGraph, Site, SiteError, SiteTable, _Builder, _dims, _plain
 from .structure import StructureError, _module_nodes, _norm_modules, find_structure
 
 __all__ = ["is_encoder_decoder", "capture_seq2seq", "analyse_seq2seq", "Seq2SeqCaptured", "Seq2SeqGraph", "STACKS"]
@@ -63,6 +65,7 @@ STACKS = ("encoder", "decoder")
 _NOT_YET = "not offered for encoder-decoders yet (it needs a rewrite of a fused operation); read its inputs' sites instead"
 _NO_CROSS_HEADS = "per-head cross-attention values are not offered yet; the cross-attention module's raw sites (its q, k, v, o projections) work"
 FEED = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
+FEATURES_FEED = ("input_features", "decoder_input_ids", "decoder_attention_mask")
 
 
 def is_encoder_decoder(model) -> bool:
@@ -76,6 +79,8 @@ class Seq2SeqCaptured(CapturedGraph):
 
     decoder_seq_symbol: object = None
     decoder_start_token_id: int | None = None
+    source: str = "input_ids"  # what the encoder reads: "input_ids", or "input_features" (Whisper)
+    feature_shape: tuple | None = None  # (mel bins, frames) of input_features
 
 
 # ---- capture -------------------------------------------------------------------------------------
@@ -92,16 +97,41 @@ class _Bound(torch.nn.Module):
                           decoder_attention_mask=decoder_attention_mask, **self.extra)
 
 
-def _refuse_unsupported(model, accepts: set) -> None:
+class _BoundFeatures(torch.nn.Module):
+    """The same for an encoder that reads a fixed-size ``input_features`` (Whisper's log-mel frames)."""
+
+    def __init__(self, inner, extra):
+        super().__init__()
+        self.inner = inner
+        self.extra = extra
+
+    def forward(self, input_features, decoder_input_ids, decoder_attention_mask):
+        return self.inner(input_features=input_features, decoder_input_ids=decoder_input_ids,
+                          decoder_attention_mask=decoder_attention_mask, **self.extra)
+
+
+def _source(model, accepts: set) -> str:
+    """What the encoder reads: "input_ids", or "input_features" of a fixed size (Whisper); anything else is refused."""
     name = type(model).__name__
-    if "input_ids" not in accepts or "decoder_input_ids" not in accepts:
-        reads = "input_features" if "input_features" in accepts else ("input_values" if "input_values" in accepts else None)
-        what = f"it reads {reads} (audio or other features), not token ids" if reads else "its forward takes no input_ids and decoder_input_ids"
-        raise CaptureError(
-            f"{name} is an encoder-decoder that fxlens cannot capture: {what}. fxlens captures token-in "
-            "encoder-decoders (T5, MT5, BART, mBART, Marian, Pegasus, ...). Wrap the model so that its forward takes "
-            "input_ids, attention_mask, decoder_input_ids and decoder_attention_mask, or use its text decoder alone."
-        )
+    config = model.config
+    if "decoder_input_ids" in accepts and "input_ids" in accepts:
+        return "input_ids"
+    if "decoder_input_ids" in accepts and "input_features" in accepts and _feature_shape(config) is not None:
+        return "input_features"
+    reads = next((k for k in ("input_features", "input_values", "pixel_values") if k in accepts), None)
+    what = f"its encoder reads {reads} of a size fxlens cannot tell from the config" if reads else "its forward takes no input_ids and decoder_input_ids"
+    raise CaptureError(
+        f"{name} is an encoder-decoder that fxlens cannot capture: {what}. fxlens captures token-in encoder-decoders "
+        "(T5, MT5, BART, mBART, Marian, Pegasus, ...) and Whisper-style ones (input_features of num_mel_bins x "
+        "2 * max_source_positions frames). Wrap the model so that its forward takes input_ids, attention_mask, "
+        "decoder_input_ids and decoder_attention_mask, or use its text decoder alone."
+    )
+
+
+def _feature_shape(config) -> tuple | None:
+    """(mel bins, frames) of Whisper-style input features: the two convolutions halve the frames once."""
+    mels, positions = getattr(config, "num_mel_bins", None), getattr(config, "max_source_positions", None)
+    return (int(mels), 2 * int(positions)) if mels and positions else None
 
 
 def _lengths(model) -> tuple[int, int]:
@@ -113,10 +143,11 @@ def _lengths(model) -> tuple[int, int]:
     return max(int(enc) - 1, 8), max(int(dec) - 1, 8)
 
 
-def _example(model, batch=2, enc=5, dec=7, seed=0, padded=False):
+def _example(model, batch=2, enc=5, dec=7, seed=0, padded=False, source="input_ids"):
     config = model.config
     vocab = getattr(config, "vocab_size", None) or 2
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, enc), generator=g)
     dids = torch.randint(0, vocab, (batch, dec), generator=g)
@@ -124,24 +155,31 @@ def _example(model, batch=2, enc=5, dec=7, seed=0, padded=False):
     if padded:
         mask[0, -2:] = 0
         dmask[-1, -1:] = 0
+    if source == "input_features":
+        feats = torch.randn((batch, *_feature_shape(config)), generator=g).to(param.dtype if param is not None else torch.float32)
+        return {k: v.to(device) for k, v in zip(FEATURES_FEED, (feats, dids, dmask))}
     return {k: v.to(device) for k, v in zip(FEED, (ids, mask, dids, dmask))}
 
 
 def capture_seq2seq(model: torch.nn.Module, *, attn_implementation: str | None = None) -> Seq2SeqCaptured:
     """Export an encoder-decoder with both token inputs (see the module docstring)."""
     accepts = _cap._accepted_kwargs(model)
-    _refuse_unsupported(model, accepts)
+    source = _source(model, accepts)
     extra = {k: v for k, v in (("use_cache", False), ("return_dict", True)) if k in accepts}
     with _cap._borrowed(model, attn_implementation):
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
-        example = _example(model)
+        example = _example(model, source=source)
         max_enc, max_dec = _lengths(model)
         batch = torch.export.Dim("batch", min=1)
         seq = torch.export.Dim("seq", min=1, max=max_enc)
         dec = torch.export.Dim("decoder_seq", min=1, max=max_dec)
-        shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: dec}, {0: batch, 1: dec})
+        if source == "input_features":  # a fixed number of frames: only the batch and the decoder's length vary
+            bound, keys, shapes = _BoundFeatures(model, extra), FEATURES_FEED, ({0: batch}, {0: batch, 1: dec}, {0: batch, 1: dec})
+        else:
+            bound, keys = _Bound(model, extra), FEED
+            shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: dec}, {0: batch, 1: dec})
         try:
-            ep = torch.export.export(_Bound(model, extra), tuple(example[k] for k in FEED), dynamic_shapes=shapes, strict=False)
+            ep = torch.export.export(bound, tuple(example[k] for k in keys), dynamic_shapes=shapes, strict=False)
         except Exception as err:  # noqa: BLE001 - re-raised with an explanation
             raise _cap._explain(model, err) from err
         gm = ep.module()
@@ -154,12 +192,15 @@ def capture_seq2seq(model: torch.nn.Module, *, attn_implementation: str | None =
         _cap._rename_attrs(module)
         syms = {}
         for node in module.graph.nodes:
-            if node.op == "placeholder" and node.name in ("input_ids", "decoder_input_ids"):
+            if node.op == "placeholder" and node.name in ("input_ids", "input_features", "decoder_input_ids"):
                 syms[node.name] = [s.node.expr if isinstance(s, torch.SymInt) else s for s in node.meta["val"].shape]
         if "decoder_input_ids" not in syms:
             raise CaptureError(f"{type(model).__name__}: the captured graph does not read decoder_input_ids; fxlens cannot "
                                "tell its decoder's input apart. Please report this with the model's config.")
         param = next(iter(model.parameters()), None)
+        if source == "input_features":
+            # the encoder's length is fixed (frames / 2): that int stands for its "pos" axis
+            syms["input_ids"] = [syms["input_features"][0], _feature_shape(model.config)[1] // 2]
         cg = Seq2SeqCaptured(
             module=module,
             inputs=tuple(inputs),
@@ -172,6 +213,8 @@ def capture_seq2seq(model: torch.nn.Module, *, attn_implementation: str | None =
             is_causal=False,  # the encoder reads every position
             decoder_seq_symbol=syms["decoder_input_ids"][1],
             decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None),
+            source=source,
+            feature_shape=_feature_shape(model.config) if source == "input_features" else None,
         )
         _self_check(model, cg, extra)
     return cg
@@ -186,7 +229,7 @@ def _self_check(model, cg: Seq2SeqCaptured, extra: dict) -> None:
     """Refuse a graph that does not compute what the model computes on a fresh, padded input."""
     from .selfcheck import compare
 
-    feed = _example(model, batch=3, enc=6, dec=4, seed=1, padded=True)
+    feed = _example(model, batch=3, enc=6, dec=4, seed=1, padded=True, source=cg.source)
     with torch.no_grad():
         reference = model(**feed, **extra)
         got = cg.module(**feed_of(cg, feed))["outputs"]
@@ -208,13 +251,30 @@ class Seq2SeqGraph(ModelGraph):
         """The site's shape for ``batch`` rows of ``seq`` = (encoder length, decoder length) tokens."""
         enc, dec = seq if isinstance(seq, tuple) else (seq, seq)
         cg = self.captured
-        values = {cg.batch_symbol: batch, cg.seq_symbol: enc, cg.decoder_seq_symbol: dec}
-        if site.rewrite is not None:
-            raise SiteError(f"{site.name} needs a rewrite, which encoder-decoder models do not offer yet")
-        node = self.dg.node(site.node)
-        dims = tuple((d.node.expr if isinstance(d, torch.SymInt) else d) for d in node.meta["val"].shape)
+        values = {cg.batch_symbol: batch, cg.decoder_seq_symbol: dec}
+        if not isinstance(cg.seq_symbol, int):  # Whisper's encoder length is a fixed int
+            values[cg.seq_symbol] = enc
+        if site.rewrite is None:
+            dims = _dims_of(self.dg.node(site.node))
+        elif site.rewrite[0] == "expand_attention":  # [batch, head, query pos, key pos] from SDPA's q and k
+            sdpa = self.dg.node(site.rewrite[1])
+            q, k = _dims_of(sdpa.args[0]), _dims_of(sdpa.args[1])
+            dims = (q[0], q[1], q[2], k[2])
+        elif site.rewrite[0] == "decompose_norm":  # the norm's input; its scale has one entry per position
+            dims = _dims_of(self.dg.node(site.rewrite[1]).args[0])
+            dims = dims[:-1] + (1,) if site.kind == "scale" else dims
+        else:
+            raise SiteError(f"{site.name} needs a rewrite ({site.rewrite[0]}) that encoder-decoders do not offer yet")
         user = site.layout.shape(dims, cg.batch_symbol, None)
         return tuple(int(sympy.sympify(d).subs(values)) for d in user)
+
+
+def _dims_of(node) -> tuple:
+    return tuple((d.node.expr if isinstance(d, torch.SymInt) else d) for d in node.meta["val"].shape)
+
+
+# rewrites whose pass needs nothing but the target node (per-head results look up the single-stack analysis)
+_STACK_FREE_REWRITES = ("expand_attention", "decompose_norm")
 
 
 def _stack_of(path: str) -> str | None:
@@ -279,7 +339,7 @@ def analyse_seq2seq(cg: Seq2SeqCaptured) -> Seq2SeqGraph:
         builder._canonical()
         rename = _Renamer(stack)
         for site in builder.sites:
-            if site.rewrite is not None:  # materialising passes find their inputs by the single-stack analysis
+            if site.rewrite is not None and site.rewrite[0] not in _STACK_FREE_REWRITES:
                 left_out[rename(site.name)] = _NOT_YET
                 continue
             sites.append(dataclasses.replace(site, name=rename(site.name)))
@@ -290,7 +350,7 @@ def analyse_seq2seq(cg: Seq2SeqCaptured) -> Seq2SeqGraph:
     taken = {s.name for s in sites}
     sites += _raw_sites(dg, cg, by_scope, taken)
     order = {name: i for i, name in enumerate(dg.order)} if not isinstance(dg.order, dict) else dg.order
-    sites.sort(key=lambda s: order.get(s.node, 0))
+    sites.sort(key=lambda s: (order.get(s.rewrite[1], 0), 1) if s.rewrite else (order.get(s.node, 0), 0))
     table = SiteTable(OrderedDict((s.name, s) for s in sites), len(stacks["decoder"][0].blocks), left_out)
     table.get_act_name = _get_act_name(table)
     unexpected = sorted(k for k, why in left_out.items() if why not in (_NOT_YET, _NO_CROSS_HEADS))
@@ -346,9 +406,13 @@ def _cross_attention(dg, cg, st, norms, sites: list, left_out: dict) -> list:
             a = find_attention(dg, dataclasses.replace(block, context=()), cross, (B, _Either(S, E)), norms)
         except AttentionError:
             a = None
-        pattern = _cross_pattern(dg, cross, (B, S, E))
         out.append(a)
-        if pattern is None:
+        if a is not None and a.kind == "sdpa":  # computed from SDPA's own q and k when asked for
+            rw = ("expand_attention", a.op)
+            for suffix, part in (("hook_attn_scores", "scores"), ("hook_pattern", "pattern")):
+                sites.append(Site(p + "cross_attn." + suffix, rewritten(*rw, part), IDENTITY, PATTERN_AXES, block.index,
+                                  "cross_" + suffix[5:], rw))
+        elif (pattern := _cross_pattern(dg, cross, (B, S, E))) is None:
             left_out[p + "cross_attn.hook_pattern"] = "no softmax over the encoder's positions found in the cross-attention"
         else:
             scores, weights = pattern
