@@ -432,3 +432,13 @@ def test_circuits_and_one_sequence_functions_refuse_encoder_decoders():
         attribution.attribute(m, ids, m.run_with_cache(ids)[1], _metric, "resid_pre", ("pos",))
     with pytest.raises(NotImplementedError, match="not offered for encoder-decoders"):
         m.run_with_edges(ids, [])
+
+
+def test_from_pretrained_loads_an_encoder_decoder_with_its_head(tmp_path):
+    hf, _ = model("bart")
+    hf.save_pretrained(tmp_path)
+    m = fxlens.Model.from_pretrained(str(tmp_path), tokenizer=False, attn_implementation="eager")
+    assert isinstance(m, fxlens.Seq2SeqModel) and type(m.hf_model).__name__ == "BartForConditionalGeneration"
+    ids, mask, dids, dmask = _inputs(True)
+    torch.testing.assert_close(m(ids, dids, attention_mask=mask, decoder_attention_mask=dmask),
+                               _hf(hf, ids, mask, dids, dmask).logits, atol=1e-5, rtol=0)

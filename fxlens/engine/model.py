@@ -236,7 +236,7 @@ class Model:
             load_kwargs["attn_implementation"] = attn_implementation
         errors = []
         hf_model = None
-        for auto in ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel"):
+        for auto in _auto_classes(name_or_path, hf_kwargs):
             try:
                 hf_model = getattr(transformers, auto).from_pretrained(name_or_path, **load_kwargs)
                 break
@@ -515,6 +515,21 @@ class Model:
             f"fxlens.Model({type(self.hf_model).__name__}: {c.n_layers} layers, d_model={c.d_model}, "
             f"heads={c.n_heads}, {len(self.site_table)} sites, attention={c.attn_implementation})"
         )
+
+
+def _auto_classes(name_or_path, hf_kwargs) -> tuple:
+    """The transformers auto classes to try, in order: an encoder-decoder checkpoint (config.is_encoder_decoder)
+    loads with its LM head (AutoModelForCausalLM would load BART's decoder alone)."""
+    import transformers
+
+    kwargs = {k: v for k, v in hf_kwargs.items() if k in ("gguf_file", "revision", "trust_remote_code")}
+    try:
+        config = transformers.AutoConfig.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError):
+        config = None
+    if getattr(config, "is_encoder_decoder", False):
+        return ("AutoModelForSeq2SeqLM", "AutoModelForSpeechSeq2Seq", "AutoModel")
+    return ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel")
 
 
 def _check_model_and_tokenizer(hf_model, tokenizer) -> None:
