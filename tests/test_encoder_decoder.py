@@ -442,3 +442,15 @@ def test_from_pretrained_loads_an_encoder_decoder_with_its_head(tmp_path):
     ids, mask, dids, dmask = _inputs(True)
     torch.testing.assert_close(m(ids, dids, attention_mask=mask, decoder_attention_mask=dmask),
                                _hf(hf, ids, mask, dids, dmask).logits, atol=1e-5, rtol=0)
+
+
+def test_text_inputs_with_a_tokenizer(tiny_tokenizer):
+    hf, _ = model("t5")
+    m = fxlens.Model(hf, tiny_tokenizer)
+    got = m(["t5 t6 t7", "t8"], decoder_input=["t3 t9", "t4 t8"])
+    ids = torch.tensor([[1, 5, 6, 7], [1, 8, 2, 2]])  # bos prepended, right padding marked in the mask
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    dids = torch.tensor([[3, 9], [4, 8]])
+    torch.testing.assert_close(got, _hf(hf, ids, mask, dids, torch.ones_like(dids)).logits, atol=1e-5, rtol=0)
+    loss = m(["t5 t6 t7", "t8"], ["t3 t9", "t4 t8"], return_type="loss")
+    assert loss.shape == () and torch.isfinite(loss)
