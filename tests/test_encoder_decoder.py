@@ -337,8 +337,8 @@ def test_site_names_and_input_errors():
     assert m.get_act_name("resid_pre", 1, "encoder") == "encoder.1.hook_resid_pre"
     assert m.site_table["pattern", 0].name == "decoder.0.attn.hook_pattern"
     assert "decoder.0.hook_resid_mid_cross" in m.sites and "encoder_final_ln.hook_normalized" in m.sites
-    with pytest.raises(fxlens.SiteError, match="not offered"):
-        m.site("decoder.0.attn.hook_result")
+    with pytest.raises(fxlens.SiteError, match=r"unknown site 'decoder.0.cross_attn.hook_patern'.*decoder.0.cross_attn.hook_pattern"):
+        m.site("decoder.0.cross_attn.hook_patern")
     ids = torch.randint(1, V, (2, 5))
     with pytest.raises(ValueError, match="one decoder sequence per source"):
         m(ids, torch.randint(1, V, (3, 4)))
@@ -454,3 +454,48 @@ def test_text_inputs_with_a_tokenizer(tiny_tokenizer):
     torch.testing.assert_close(got, _hf(hf, ids, mask, dids, torch.ones_like(dids)).logits, atol=1e-5, rtol=0)
     loss = m(["t5 t6 t7", "t8"], ["t3 t9", "t4 t8"], return_type="loss")
     assert loss.shape == () and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_per_head_results_of_both_stacks_equal_hf(family):
+    """``attn.hook_result`` / ``cross_attn.hook_result``: each head's z times its block of W_O (read from HF's
+    output projection input), and ablating one head equals zeroing its z slice with a plain HF pre-hook."""
+    hf, m = model(family)
+    feed = _inputs(True)
+    ids, mask, dids, dmask = feed
+    names = {"encoder.1.attn": None, "decoder.2.attn": None, "decoder.0.cross_attn": None}
+    _, cache = m.run_with_cache(ids, dids, attention_mask=mask, decoder_attention_mask=dmask,
+                                names_filter=[f"{n}.hook_result" for n in names])
+
+    def o_proj(name):
+        stack, layer, kind = name.split(".")
+        block = _layers(hf, stack)[int(layer)]
+        if hasattr(block, "layer"):  # T5
+            return block.layer[0].SelfAttention.o if kind == "attn" else block.layer[1].EncDecAttention.o
+        return (block.self_attn if kind == "attn" else block.encoder_attn).out_proj
+
+    seen = {}
+    handles = [o_proj(n).register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, args[0])) for n in names]
+    try:
+        _hf(hf, *feed)
+    finally:
+        for h in handles:
+            h.remove()
+    for n in names:
+        z = seen[n].view(*seen[n].shape[:2], 4, -1)
+        w = o_proj(n).weight.view(-1, 4, z.shape[-1])  # [d_model, head, d_head]
+        torch.testing.assert_close(cache[f"{n}.hook_result"], torch.einsum("bphd,mhd->bphm", z, w), atol=1e-5, rtol=0)
+    got = m.run_with_interventions(ids, [fxlens.Ablate("decoder.0.cross_attn.hook_result", head=2)], dids,
+                                   attention_mask=mask, decoder_attention_mask=dmask)
+
+    def zero_head(mod, args):
+        z = args[0].clone().view(*args[0].shape[:2], 4, -1)
+        z[:, :, 2] = 0
+        return (z.flatten(2),)
+
+    handle = o_proj("decoder.0.cross_attn").register_forward_pre_hook(zero_head)
+    try:
+        want = _hf(hf, *feed).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -31,8 +31,8 @@ Gotchas: ``structure`` (the decoder's) is what the single-stack engine sees; the
 does not run two stacks, so sweeps run whole-model rows (``engine/seq2seq.py``). A site's "pos" axis
 means its own stack's positions. Whisper's encoder reads ``input_features`` of a fixed size
 (``num_mel_bins`` x ``2 * max_source_positions``): only the batch and the decoder's length vary, and the
-encoder's fixed length stands for its "pos" axis. Other feature-reading models are refused. Per-head
-results (``attn.hook_result``) are not offered: their rewrite reads the single-stack analysis.
+encoder's fixed length stands for its "pos" axis. Other feature-reading models are refused. A per-head
+rewrite finds its attention with ``Seq2SeqGraph.attention_of(site)`` (a layer index names several).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from .mlp import find_mlp
 from .moe import find_moe
 from .nodes import is_tensor, op_name
 from .norms import find_norm
-from .sites import rewritten, PATTERN_AXES, QKV_AXES, RESID_AXES, ModelGraph, Site, SiteError, SiteTable, _Builder, _dims, _plain
+from .sites import SPLITTABLE_PROJECTIONS, rewritten, PATTERN_AXES, QKV_AXES, RESID_AXES, ModelGraph, Site, SiteError, SiteTable, _Builder, _dims, _plain
 from .structure import StructureError, _module_nodes, _norm_modules, find_structure
 
 __all__ = ["is_encoder_decoder", "capture_seq2seq", "analyse_seq2seq", "Seq2SeqCaptured", "Seq2SeqGraph", "STACKS"]
@@ -247,6 +247,10 @@ class Seq2SeqGraph(ModelGraph):
     stacks: dict = None
     cross: list = None
 
+    def attention_of(self, site: Site):
+        """The ``Attention`` a per-head site belongs to (its stack's self-attention, or the cross-attention)."""
+        return _attention_of(self, site)
+
     def shape(self, site: Site, batch: int, seq) -> tuple:
         """The site's shape for ``batch`` rows of ``seq`` = (encoder length, decoder length) tokens."""
         enc, dec = seq if isinstance(seq, tuple) else (seq, seq)
@@ -263,6 +267,10 @@ class Seq2SeqGraph(ModelGraph):
         elif site.rewrite[0] == "decompose_norm":  # the norm's input; its scale has one entry per position
             dims = _dims_of(self.dg.node(site.rewrite[1]).args[0])
             dims = dims[:-1] + (1,) if site.kind == "scale" else dims
+        elif site.rewrite[0] == "split_heads":  # [batch, pos, head, d_model] beside z [batch, pos, head, d_head]
+            a = self.attention_of(site)
+            z = a.z.layout.shape(_dims_of(self.dg.node(a.z.node)), cg.batch_symbol, None)
+            dims = tuple(z[:3]) + (self.dims["d_model"],)
         else:
             raise SiteError(f"{site.name} needs a rewrite ({site.rewrite[0]}) that encoder-decoders do not offer yet")
         user = site.layout.shape(dims, cg.batch_symbol, None)
@@ -274,7 +282,14 @@ def _dims_of(node) -> tuple:
 
 
 # rewrites whose pass needs nothing but the target node (per-head results look up the single-stack analysis)
-_STACK_FREE_REWRITES = ("expand_attention", "decompose_norm")
+_STACK_FREE_REWRITES = ("expand_attention", "decompose_norm", "split_heads")
+
+
+def _attention_of(mg, site: Site):
+    stack = site.name.split(".", 1)[0]
+    if ".cross_attn." in site.name:
+        return mg.cross[site.layer]
+    return mg.stacks[stack][1][site.layer]
 
 
 def _stack_of(path: str) -> str | None:
@@ -434,6 +449,10 @@ def _cross_attention(dg, cg, st, norms, sites: list, left_out: dict) -> list:
                 left_out[name] = _NO_CROSS_HEADS
                 continue
             sites.append(Site(name, view.node, view.layout, QKV_AXES, block.index, "cross_" + suffix[5:]))
+        if "hook_z" in want and p + "cross_attn.hook_z" not in left_out and op_name(dg.node(a.o_matmul)) in SPLITTABLE_PROJECTIONS:
+            rw = ("split_heads", a.o_matmul)
+            sites.append(Site(p + "cross_attn.hook_result", rewritten(*rw, "result"), IDENTITY, ("batch", "pos", "head", "d_model"),
+                              block.index, "cross_result", rw, expensive=True))
     return out
 
 
