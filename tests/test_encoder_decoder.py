@@ -499,3 +499,30 @@ def test_per_head_results_of_both_stacks_equal_hf(family):
     finally:
         handle.remove()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_a_swapped_parameter_and_a_deep_copy_are_followed():
+    import copy
+
+    torch.manual_seed(0)
+    hf = _perturb(_bart())
+    ids, mask, dids, dmask = _inputs(True)
+    _hf(hf, ids, mask, dids, dmask, output_hidden_states=True)  # transformers installs its recording hooks once
+    m = fxlens.Model(hf)
+    twin = copy.deepcopy(m)
+    assert isinstance(twin, fxlens.Seq2SeqModel) and twin.hf_model is not hf
+    layer = hf.model.decoder.layers[1].encoder_attn.out_proj
+    layer.weight = torch.nn.Parameter(layer.weight * 2)  # a new tensor object: the capture is rebound to it
+    _, cache = m.run_with_cache(ids, dids, attention_mask=mask, decoder_attention_mask=dmask,
+                                names_filter=["decoder.1.hook_cross_attn_out", "decoder.1.cross_attn.hook_result"])
+    ref = _hf(hf, ids, mask, dids, dmask, output_hidden_states=True)
+    torch.testing.assert_close(m(ids, dids, attention_mask=mask, decoder_attention_mask=dmask), ref.logits, atol=1e-5, rtol=0)
+    assert cache["decoder.1.cross_attn.hook_result"].shape == (2, 5, 4, 16)
+    with pytest.raises(NotImplementedError, match="not offered for encoder-decoders"):
+        from fxlens import circuits
+
+        circuits.model_components(m)
+    # the copy kept the old weights
+    plain = _hf(twin.hf_model, ids, mask, dids, dmask).logits
+    torch.testing.assert_close(twin(ids, dids, attention_mask=mask, decoder_attention_mask=dmask), plain, atol=1e-5, rtol=0)
+    assert (plain - ref.logits).abs().max() > 1e-4

@@ -239,6 +239,7 @@ def _self_check(model, cg: Seq2SeqCaptured, extra: dict) -> None:
 
 
 # ---- analysis ------------------------------------------------------------------------------------
+@dataclasses.dataclass
 class Seq2SeqGraph(ModelGraph):
     """A ModelGraph of both stacks. ``structure``, ``attn``, ``mlp`` are the decoder's (the stack that makes
     the logits); ``stacks[name]`` holds (structure, attn, mlp) for "encoder" and "decoder";
@@ -376,9 +377,7 @@ def analyse_seq2seq(cg: Seq2SeqCaptured) -> Seq2SeqGraph:
     st, attns, mlps = stacks["decoder"]
     dims = _dims(dg, (cg.batch_symbol, cg.decoder_seq_symbol), st, attns, mlps)
     dims["n_encoder_layers"] = len(stacks["encoder"][0].blocks)
-    mg = Seq2SeqGraph(cg, dg, st, attns, mlps, norms, table, dims)
-    mg.stacks, mg.cross = stacks, cross
-    return mg
+    return Seq2SeqGraph(cg, dg, st, attns, mlps, norms, table, dims, stacks=stacks, cross=cross)
 
 
 class _Renamer:
