@@ -526,3 +526,14 @@ def test_a_swapped_parameter_and_a_deep_copy_are_followed():
     plain = _hf(twin.hf_model, ids, mask, dids, dmask).logits
     torch.testing.assert_close(twin(ids, dids, attention_mask=mask, decoder_attention_mask=dmask), plain, atol=1e-5, rtol=0)
     assert (plain - ref.logits).abs().max() > 1e-4
+
+
+def test_decoder_decompose_resid_includes_cross_attention():
+    hf, m = model("t5")
+    ids, mask, dids, dmask = _inputs(True)
+    ref = _hf(hf, ids, mask, dids, dmask, output_hidden_states=True)
+    _, cache = m.run_with_cache(ids, dids, attention_mask=mask, decoder_attention_mask=dmask)
+    parts, labels = cache.decompose_resid(layer=2, return_labels=True)
+    assert labels == ["embeddings", "0_attn_out", "0_cross_attn_out", "0_mlp_out", "1_attn_out", "1_cross_attn_out", "1_mlp_out"]
+    torch.testing.assert_close(parts.sum(0), ref.decoder_hidden_states[2], atol=1e-5, rtol=0)
+    assert cache.accumulated_resid().shape == (4, 2, 5, 16)
