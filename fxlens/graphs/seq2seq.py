@@ -181,7 +181,14 @@ def capture_seq2seq(model: torch.nn.Module, *, attn_implementation: str | None =
         try:
             ep = torch.export.export(bound, tuple(example[k] for k in keys), dynamic_shapes=shapes, strict=False)
         except Exception as err:  # noqa: BLE001 - re-raised with an explanation
-            raise _cap._explain(model, err) from err
+            explained = _cap._explain(model, err)
+            raise CaptureError(
+                f"{explained}\nAn encoder-decoder is exported with the encoder's and the decoder's lengths left free; "
+                "families whose attention pads or splits the sequence into blocks or windows (LongT5, LED, Pegasus-X), or "
+                "whose decoder predicts n-gram streams (ProphetNet), "
+                "cannot be captured that way yet. Encoder-decoders that work: T5, MT5, UMT5, Switch Transformers, BART, "
+                "mBART, Marian, Pegasus, Blenderbot, PLBart, M2M100, BigBird-Pegasus (attention_type='original_full'), Whisper."
+            ) from err
         gm = ep.module()
         names = _cap._output_names(ep)
         graph, inputs = _cap._rebuild(gm, names)
