@@ -373,7 +373,7 @@ def test_cross_attention_heads_equal_hf_projections(family):
             value = seen[kind]
             want = value.view(*value.shape[:2], 4, -1)  # [batch, pos, head, d_head]
             torch.testing.assert_close(cache[f"decoder.{layer}.cross_attn.hook_{kind}"], want, atol=1e-5, rtol=0)
-    assert cache[f"decoder.0.cross_attn.hook_k"].shape[1] == ids.shape[1]  # keys over the encoder's positions
+    assert cache["decoder.0.cross_attn.hook_k"].shape[1] == ids.shape[1]  # keys over the encoder's positions
 
 
 @pytest.mark.parametrize("activation", ["z", "cross_z"])

@@ -60,6 +60,11 @@ class Seq2SeqModel(Model):
         super().__init__(hf_model, tokenizer, **kwargs)
         self.cfg.n_encoder_layers = self.graph.dims.get("n_encoder_layers")
 
+    def _follow(self, change):
+        derived = super()._follow(change)
+        self.cfg.n_encoder_layers = derived.graph.dims.get("n_encoder_layers")  # a fresh capture makes a fresh cfg
+        return derived
+
     # ---- inputs ---------------------------------------------------------------------------------
     def _feed(self, input, decoder_input=None, attention_mask=None, decoder_attention_mask=None, *, prepend_bos=True,
               padding_side="right") -> _Feed:
