@@ -537,3 +537,20 @@ def test_decoder_decompose_resid_includes_cross_attention():
     assert labels == ["embeddings", "0_attn_out", "0_cross_attn_out", "0_mlp_out", "1_attn_out", "1_cross_attn_out", "1_mlp_out"]
     torch.testing.assert_close(parts.sum(0), ref.decoder_hidden_states[2], atol=1e-5, rtol=0)
     assert cache.accumulated_resid().shape == (4, 2, 5, 16)
+
+
+def test_a_moved_model_is_captured_again():
+    torch.manual_seed(0)
+    hf = _perturb(_t5())
+    ids, mask, dids, dmask = _inputs(True)
+    _hf(hf, ids, mask, dids, dmask, output_hidden_states=True)
+    m = fxlens.Model(hf)
+    hf.double()
+    with pytest.warns(UserWarning, match="captured again"):
+        got = m(ids, dids, attention_mask=mask, decoder_attention_mask=dmask)
+    assert got.dtype == torch.float64 and m.cfg.n_encoder_layers == 2
+    torch.testing.assert_close(got, _hf(hf, ids, mask, dids, dmask).logits, atol=1e-10, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert patching.get_act_patch_resid_pre(m, ids, m.run_with_cache(ids, dids)[1], _metric, decoder_input=dids,
+                                                stack="encoder").shape == (2, 7)
