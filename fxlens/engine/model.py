@@ -525,7 +525,7 @@ def _auto_classes(name_or_path, hf_kwargs) -> tuple:
     kwargs = {k: v for k, v in hf_kwargs.items() if k in ("gguf_file", "revision", "trust_remote_code")}
     try:
         config = transformers.AutoConfig.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError):
+    except Exception:  # noqa: BLE001 - only a probe: the loaders below say what is wrong
         config = None
     if getattr(config, "is_encoder_decoder", False):
         return ("AutoModelForSeq2SeqLM", "AutoModelForSpeechSeq2Seq", "AutoModel")
