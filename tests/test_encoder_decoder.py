@@ -554,3 +554,16 @@ def test_a_moved_model_is_captured_again():
         warnings.simplefilter("ignore", RuntimeWarning)
         assert patching.get_act_patch_resid_pre(m, ids, m.run_with_cache(ids, dids)[1], _metric, decoder_input=dids,
                                                 stack="encoder").shape == (2, 7)
+
+
+def test_an_encoder_alone_stays_a_single_stack_model():
+    """T5EncoderModel keeps T5's config (is_encoder_decoder) but takes no decoder input."""
+    torch.manual_seed(0)
+    hf = _perturb(transformers.T5EncoderModel(_t5().config))
+    m = fxlens.Model(hf)
+    assert type(m) is fxlens.Model
+    ids = torch.randint(1, V, (2, 6))
+    _, cache = m.run_with_cache(ids, return_type=None)
+    with torch.no_grad():
+        ref = hf(ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(cache["blocks.1.hook_resid_pre"], ref[1], atol=1e-5, rtol=0)

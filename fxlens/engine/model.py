@@ -106,9 +106,10 @@ class Model:
     def __new__(cls, hf_model=None, *args, **kwargs):
         # an encoder-decoder (config.is_encoder_decoder) is a Seq2SeqModel (engine/seq2seq.py)
         if cls is Model and getattr(getattr(hf_model, "config", None), "is_encoder_decoder", False):
+            from ..graphs.seq2seq import is_encoder_decoder
             from .seq2seq import Seq2SeqModel
 
-            cls = Seq2SeqModel
+            cls = Seq2SeqModel if is_encoder_decoder(hf_model) else cls
         return object.__new__(cls)
 
     def __init__(self, hf_model: torch.nn.Module, tokenizer=None, *, attn_implementation: str | None = None, table="auto"):

@@ -69,8 +69,12 @@ FEATURES_FEED = ("input_features", "decoder_input_ids", "decoder_attention_mask"
 
 
 def is_encoder_decoder(model) -> bool:
+    """An encoder-decoder with both stacks: the config says so and the forward takes a decoder input
+    (T5EncoderModel keeps T5's config but runs the encoder alone)."""
     config = getattr(model, "config", None)
-    return bool(getattr(config, "is_encoder_decoder", False))
+    if not getattr(config, "is_encoder_decoder", False) or not hasattr(model, "forward"):
+        return False
+    return "decoder_input_ids" in _cap._accepted_kwargs(model)
 
 
 @dataclasses.dataclass
