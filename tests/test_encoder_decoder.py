@@ -567,3 +567,59 @@ def test_an_encoder_alone_stays_a_single_stack_model():
     with torch.no_grad():
         ref = hf(ids, output_hidden_states=True).hidden_states
     torch.testing.assert_close(cache["blocks.1.hook_resid_pre"], ref[1], atol=1e-5, rtol=0)
+
+
+def test_cross_attention_pattern_sweep_runs_over_encoder_positions():
+    """Each (head, decoder pos, encoder pos) entry of decoder.1's cross-attention pattern, against HF forwards
+    that replace that entry through a hook on the eager attention weights' softmax."""
+    hf, m = model("bart")
+    corrupted = _inputs(True, seed=9, enc=4, dec=3)
+    clean = _inputs(True, seed=10, enc=4, dec=3)
+    clean = (clean[0], corrupted[1], corrupted[2], corrupted[3])
+    _, clean_cache = m.run_with_cache(clean[0], clean[2], attention_mask=clean[1], decoder_attention_mask=clean[3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got = patching.generic_activation_patch(
+            m, corrupted[0], clean_cache, _metric, patching.layer_head_dest_src_pos_pattern_patch_setter, "cross_pattern",
+            index_df=[(1, h, d, s) for h in range(4) for d in range(3) for s in range(4)], attention_mask=corrupted[1],
+            decoder_input=corrupted[2], decoder_attention_mask=corrupted[3])
+    assert got.shape == (48,)
+    clean_pattern = _hf(hf, *clean, output_attentions=True).cross_attentions[1]
+    import transformers.models.bart.modeling_bart as bart_module
+
+    # the softmax inside decoder.1's cross-attention alone: a flag set by hooks around that module
+    block = _layers(hf, "decoder")[1].encoder_attn
+    inside, entry, softmax = [], [None], torch.nn.functional.softmax
+
+    def patched(x, *args, **kw):
+        out = softmax(x, *args, **kw)
+        if inside:
+            out = out.clone()
+            h, d, s = entry[0]
+            out[:, h, d, s] = clean_pattern[:, h, d, s]
+        return out
+
+    handles = [block.register_forward_pre_hook(lambda mod, args: inside.append(True)),
+               block.register_forward_hook(lambda mod, args, out: inside.clear())]
+    bart_module.nn.functional.softmax = patched
+    want = []
+    try:
+        for h in range(4):
+            for d in range(3):
+                for s in range(4):
+                    entry[0] = (h, d, s)
+                    want.append(float(_metric(_hf(hf, *corrupted).logits)))
+    finally:
+        bart_module.nn.functional.softmax = softmax
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(got, torch.tensor(want), atol=1e-5, rtol=0)
+    assert got.std() > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        grid = patching.generic_activation_patch(
+            m, corrupted[0], clean_cache, _metric, patching.layer_head_dest_src_pos_pattern_patch_setter, "cross_pattern",
+            index_axis_names=("layer", "head_index", "dest_pos", "src_pos"), attention_mask=corrupted[1],
+            decoder_input=corrupted[2], decoder_attention_mask=corrupted[3])
+    assert grid.shape == (3, 4, 3, 4)  # [decoder layers, heads, decoder positions, encoder positions]
+    torch.testing.assert_close(grid[1].flatten(), got, atol=1e-6, rtol=0)

@@ -223,6 +223,13 @@ def activation_patch(model: Seq2SeqModel, corrupted_tokens, clean_cache, metric,
     n_layers = model.cfg.n_encoder_layers if stack == "encoder" else model.cfg.n_layers
     heads = model.cfg.n_heads
     ranges = {"layer": n_layers, "pos": seq, "head_index": heads, "head": heads, "src_pos": seq, "dest_pos": seq}
+    table = model.site_table
+    first = table._sites.get(table.get_act_name(activation_name, 0, stack))
+    if first is not None:  # the grid's sizes from the site itself: a cross-attention's keys run over the encoder
+        shape = model.graph.shape(first, batch, lengths)
+        for grid, axis in (("pos", "pos"), ("head_index", "head"), ("head", "head"), ("dest_pos", "query_pos"), ("src_pos", "key_pos")):
+            if axis in first.axes:
+                ranges[grid] = shape[first.axes.index(axis)]
     if index_df is None:
         if index_axis_names is None:
             raise ValueError("give index_axis_names (e.g. ('layer', 'pos')) or index_df")
@@ -234,7 +241,6 @@ def activation_patch(model: Seq2SeqModel, corrupted_tokens, clean_cache, metric,
             raise ValueError("give either index_axis_names or index_df, not both")
         rows = rows_of(index_df)
         shape, flat = [len(rows)], True
-    table = model.site_table
     name = lambda layer: table.get_act_name(activation_name, layer, stack)  # noqa: E731
     for row in rows:
         if not 0 <= row[0] < n_layers:
