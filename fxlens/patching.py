@@ -183,6 +183,9 @@ def generic_activation_patch(
     compile: bool = False,
     reduce: str = "mean",
     padding_side: str = "right",
+    decoder_input=None,
+    decoder_attention_mask=None,
+    stack: str = "decoder",
 ):
     """Patch ``activation_name`` at every index of the grid (or of ``index_df``); see the module docstring.
 
@@ -196,9 +199,24 @@ def generic_activation_patch(
     ``reduce="none"`` gives each prompt's result, ``[n_prompts, *grid]``: the metric must then give one
     value per prompt (a ``fxlens.metrics`` metric, or a callable returning a [batch] tensor). Each prompt's
     result equals a sweep of that pair alone (positions in the padded batch's frame).
+
+    Encoder-decoders (``fxlens.Seq2SeqModel``): ``decoder_input`` (and ``decoder_attention_mask``) is the
+    decoder's input, ``stack`` ("decoder" or "encoder") the stack whose sites are patched.
     """
     if reduce not in ("mean", "none"):
         raise ValueError(f"reduce must be 'mean' (the metric's own reduction over prompts) or 'none' (one result per prompt); got {reduce!r}")
+    if getattr(model, "is_encoder_decoder", False):
+        if reduce != "mean":
+            raise ValueError("reduce='none' is not offered for encoder-decoders yet: run one pair at a time")
+        from .engine.seq2seq import activation_patch
+
+        axes = getattr(patch_setter, "axes", None) or _KNOWN.get(getattr(patch_setter, "__name__", ""))
+        return activation_patch(model, corrupted_tokens, clean_cache, patching_metric, patch_setter, activation_name,
+                                index_axis_names, index_df, return_index_df, attention_mask=attention_mask,
+                                decoder_input=decoder_input, decoder_attention_mask=decoder_attention_mask, stack=stack,
+                                axes=axes, rows_of=_rows, make_df=make_df_from_ranges)
+    if decoder_input is not None or decoder_attention_mask is not None:
+        raise ValueError(f"decoder_input is for encoder-decoder models; {type(model.hf_model).__name__} has no decoder input")
     feed = model._inputs(corrupted_tokens, attention_mask, padding_side=padding_side)
     batch, seq = feed["input_ids"].shape
     kv_heads = model.cfg.n_key_value_heads or model.cfg.n_heads

@@ -207,8 +207,15 @@ class Derived:
 
     @classmethod
     def capture(cls, hf_model, attn_implementation, table, overrides: dict | None = None) -> "Derived":
-        cg = capture(hf_model, attn_implementation=attn_implementation)
-        derived = cls(cg, analyse(cg, table), Binding(hf_model, cg.module), attn_implementation, table)
+        from ..graphs.seq2seq import analyse_seq2seq, capture_seq2seq, is_encoder_decoder
+
+        if is_encoder_decoder(hf_model):  # two stacks: graphs/seq2seq.py
+            cg = capture_seq2seq(hf_model, attn_implementation=attn_implementation)
+            graph = analyse_seq2seq(cg)
+        else:
+            cg = capture(hf_model, attn_implementation=attn_implementation)
+            graph = analyse(cg, table)
+        derived = cls(cg, graph, Binding(hf_model, cg.module), attn_implementation, table)
         return derived.rebound(overrides) if overrides else derived
 
     # ---- following the HF model ---------------------------------------------------------------
@@ -270,6 +277,7 @@ class Derived:
         """The graph split into prelude, blocks and head (``graphs.segments``)."""
         from ..graphs.segments import split
 
+        self._one_stack("the layer-by-layer engine")
         return self.item("segments", lambda: split(self.graph))
 
     @property
@@ -277,7 +285,15 @@ class Derived:
         """Circuit senders and receivers (``graphs.components``)."""
         from ..graphs.components import components
 
+        self._one_stack("circuits (senders and receivers)")
         return self.item("components", lambda: components(self.graph))
+
+    def _one_stack(self, what: str) -> None:
+        if getattr(self.graph, "stacks", None) is not None:  # an encoder-decoder (graphs/seq2seq.py)
+            raise NotImplementedError(
+                f"{what} is not offered for encoder-decoders yet ({type(self.binding.hf_model).__name__}); they offer "
+                "model(tokens, decoder_input), run_with_cache, run_with_hooks, run_with_interventions and fxlens.patching sweeps"
+            )
 
 
 def _with_tensors(module: fx.GraphModule, tensors: dict) -> fx.GraphModule:

@@ -107,6 +107,15 @@ def _config(derived: Derived, hf_model, table) -> Config:
 class Model:
     """A HuggingFace model captured as a graph of named sites. See the module docstring."""
 
+    def __new__(cls, hf_model=None, *args, **kwargs):
+        # an encoder-decoder (config.is_encoder_decoder) is a Seq2SeqModel (engine/seq2seq.py)
+        if cls is Model and getattr(getattr(hf_model, "config", None), "is_encoder_decoder", False):
+            from ..graphs.seq2seq import is_encoder_decoder
+            from .seq2seq import Seq2SeqModel
+
+            cls = Seq2SeqModel if is_encoder_decoder(hf_model) else cls
+        return object.__new__(cls)
+
     def __init__(self, hf_model: torch.nn.Module, tokenizer=None, *, attn_implementation: str | None = None, table="auto"):
         _check_model_and_tokenizer(hf_model, tokenizer)
         self.hf_model = hf_model
@@ -193,7 +202,7 @@ class Model:
 
     def _with_derived(self, derived: Derived) -> "Model":
         """A Model sharing this one's HF model, tokenizer and table, computing with ``derived``."""
-        new = object.__new__(Model)
+        new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new._derived = derived
         new._told = set()
@@ -234,7 +243,7 @@ class Model:
             load_kwargs["attn_implementation"] = attn_implementation
         errors = []
         hf_model = None
-        for auto in ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel"):
+        for auto in _auto_classes(name_or_path, hf_kwargs):
             try:
                 hf_model = getattr(transformers, auto).from_pretrained(name_or_path, **load_kwargs)
                 break
@@ -613,6 +622,21 @@ class Model:
             f"fxlens.Model({type(self.hf_model).__name__}: {c.n_layers} layers, d_model={c.d_model}, "
             f"heads={c.n_heads}, {len(self.site_table)} sites, attention={c.attn_implementation})"
         )
+
+
+def _auto_classes(name_or_path, hf_kwargs) -> tuple:
+    """The transformers auto classes to try, in order: an encoder-decoder checkpoint (config.is_encoder_decoder)
+    loads with its LM head (AutoModelForCausalLM would load BART's decoder alone)."""
+    import transformers
+
+    kwargs = {k: v for k, v in hf_kwargs.items() if k in ("gguf_file", "revision", "trust_remote_code")}
+    try:
+        config = transformers.AutoConfig.from_pretrained(name_or_path, **kwargs)
+    except Exception:  # noqa: BLE001 - only a probe: the loaders below say what is wrong
+        config = None
+    if getattr(config, "is_encoder_decoder", False):
+        return ("AutoModelForSeq2SeqLM", "AutoModelForSpeechSeq2Seq", "AutoModel")
+    return ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel")
 
 
 def _check_model_and_tokenizer(hf_model, tokenizer) -> None:

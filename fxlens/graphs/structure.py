@@ -80,6 +80,7 @@ class Block:
     spine_norms: tuple = ()  # (module path, output node) of norms on the spine, in order
     context: tuple = ()  # external non-residual inputs (mask, rotary cos/sin, position ids)
     nodes: frozenset = frozenset()
+    branches: tuple = ()  # every branch, in graph order (a decoder block's cross-attention is the second "attn")
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def _module_nodes(graph: fx.Graph) -> dict[str, list[fx.Node]]:
     return by_scope
 
 
-def _find_block_list(graph: fx.Graph) -> tuple[str, list[str]]:
+def _find_block_list(graph: fx.Graph, within: str | None = None) -> tuple[str, list[str]]:
     coverage: dict[str, set] = defaultdict(set)
     indices: dict[str, set] = defaultdict(set)
     for node in graph.nodes:
@@ -109,7 +110,7 @@ def _find_block_list(graph: fx.Graph) -> tuple[str, list[str]]:
             continue
         for path in scopes(node):
             m = re.fullmatch(r"(.+)\.(\d+)", path)
-            if m:
+            if m and (within is None or m.group(1).startswith(within + ".")):
                 coverage[m.group(1)].add(node.name)
                 indices[m.group(1)].add(int(m.group(2)))
     if not coverage:
@@ -192,11 +193,13 @@ def _escaping(nodes: set[str], dg: DataGraph) -> list[str]:
     return dg.sorted(out)
 
 
-def find_structure(graph: fx.Graph, dg: DataGraph | None = None) -> Structure:
+def find_structure(graph: fx.Graph, dg: DataGraph | None = None, within: str | None = None) -> Structure:
+    """``within``: a module path (``model.decoder``); only block lists under it are considered (one
+    stack of an encoder-decoder)."""
     dg = dg or DataGraph(graph)
     by_scope = _module_nodes(graph)
     norm_modules = _norm_modules(by_scope)
-    prefix, paths = _find_block_list(graph)
+    prefix, paths = _find_block_list(graph, within)
 
     blocks = []
     prev_out: str | None = None
@@ -294,6 +297,7 @@ def _analyse_block(dg, index, path, resid_pre, resid_post, block_nodes, external
         spine_norms=tuple(spine_norms),
         context=context,
         nodes=frozenset(block_nodes),
+        branches=tuple(branches),
     )
 
 
