@@ -66,7 +66,7 @@ class Seq2SeqModel(Model):
         return derived
 
     # ---- inputs ---------------------------------------------------------------------------------
-    def _feed(self, input, decoder_input=None, attention_mask=None, decoder_attention_mask=None, *, prepend_bos=True,
+    def _feed(self, input, decoder_input=None, attention_mask=None, decoder_attention_mask=None, *, prepend_bos=None,
               padding_side="right") -> _Feed:
         if isinstance(input, _Feed):
             return input
@@ -76,7 +76,7 @@ class Seq2SeqModel(Model):
         if self.captured.source == "input_features":
             enc = {"input_ids": self._features(input, attention_mask)}
         else:
-            enc = checked_feed(input, attention_mask, n_ctx=self.cfg.n_ctx, prepend_bos=prepend_bos, **common)
+            enc = checked_feed(input, attention_mask, n_ctx=self.cfg.n_ctx, prepend_bos=self._bos(prepend_bos), **common)
         if decoder_input is None:
             start = self.captured.decoder_start_token_id
             if start is None:
@@ -112,7 +112,7 @@ class Seq2SeqModel(Model):
             raise InputError("input_features holds NaN or infinite values")
         return value.to(self.captured.device, self.captured.dtype)
 
-    def _inputs(self, value, attention_mask=None, prepend_bos: bool = True, padding_side: str = "right") -> dict:
+    def _inputs(self, value, attention_mask=None, prepend_bos: bool | None = None, padding_side: str = "right") -> dict:
         self.derived
         if isinstance(value, _Feed):
             return dict(value)
@@ -139,7 +139,7 @@ class Seq2SeqModel(Model):
 
     # ---- running --------------------------------------------------------------------------------
     def __call__(self, input, decoder_input=None, return_type="logits", one_zero_attention_mask=None, *,
-                 attention_mask=None, decoder_attention_mask=None, prepend_bos: bool = True, padding_side: str = "right"):
+                 attention_mask=None, decoder_attention_mask=None, prepend_bos: bool | None = None, padding_side: str = "right"):
         """Logits [batch, decoder pos, vocab] (``return_type``: "logits", "loss" (next-token loss on the
         decoder input), "both" or None), as TransformerLens' ``HookedEncoderDecoder.forward``."""
         feed = self._feed(input, decoder_input, self._mask(attention_mask, one_zero_attention_mask), decoder_attention_mask,
@@ -149,14 +149,14 @@ class Seq2SeqModel(Model):
     forward = __call__
 
     def run_with_cache(self, input, decoder_input=None, *, attention_mask=None, one_zero_attention_mask=None,
-                       decoder_attention_mask=None, prepend_bos: bool = True, padding_side: str = "right", **kwargs):
+                       decoder_attention_mask=None, prepend_bos: bool | None = None, padding_side: str = "right", **kwargs):
         """``(logits, ActivationCache)``; ``kwargs`` as ``Model.run_with_cache`` (``stop_at_layer`` counts decoder layers)."""
         feed = self._feed(input, decoder_input, self._mask(attention_mask, one_zero_attention_mask), decoder_attention_mask,
                           prepend_bos=prepend_bos, padding_side=padding_side)
         return super().run_with_cache(feed, **kwargs)
 
     def run_with_hooks(self, input, decoder_input=None, *, attention_mask=None, one_zero_attention_mask=None,
-                       decoder_attention_mask=None, prepend_bos: bool = True, padding_side: str = "right", **kwargs):
+                       decoder_attention_mask=None, prepend_bos: bool | None = None, padding_side: str = "right", **kwargs):
         """As ``Model.run_with_hooks`` (``fwd_hooks=[(name, fn)]``), with the decoder's input."""
         feed = self._feed(input, decoder_input, self._mask(attention_mask, one_zero_attention_mask), decoder_attention_mask,
                           prepend_bos=prepend_bos, padding_side=padding_side)
@@ -164,14 +164,14 @@ class Seq2SeqModel(Model):
 
     def run_with_interventions(self, input, interventions, decoder_input=None, *, attention_mask=None,
                                one_zero_attention_mask=None, decoder_attention_mask=None, names_filter=None,
-                               return_type="logits", compile: bool = False, prepend_bos: bool = True,
+                               return_type="logits", compile: bool = False, prepend_bos: bool | None = None,
                                padding_side: str = "right"):
         """As ``Model.run_with_interventions``; each site is sized from its own stack's length."""
         feed = dict(self._feed(input, decoder_input, self._mask(attention_mask, one_zero_attention_mask),
                                decoder_attention_mask, prepend_bos=prepend_bos, padding_side=padding_side))
         batch = feed["decoder_input_ids"].shape[0]
         prep = prepare(list(interventions), self, batch, _lengths(feed), feed.get("attention_mask"))
-        b = PlanBuilder(self.graph)
+        b = self._with_persistent(PlanBuilder(self.graph))
         prep.add_to(b)
         if names_filter is not None:
             b.cache(self._resolve(names_filter))
@@ -214,6 +214,11 @@ def activation_patch(model: Seq2SeqModel, corrupted_tokens, clean_cache, metric,
     "pos" is that stack's positions; exact whole-model rows (see the module docstring)."""
     if stack not in ("encoder", "decoder"):
         raise ValueError(f"stack must be 'encoder' or 'decoder'; got {stack!r}")
+    if model.persistent_hooks:
+        from .rows.rows import RowError
+
+        raise RowError("this model has hooks kept with add_hook, which sweeps would run without: call model.reset_hooks() "
+                       "first, or express the edit as an intervention")
     feed = dict(model._feed(corrupted_tokens, decoder_input, attention_mask, decoder_attention_mask))
     batch = feed["decoder_input_ids"].shape[0]
     lengths = _lengths(feed)
