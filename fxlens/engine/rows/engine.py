@@ -40,6 +40,7 @@ from .base import Base, run_base
 from .blocks import Blocks
 from .layouts import Packed, Padded
 from .readout import Readout
+from ..distributed import Shard
 from .whole import base_values, run_whole
 from .rows import RowError
 from .schedule import CostModel, schedule
@@ -112,26 +113,30 @@ class RowEngine:
             )
         readout = readout or self.readout(base, metric)
         self.stats["metric_reads"] = readout.reads
-        out = torch.empty(len(rows), *readout.value_shape, dtype=torch.float32)
-        if not rows:
-            self.model.last_sweep_stats = dict(self.stats)
-            return out
         for r in rows:
             if not 0 <= r.layer < self.graph.n_layers:
                 raise RowError(f"a row joins at layer {r.layer}; this model has layers 0..{self.graph.n_layers - 1}")
             if r.start and not self.causal:
                 raise RowError("rows start after position 0 only in a causal model")
+        shard = Shard.of(len(rows))  # under torchrun: this rank's rows, then every rank's values
         try:
-            if not self.whole:
-                try:
-                    return self._run(rows, base, readout, out, memory_budget, progress)
-                except RowError:
-                    raise
-                except Exception as err:  # noqa: BLE001 - a structural failure: told once, then the exact path
-                    self.fall_back(err)
-            return run_whole(self.model, rows, base.feed, readout)
+            mine = self._rows([rows[i] for i in shard.indices(len(rows))], base, readout, memory_budget, progress)
         finally:
             self.model.last_sweep_stats = dict(self.stats)  # what the last run of rows did (Model docs)
+        return shard.gather(mine, len(rows))
+
+    def _rows(self, rows: list, base: Base, readout: Readout, memory_budget: float, progress: bool) -> torch.Tensor:
+        out = torch.empty(len(rows), *readout.value_shape, dtype=torch.float32)
+        if not rows:
+            return out
+        if not self.whole:
+            try:
+                return self._run(rows, base, readout, out, memory_budget, progress)
+            except RowError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a structural failure: told once, then the exact path
+                self.fall_back(err)
+        return run_whole(self.model, rows, base.feed, readout)
 
     def _run(self, rows, base, readout, out, memory_budget, progress):
         cost = CostModel(self.blocks, base, readout.declared)
