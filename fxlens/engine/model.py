@@ -358,14 +358,22 @@ class Model:
             raise ValueError(self._derived.no_logits("this call"))
         return out["outputs"][key]
 
-    def __call__(self, input, attention_mask=None, *, return_type: str | None = "logits", prepend_bos: bool | None = None, padding_side: str = "right"):
+    def __call__(self, input, attention_mask=None, *, return_type: str | None = "logits", prepend_bos: bool | None = None,
+                 padding_side: str = "right", loss_per_token: bool = False):
+        """Logits [batch, pos, vocab]; ``return_type`` "loss" (mean next-token loss; per position with
+        ``loss_per_token=True``, [batch, pos - 1]), "both" or None, as in TransformerLens."""
         feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
         if not self._persistent:
             out = self.programs.get(())(**feed)
         else:
             plan, inputs = self._with_persistent(PlanBuilder(self.graph)).build()
             out = self.programs.get(plan)(**feed, **inputs)
-        return self._outputs(out, feed, return_type)
+        result = self._outputs(out, feed, return_type)
+        if loss_per_token and return_type in ("loss", "both"):
+            logits = self._logits(out)
+            loss = lm_loss(logits, feed["input_ids"], feed.get("attention_mask"), per_token=True)
+            return loss if return_type == "loss" else (logits, loss)
+        return result
 
     forward = __call__
 
@@ -599,6 +607,66 @@ class Model:
 
         return WeightEdits(self, in_place=True)
 
+    # ---- weights and tokens, as TransformerLens names them --------------------------------------
+    @property
+    def W_E(self) -> torch.Tensor:
+        """The token embedding [d_vocab, d_model]: the HF parameter itself (edits show in the model)."""
+        from .weight_views import embedding
+
+        return embedding(self)
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        """The unembedding [d_model, d_vocab_out]: a transposed view of the HF output weight."""
+        from .weight_views import unembedding
+
+        return unembedding(self)[0]
+
+    @property
+    def b_U(self) -> torch.Tensor:
+        """The unembedding bias [d_vocab_out] (zeros when the head has none)."""
+        from .weight_views import unembedding
+
+        return unembedding(self)[1]
+
+    def tokens_to_residual_directions(self, tokens) -> torch.Tensor:
+        """The unembedding directions of ``tokens`` (an id, a string of one token, or ids): [..., d_model]."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        ids = torch.as_tensor(tokens, dtype=torch.long)
+        return self.W_U[:, ids].movedim(0, -1)
+
+    def to_single_str_token(self, token: int) -> str:
+        """The string of one token id."""
+        if not isinstance(token, int):
+            raise TypeError(f"to_single_str_token takes one token id (an int); got {type(token).__name__}")
+        return self.to_string(token)
+
+    def get_token_position(self, single_token, input, mode: str = "first", prepend_bos: bool | None = None,
+                           padding_side: str = "right") -> int:
+        """The position of ``single_token`` (an id or a one-token string) in ``input`` (text or ids
+        [pos] / [1, pos]): its first or last occurrence (``mode``), as TransformerLens."""
+        if mode not in ("first", "last"):
+            raise ValueError(f"mode must be 'first' or 'last'; got {mode!r}")
+        token = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)
+        ids = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side) if isinstance(input, str) else torch.as_tensor(input)
+        if ids.dim() == 2:
+            if ids.shape[0] != 1:
+                raise ValueError(f"get_token_position takes one sequence; got a batch of {ids.shape[0]}")
+            ids = ids[0]
+        where = (ids == token).nonzero().flatten()
+        if where.numel() == 0:
+            raise ValueError(f"token {token} ({self.to_string(token)!r}) is not in the input")
+        return int(where[0] if mode == "first" else where[-1])
+
+    def test_prompt(self, prompt: str, answer: str, prepend_space_to_answer: bool = True, print_details: bool = True,
+                    prepend_bos: bool | None = None, top_k: int = 10) -> dict:
+        """TransformerLens' ``utils.test_prompt``: the rank, logit and probability of each answer token
+        after the prompt (and of the top ``top_k`` tokens at the last position), printed and returned."""
+        from .weight_views import test_prompt
+
+        return test_prompt(self, prompt, answer, prepend_space_to_answer, print_details, prepend_bos, top_k)
+
     def generate(self, input, max_new_tokens: int = 10, **kwargs):
         """Generate ``max_new_tokens`` tokens with ``interventions=[...]`` and hooks applied at every step;
         TransformerLens' arguments (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``stop_at_eos``,
@@ -654,10 +722,13 @@ def _check_model_and_tokenizer(hf_model, tokenizer) -> None:
         )
 
 
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean next-token cross-entropy over the positions whose target is not padding."""
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None, per_token: bool = False) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions whose target is not padding; with ``per_token``
+    each position's, [batch, pos - 1] (0 where the target is padding), as TransformerLens' ``loss_per_token``."""
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    if per_token:
+        return nll if mask is None else nll * mask[:, 1:].to(nll.dtype)
     if mask is None:
         return nll.mean()
     m = mask[:, 1:].to(nll.dtype)
