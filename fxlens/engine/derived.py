@@ -265,12 +265,13 @@ class Derived:
         if ambiguous(length, sizes):
             from .inputs import InputError
 
-            near = nearby(length, set(sizes), self.captured.min_seq, self.captured.max_seq)
+            up, down = nearby(length, set(sizes), self.captured.min_seq, self.captured.max_seq)
+            pad = f"pad to {up} tokens and mark the padding 0 in attention_mask" if up is not None else "pad"
+            cut = f", or truncate to {down}" if down is not None else ""
             raise InputError(
                 f"{type(self.binding.hf_model).__name__} is captured per sequence length (its code fixes the length), "
                 f"and a length of {length} equals one of the model's own sizes, so fxlens cannot tell which axes "
-                f"are positions at this length. Use another length: pad to {' or '.join(map(str, near)) or 'a longer length'} "
-                "tokens and mark the padding 0 in attention_mask (or truncate)."
+                f"are positions at this length. Use another length: {pad}{cut}."
             )
         key = ("length", length)
         if key not in self._items:

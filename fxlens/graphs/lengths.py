@@ -54,13 +54,9 @@ def ambiguous(length: int, sizes: set[int]) -> bool:
     return length in sizes
 
 
-def nearby(length: int, sizes: set[int], lo: int = 1, hi: int | None = None) -> list[int]:
-    """The lengths closest to ``length`` that are not ambiguous (for the refusal message)."""
-    out = []
-    for step in range(1, 64):
-        for cand in (length + step, length - step):
-            if cand >= max(lo, 1) and (hi is None or cand <= hi) and cand not in sizes and cand not in out:
-                out.append(cand)
-        if len(out) >= 2:
-            break
-    return sorted(out[:2])
+def nearby(length: int, sizes: set[int], lo: int = 1, hi: int | None = None) -> tuple[int | None, int | None]:
+    """(the next longer, the next shorter) lengths that are not ambiguous, for the refusal message."""
+    top = hi if hi is not None else length + 1024
+    up = next((n for n in range(length + 1, top + 1) if n not in sizes), None)
+    down = next((n for n in range(length - 1, max(lo, 1) - 1, -1) if n not in sizes), None)
+    return up, down
