@@ -185,7 +185,20 @@ def _export(model, kwargs, dynamic, extra):
 
 
 def _explain(model, err: Exception, seq_bounds: tuple[int, int] | None = None) -> CaptureError:
-    return CaptureError(explain(model, err, seq_bounds=seq_bounds))
+    return CaptureError(explain(model, err, seq_bounds=seq_bounds, own_error=_own_error(model)))
+
+
+def _own_error(model) -> Exception | None:
+    """What the model's own forward raises on the example input (None when it runs): an export error
+    is then the model's or its config's, not the capture's."""
+    accepts = _accepted_kwargs(model)
+    kwargs, _, extra = _example_inputs(model, accepts, EXAMPLE_LENGTH, None)
+    try:
+        with torch.no_grad():
+            model(**kwargs, **extra)
+    except Exception as err:  # noqa: BLE001 - reported, not raised
+        return err
+    return None
 
 
 def _export_with_bounds(model, accepts: set[str], seq_len: int | None):

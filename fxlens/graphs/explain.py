@@ -20,6 +20,11 @@ without printed graphs (``def forward(...)`` and what follows), at most ``MAX_LI
 - a half-precision kernel missing on the device: ``torch_dtype=torch.float32``;
 - a batch constraint: the batch size the model fixes.
 
+When the model's own forward fails on the example input too (outside torch.export), the message
+says so, shows that error instead, and names the config settings known to cause it
+(``config_problems``: DeepSeek-V3's ``head_dim`` that must equal ``qk_rope_head_dim``, an expert count
+that ``n_group`` does not divide): the config is at fault, not the capture.
+
 Every message ends with the generic recourse (another attention implementation; capturing a
 sub-module whose forward exports).
 
@@ -35,7 +40,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["explain", "torch_text", "hints", "MAX_LINES", "MAX_WIDTH"]
+__all__ = ["explain", "torch_text", "hints", "config_problems", "MAX_LINES", "MAX_WIDTH"]
 
 MAX_LINES = 24
 MAX_WIDTH = 300
@@ -145,9 +150,33 @@ GENERIC = (
 )
 
 
-def explain(model, err: BaseException, *, seq_bounds: tuple[int, int] | None = None) -> str:
-    """The CaptureError text for ``err`` raised while exporting ``model``."""
+def config_problems(model) -> list[str]:
+    """Config settings known to break a family's own forward, with the value that fixes them."""
+    config = getattr(model, "config", None)
+    out = []
+    rope, head = getattr(config, "qk_rope_head_dim", None), getattr(config, "head_dim", None)
+    if rope is not None and head is not None and rope != head and "deepseek_v3" in str(getattr(config, "model_type", "")):
+        out.append(f"config.head_dim = {head} but config.qk_rope_head_dim = {rope}: DeepSeek-V3 builds its rotary "
+                   f"embedding with head_dim, so the two must be equal (set head_dim={rope})")
+    n_group, experts = getattr(config, "n_group", None), getattr(config, "n_routed_experts", None)
+    if isinstance(n_group, int) and isinstance(experts, int) and n_group > 0 and experts % n_group:
+        out.append(f"config.n_routed_experts = {experts} is not a multiple of config.n_group = {n_group}: set n_group "
+                   "to a divisor of the expert count (and topk_group <= n_group)")
+    return out
+
+
+def explain(model, err: BaseException, *, seq_bounds: tuple[int, int] | None = None, own_error: BaseException | None = None) -> str:
+    """The CaptureError text for ``err`` raised while exporting ``model``; ``own_error``: what the model's
+    own forward raised on the same example input (outside torch.export), when it fails too."""
     name = type(model).__name__
+    if own_error is not None:
+        problems = config_problems(model)
+        fix = ("\nWhat fixes it:\n" + "\n".join(f"- {p}" for p in problems)) if problems else (
+            "\nFix the model's config (the sizes named above) so that a plain forward runs, then wrap it again.")
+        own = "\n".join("  " + line for line in torch_text(own_error))
+        return (f"could not capture {name}: the model's own forward fails on input_ids of shape [2, 5] (a plain call, "
+                f"without torch.export), so the model or its config is at fault, not the capture. It raises "
+                f"{type(own_error).__name__}:\n{own}{fix}")
     lines = torch_text(err)
     body = "\n".join("  " + line for line in lines)
     fixes = hints(model, "\n".join(lines) + "\n" + str(err), seq_bounds=seq_bounds)
