@@ -15,6 +15,10 @@ Example::
     logits, cache = model.run_with_cache("The Eiffel Tower is in", names_filter=lambda n: n.endswith("pattern"))
     cache["pattern", 3].shape     # [batch, head, query_pos, key_pos]
 
+A model whose code fixes the sequence length (state-space and hybrid models) is captured once per input
+length (told once, at wrapping); each call uses the capture of its input's length (``Derived.at_length``),
+and ``model.sites`` and the other properties describe the capture of the last input's length.
+
 Gotchas: the graph is specialised to the model's dtype and device; when the HF model is moved or its
 modules replaced after wrapping, the next call captures it again (and says so once). Forward hooks
 registered on the HF model are not part of the graph (use ``run_with_hooks``).

@@ -12,6 +12,16 @@ and metadata-assert nodes dropped, higher-order no-grad wrappers inlined, and th
 ``{"outputs": {field: node}}`` keyed by the model output's field names. Parameters stay shared with
 the user's model (no copy); the user's model object is left exactly as it was found.
 
+Sequence lengths: the sequence dimension is declared ``Dim("seq", min=1, max=max_positions)``. When
+torch refuses that range, ``graphs.bounds`` reads its error and capture retries with torch's suggested
+range, or lets torch narrow the range itself (``Dim.DYNAMIC``); the range exported is recorded
+(``min_seq``/``max_seq``) and inputs outside it are refused before they run. A model whose code fixes
+the length (state-space models) is captured at one length with a dynamic batch (``static_seq``,
+``static_reason``; ``seq_len=L`` captures at ``L``); ``graphs.lengths`` explains how such captures are
+used per input length and keep their axis labels sound. A failed export is explained by
+``graphs.explain``: torch's message trimmed, the fix named, and a model whose own forward fails on
+the example input refused as a config problem.
+
 Example::
 
     cg = capture(hf_model)
