@@ -184,3 +184,14 @@ def test_half_precision_captures_pass_the_self_check(dtype):
     with torch.no_grad():
         ref = hf(input_ids=ids).logits
     assert torch.equal(model(ids), ref)
+
+
+def test_phi3_with_full_rotary_captures_exactly():
+    # rotary over the whole head leaves an empty pass-through slice, which the causality probe must skip
+    torch.manual_seed(0)
+    hf = _perturbed(T.Phi3ForCausalLM(T.Phi3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)))
+    model = fxlens.Model.from_hf(hf)
+    ids = tokens(2, 9, vocab=VOCAB)
+    assert (model(ids) - _hf_logits(hf, ids)).abs().max().item() <= 1e-5
