@@ -447,7 +447,7 @@ class _Builder:
             if resid_mid is not None:
                 self.add(p + "hook_resid_mid", resid_mid, RESID_AXES, i, "resid_mid")
             self.add(p + "hook_resid_post", resid_post, RESID_AXES, i, "resid_post")
-            if block.attn is not None and is_mixer(self.dg, block.attn):
+            if block.attn is not None and self.attns[i] is None and is_mixer(self.dg, block.attn):
                 # a state-space (or convolution) token mixer: not attention, so not hook_attn_out
                 self.add(p + "hook_mixer_out", block.attn.output, RESID_AXES, i, "mixer_out")
             elif block.attn is not None:
