@@ -219,14 +219,20 @@ class Derived:
                 seq_len: int | None = None, sizes: frozenset | None = None) -> "Derived":
         """Capture ``hf_model``; one that fixes the sequence length is captured per length
         (``at_length``), and told once, here, with the reason (a UserWarning)."""
-        cg = capture(hf_model, attn_implementation=attn_implementation, seq_len=seq_len)
-        with warnings.catch_warnings():
-            if seq_len is not None:  # a further length of a length-fixing model: its sites were told about once
-                warnings.simplefilter("ignore")
-            graph = analyse(cg, table)
+        from ..graphs.seq2seq import analyse_seq2seq, capture_seq2seq, is_encoder_decoder
+
+        if is_encoder_decoder(hf_model):  # two stacks: graphs/seq2seq.py
+            cg = capture_seq2seq(hf_model, attn_implementation=attn_implementation)
+            graph = analyse_seq2seq(cg)
+        else:
+            cg = capture(hf_model, attn_implementation=attn_implementation, seq_len=seq_len)
+            with warnings.catch_warnings():
+                if seq_len is not None:  # a further length of a length-fixing model: its sites were told about once
+                    warnings.simplefilter("ignore")
+                graph = analyse(cg, table)
         derived = cls(cg, graph, Binding(hf_model, cg.module), attn_implementation, table, sizes)
         derived = derived.rebound(overrides) if overrides else derived
-        if seq_len is None and cg.static_seq is not None:
+        if seq_len is None and getattr(cg, "static_seq", None) is not None:
             derived._per_length(cg.static_reason)
         return derived
 
@@ -258,7 +264,7 @@ class Derived:
     def at_length(self, length: int | None) -> "Derived":
         """This Derived, or for a model that fixes the sequence length, the one captured at ``length``
         (captured on first use, cached here; a length equal to one of the model's sizes is refused)."""
-        here = self.captured.static_seq
+        here = getattr(self.captured, "static_seq", None)
         if here is None or length is None or length == here:
             return self
         sizes = self.sizes or frozenset()
@@ -338,6 +344,7 @@ class Derived:
         """The graph split into prelude, blocks and head (``graphs.segments``)."""
         from ..graphs.segments import split
 
+        self._one_stack("the layer-by-layer engine")
         return self.item("segments", lambda: split(self.graph))
 
     @property
@@ -345,7 +352,15 @@ class Derived:
         """Circuit senders and receivers (``graphs.components``)."""
         from ..graphs.components import components
 
+        self._one_stack("circuits (senders and receivers)")
         return self.item("components", lambda: components(self.graph))
+
+    def _one_stack(self, what: str) -> None:
+        if getattr(self.graph, "stacks", None) is not None:  # an encoder-decoder (graphs/seq2seq.py)
+            raise NotImplementedError(
+                f"{what} is not offered for encoder-decoders yet ({type(self.binding.hf_model).__name__}); they offer "
+                "model(tokens, decoder_input), run_with_cache, run_with_hooks, run_with_interventions and fxlens.patching sweeps"
+            )
 
 
 def _with_tensors(module: fx.GraphModule, tensors: dict) -> fx.GraphModule:

@@ -60,6 +60,29 @@ def _as_ids(value) -> tuple[torch.Tensor, bool]:
     raise TypeError(f"expected text, a list of texts, or token ids [batch, pos]; got {type(value).__name__}")
 
 
+def _is_token_rows(value) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, torch.Tensor) for v in value)
+
+
+def pad_rows(rows, pad_id: int, padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token tensors of different lengths (each [pos] or [1, pos]) as one batch: (ids, attention_mask)."""
+    flat = []
+    for i, r in enumerate(rows):
+        if r.dim() == 2 and r.shape[0] == 1:
+            r = r[0]
+        if r.dim() != 1 or r.numel() == 0:
+            raise InputError(f"prompt {i} of the list has shape {tuple(rows[i].shape)}; each must be token ids [pos] or [1, pos]")
+        flat.append(r)
+    width = max(r.numel() for r in flat)
+    ids = torch.full((len(flat), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(flat), width), dtype=torch.long)
+    for i, r in enumerate(flat):
+        where = slice(width - r.numel(), width) if padding_side == "left" else slice(0, r.numel())
+        ids[i, where] = r.to(torch.long).cpu()
+        mask[i, where] = 1
+    return ids, mask
+
+
 def _check_ids(ids: torch.Tensor, vocab: int | None, n_ctx: int | None, lengths: tuple | None = None) -> None:
     if ids.dim() != 2 or ids.dtype in (torch.bool,) or ids.is_floating_point() or ids.is_complex():
         raise InputError(
@@ -150,6 +173,13 @@ def feed(
     is_text = isinstance(value, str) or (isinstance(value, (list, tuple)) and len(value) > 0 and isinstance(value[0], str))
     if is_text:
         ids, from_tokenizer = tokens.encode(value, prepend_bos=prepend_bos, padding_side=padding_side)
+    elif _is_token_rows(value):
+        if attention_mask is not None:
+            raise InputError(
+                "a list of token tensors is padded by fxlens, which makes its attention_mask: drop attention_mask, "
+                "or pass one padded [batch, pos] tensor with its mask"
+            )
+        ids, from_tokenizer = pad_rows(value, tokens.pad_token_id, padding_side)
     else:
         ids, _ = _as_ids(value)
     was_1d = ids.dim() == 1

@@ -26,6 +26,8 @@ registered on the HF model are not part of the graph (use ``run_with_hooks``).
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import os
 import warnings
@@ -74,6 +76,8 @@ class Config:
     num_experts: int | None = None  # mixture-of-experts models (TransformerLens' names)
     experts_per_token: int | None = None
     model_type: str | None = None
+    # what prepend_bos=None means in to_tokens, run_with_cache, ... (TransformerLens' field and default)
+    default_prepend_bos: bool = True
     has_table: bool = False
     attn_implementation: str = "sdpa"
     dtype: torch.dtype = torch.float32
@@ -109,6 +113,15 @@ def _config(derived: Derived, hf_model, table) -> Config:
 class Model:
     """A HuggingFace model captured as a graph of named sites. See the module docstring."""
 
+    def __new__(cls, hf_model=None, *args, **kwargs):
+        # an encoder-decoder (config.is_encoder_decoder) is a Seq2SeqModel (engine/seq2seq.py)
+        if cls is Model and getattr(getattr(hf_model, "config", None), "is_encoder_decoder", False):
+            from ..graphs.seq2seq import is_encoder_decoder
+            from .seq2seq import Seq2SeqModel
+
+            cls = Seq2SeqModel if is_encoder_decoder(hf_model) else cls
+        return object.__new__(cls)
+
     def __init__(self, hf_model: torch.nn.Module, tokenizer=None, *, attn_implementation: str | None = None, table="auto"):
         _check_model_and_tokenizer(hf_model, tokenizer)
         self.hf_model = hf_model
@@ -120,6 +133,7 @@ class Model:
         self._derived = Derived.capture(hf_model, attn_implementation, table)
         self._length: int | None = None  # the last input's length: which capture a length-fixing model uses
         self._told: set = set()
+        self._persistent: list = []  # (site name, fn, permanent) added with add_hook, applied to every forward call
         self.last_sweep_stats: dict = {}  # what the last run of rows (a sweep, path patching, an edge sweep) did
         self.cfg = _config(self._derived, hf_model, table)
         self._tok = Tokens(tokenizer, self._derived.captured.device)
@@ -202,11 +216,12 @@ class Model:
 
     def _with_derived(self, derived: Derived) -> "Model":
         """A Model sharing this one's HF model, tokenizer and table, computing with ``derived``."""
-        new = object.__new__(Model)
+        new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new._derived = derived
         new._length = None
         new._told = set()
+        new._persistent = list(self._persistent)  # the copy's own list: hooks added to one stay off the other
         new.last_sweep_stats = {}
         new._tok = Tokens(self.tokenizer, derived.captured.device)
         return new
@@ -243,7 +258,7 @@ class Model:
             load_kwargs["attn_implementation"] = attn_implementation
         errors = []
         hf_model = None
-        for auto in ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel"):
+        for auto in _auto_classes(name_or_path, hf_kwargs):
             try:
                 hf_model = getattr(transformers, auto).from_pretrained(name_or_path, **load_kwargs)
                 break
@@ -287,37 +302,46 @@ class Model:
     def get_act_name(self, name: str, layer: int | None = None, layer_type: str | None = None) -> str:
         return self.site_table.get_act_name(name, layer, layer_type)
 
-    def _resolve(self, names) -> list[Site]:
+    def _resolve(self, names, canonical_only: bool = False) -> list[Site]:
+        """The sites ``names`` selects. A predicate sees every site name: TransformerLens names and raw
+        HF module paths (``model.layers.0.mlp``); ``canonical_only=True`` shows it only the former, as a
+        TransformerLens model would. None selects every site except the expensive ones (per-head results,
+        per-expert outputs), of both kinds unless ``canonical_only``."""
+        pool = [s for s in self.site_table.values() if s.canonical or not canonical_only]
         if names is None:
-            return [s for s in self.site_table.values() if not s.expensive]
+            return [s for s in pool if not s.expensive]
         if isinstance(names, str) or isinstance(names, tuple):
             return [self.site_table[names]]
         if callable(names):
-            # a predicate sees every site; only names_filter=None leaves out the per-head results
-            return [s for s in self.site_table.values() if names(s.name)]
+            # a predicate sees every site of the pool; only names_filter=None leaves out the expensive ones
+            return [s for s in pool if names(s.name)]
         return [self.site_table[n] for n in names]
 
     # ---- tokens ---------------------------------------------------------------------------------
-    def to_tokens(self, text, prepend_bos: bool = True, padding_side: str = "right") -> torch.Tensor:
-        return self._tok.encode(text, prepend_bos=prepend_bos, padding_side=padding_side)[0]
+    def _bos(self, prepend_bos: bool | None) -> bool:
+        """``prepend_bos=None`` is the model's default, ``cfg.default_prepend_bos``, as in TransformerLens."""
+        return self.cfg.default_prepend_bos if prepend_bos is None else bool(prepend_bos)
+
+    def to_tokens(self, text, prepend_bos: bool | None = None, padding_side: str = "right") -> torch.Tensor:
+        return self._tok.encode(text, prepend_bos=self._bos(prepend_bos), padding_side=padding_side)[0]
 
     def to_string(self, tokens):
         return self._tok.to_string(tokens)
 
-    def to_str_tokens(self, value, prepend_bos: bool = True):
-        return self._tok.to_str_tokens(value, prepend_bos=prepend_bos)
+    def to_str_tokens(self, value, prepend_bos: bool | None = None):
+        return self._tok.to_str_tokens(value, prepend_bos=self._bos(prepend_bos))
 
     def to_single_token(self, string: str) -> int:
         return self._tok.to_single_token(string)
 
-    def _inputs(self, value, attention_mask=None, prepend_bos: bool = True, padding_side: str = "right") -> dict:
+    def _inputs(self, value, attention_mask=None, prepend_bos: bool | None = None, padding_side: str = "right") -> dict:
         """The program's checked inputs (``fxlens.engine.inputs.feed``); a model captured per length
         switches to (or captures) the one of this input's length."""
         self.derived  # the HF model as captured, or followed (see ``derived``)
         out = checked_feed(
             value, attention_mask, tokens=self._tok, device=self.captured.device, vocab=self.cfg.d_vocab,
             n_ctx=self.cfg.n_ctx, takes_mask="attention_mask" in self.captured.inputs,
-            model_name=type(self.hf_model).__name__, prepend_bos=prepend_bos, padding_side=padding_side,
+            model_name=type(self.hf_model).__name__, prepend_bos=self._bos(prepend_bos), padding_side=padding_side,
             lengths=self._lengths(),
         )
         if self._derived.captured.static_seq is not None:
@@ -366,9 +390,13 @@ class Model:
             raise ValueError(self._derived.no_logits("this call"))
         return out["outputs"][key]
 
-    def __call__(self, input, attention_mask=None, *, return_type: str | None = "logits", prepend_bos: bool = True, padding_side: str = "right"):
+    def __call__(self, input, attention_mask=None, *, return_type: str | None = "logits", prepend_bos: bool | None = None, padding_side: str = "right"):
         feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
-        out = self.programs.get(())(**feed)
+        if not self._persistent:
+            out = self.programs.get(())(**feed)
+        else:
+            plan, inputs = self._with_persistent(PlanBuilder(self.graph)).build()
+            out = self.programs.get(plan)(**feed, **inputs)
         return self._outputs(out, feed, return_type)
 
     forward = __call__
@@ -383,17 +411,24 @@ class Model:
         stop_at_layer: int | None = None,
         remove_batch_dim: bool = False,
         return_type: str | None = "logits",
-        prepend_bos: bool = True,
+        prepend_bos: bool | None = None,
         padding_side: str = "right",
+        canonical_only: bool = False,
+        fwd_hooks=(),
     ):
         """Run once and return ``(logits, ActivationCache)`` of the sites ``names_filter`` selects.
 
-        ``names_filter``: None (every site except the per-head results ``attn.hook_result``), a name, a
-        list of names, or a predicate on names (which sees every site, per-head results included). With ``return_logits=False`` or ``stop_at_layer=L`` nothing after the last
-        needed node runs; ``stop_at_layer=L`` returns ``blocks.L.hook_resid_pre`` in place of logits.
+        ``fwd_hooks`` (as in ``run_with_hooks``) and hooks added with ``add_hook`` run first: the cache
+        holds the values after them, as in TransformerLens.
+
+        ``names_filter``: None (every site except the expensive per-head results ``attn.hook_result`` and
+        per-expert outputs), a name, a list of names, or a predicate on names. A predicate sees every site
+        name, raw HF module paths (``model.layers.0.mlp``) as well as TransformerLens names;
+        ``canonical_only=True`` keeps raw paths out of None and of predicates (TransformerLens' set).
+        With ``return_logits=False`` or ``stop_at_layer=L`` nothing after the last needed node runs; ``stop_at_layer=L`` returns ``blocks.L.hook_resid_pre`` in place of logits.
         """
         feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
-        sites = self._resolve(names_filter)
+        sites = self._resolve(names_filter, canonical_only)
         stop = None
         if stop_at_layer is not None:
             if not 0 <= stop_at_layer <= self.cfg.n_layers:
@@ -405,8 +440,13 @@ class Model:
             sites = [s for s in sites if self.graph.dg.order.get(s.rewrite[1] if s.rewrite else s.node, 0) <= limit]
             stop = stop_node
         keep_outputs = return_logits and stop is None and return_type is not None
-        plan = self._cache_plan(sites, stop, keep_outputs)
-        out = self.programs.get(plan)(**feed)
+        if fwd_hooks or self._persistent:
+            b = self._hooked(PlanBuilder(self.graph), fwd_hooks, canonical_only)
+            plan, inputs = b.cache(sites, reads=[Read("fxl_stop", stop)] if stop else (), keep_outputs=keep_outputs).build()
+            out = self.programs.get(plan)(**feed, **inputs)
+        else:
+            plan = self._cache_plan(sites, stop, keep_outputs)
+            out = self.programs.get(plan)(**feed)
         values = {k: v.detach() if v.requires_grad else v for k, v in out["cache"].items()}
         stopped = values.pop("fxl_stop", None)
         cache = ActivationCache(values, self.site_table, self)
@@ -428,6 +468,75 @@ class Model:
 
         return d.plan(("cache", tuple(s.name for s in sites), stop, keep_outputs), build)
 
+    # ---- hooks ----------------------------------------------------------------------------------
+    def _hook_sites(self, name, canonical_only: bool = False) -> list:
+        if callable(name):
+            matched = self._resolve(name, canonical_only)
+            if not matched:
+                raise SiteError("the hook predicate matched no site; see model.sites for the names")
+            return matched
+        return [self.site_table[name]]
+
+    def _hooked(self, b: PlanBuilder, fwd_hooks, canonical_only: bool = False) -> PlanBuilder:
+        """``b`` with the persistent hooks, then ``fwd_hooks = [(name or predicate, fn)]``, in that order."""
+        self._with_persistent(b)
+        for entry in fwd_hooks:
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and callable(entry[1])):
+                raise TypeError("fwd_hooks must be a list of (site name or predicate, function) pairs")
+            name, fn = entry
+            for site in self._hook_sites(name, canonical_only):
+                b.hook(site, fn, HookPoint(site.name, site.layer))
+        return b
+
+    def _with_persistent(self, b: PlanBuilder) -> PlanBuilder:
+        for name, fn, _ in self._persistent:
+            site = self.site_table[name]
+            b.hook(site, fn, HookPoint(site.name, site.layer))
+        return b
+
+    def add_hook(self, name, hook, dir: str = "fwd", is_permanent: bool = False, *, canonical_only: bool = False) -> None:
+        """Keep ``hook(value, hook_point)`` at the site ``name`` (or every site a predicate accepts) for every
+        forward call (``model(...)``, ``run_with_cache``, ``run_with_hooks``, ``run_with_interventions``)
+        until ``reset_hooks()``; it is part of each call's program, not a Python hook on the HF model.
+        ``is_permanent=True`` keeps it through ``reset_hooks()`` (``including_permanent=True`` removes it).
+        Sweeps, path patching and other runs of rows refuse while hooks are set (they build their own
+        programs): pass the edit as an intervention there."""
+        if dir != "fwd":
+            raise ValueError(
+                f"dir={dir!r}: only forward hooks can be kept on the model; for gradients use "
+                "run_with_cache with gradients enabled and torch.autograd (see fxlens.attribution)"
+            )
+        if not callable(hook):
+            raise TypeError(f"hook must be a function (value, hook_point) -> value or None; got {type(hook).__name__}")
+        for site in self._hook_sites(name, canonical_only):
+            self._persistent.append((site.name, hook, bool(is_permanent)))
+
+    def reset_hooks(self, including_permanent: bool = False) -> None:
+        """Remove the hooks ``add_hook`` kept (the permanent ones too with ``including_permanent``)."""
+        self._persistent = [h for h in self._persistent if h[2] and not including_permanent]
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True):
+        """``with model.hooks(fwd_hooks=[(name, fn)]):`` every forward call inside runs with these hooks;
+        they are removed on exit, errors included (``reset_hooks_end=False`` keeps them)."""
+        if bwd_hooks:
+            raise ValueError("backward hooks are not supported: use torch.autograd on cached activations (fxlens.attribution)")
+        before = list(self._persistent)
+        try:
+            for entry in fwd_hooks:
+                if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and callable(entry[1])):
+                    raise TypeError("fwd_hooks must be a list of (site name or predicate, function) pairs")
+                self.add_hook(*entry)
+            yield self
+        finally:
+            if reset_hooks_end:
+                self._persistent = before
+
+    @property
+    def persistent_hooks(self) -> list:
+        """[(site name, function)] of the hooks every forward call runs with (``add_hook``)."""
+        return [(name, fn) for name, fn, _ in self._persistent]
+
     def run_with_hooks(
         self,
         input,
@@ -437,10 +546,14 @@ class Model:
         bwd_hooks=(),
         return_type: str | None = "logits",
         reset_hooks_end: bool = True,
-        prepend_bos: bool = True,
+        prepend_bos: bool | None = None,
         padding_side: str = "right",
+        canonical_only: bool = False,
     ):
         """Run with ``fwd_hooks = [(name or predicate, fn)]``; ``fn(value, hook) -> value | None``.
+
+        A predicate sees every site name, raw HF module paths included; ``canonical_only=True`` shows it
+        only TransformerLens names (as a TransformerLens model would).
 
         ``value`` is the site in TransformerLens layout; returning a tensor replaces it (same shape
         and dtype), returning None keeps it (in-place edits are kept). Nothing persists after the call.
@@ -451,19 +564,12 @@ class Model:
                 "cached activations instead (see fxlens.attribution)"
             )
         if not reset_hooks_end:
-            raise ValueError("fxlens never leaves hooks on a model; reset_hooks_end=False has no meaning here")
+            raise ValueError(
+                "reset_hooks_end=False would keep these hooks after the call: add them with model.add_hook(name, fn) "
+                "(or `with model.hooks(fwd_hooks=...):`) to keep them"
+            )
         feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
-        b = PlanBuilder(self.graph)
-        for entry in fwd_hooks:
-            if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and callable(entry[1])):
-                raise TypeError("fwd_hooks must be a list of (site name or predicate, function) pairs")
-            name, fn = entry
-            matched = self._resolve(name) if callable(name) else [self.site_table[name]]
-            if callable(name) and not matched:
-                raise SiteError("the hook predicate matched no site; see model.sites for the names")
-            for site in matched:
-                b.hook(site, fn, HookPoint(site.name, site.layer))
-        plan, inputs = b.build()
+        plan, inputs = self._hooked(PlanBuilder(self.graph), fwd_hooks, canonical_only).build()
         out = self.programs.get(plan)(**feed, **inputs)
         return self._outputs(out, feed, return_type)
 
@@ -476,7 +582,7 @@ class Model:
         names_filter=None,
         return_type: str | None = "logits",
         compile: bool = False,
-        prepend_bos: bool = True,
+        prepend_bos: bool | None = None,
         padding_side: str = "right",
     ):
         """Run once with every intervention applied (in the order given) as one program.
@@ -489,7 +595,7 @@ class Model:
         feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
         batch, seq = feed["input_ids"].shape
         prep = prepare(list(interventions), self, batch, seq, feed.get("attention_mask"))
-        b = PlanBuilder(self.graph)
+        b = self._with_persistent(PlanBuilder(self.graph))
         prep.add_to(b)
         if names_filter is not None:
             b.cache(self._resolve(names_filter))
@@ -525,6 +631,15 @@ class Model:
 
         return WeightEdits(self, in_place=True)
 
+    def generate(self, input, max_new_tokens: int = 10, **kwargs):
+        """Generate ``max_new_tokens`` tokens with ``interventions=[...]`` and hooks applied at every step;
+        TransformerLens' arguments (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``stop_at_eos``,
+        ``eos_token_id``, ``return_type``, ``verbose``) plus ``generator`` (a torch.Generator for
+        reproducible sampling). See ``fxlens.engine.generate``."""
+        from .generate import generate
+
+        return generate(self, input, max_new_tokens, **kwargs)
+
     def with_weight_edits(self, edit) -> "Model":
         """A new Model with ``edit(w)`` applied to copies of the touched tensors; this model is unchanged."""
         from .weights import WeightEdits
@@ -539,6 +654,21 @@ class Model:
             f"fxlens.Model({type(self.hf_model).__name__}: {c.n_layers} layers, d_model={c.d_model}, "
             f"heads={c.n_heads}, {len(self.site_table)} sites, attention={c.attn_implementation})"
         )
+
+
+def _auto_classes(name_or_path, hf_kwargs) -> tuple:
+    """The transformers auto classes to try, in order: an encoder-decoder checkpoint (config.is_encoder_decoder)
+    loads with its LM head (AutoModelForCausalLM would load BART's decoder alone)."""
+    import transformers
+
+    kwargs = {k: v for k, v in hf_kwargs.items() if k in ("gguf_file", "revision", "trust_remote_code")}
+    try:
+        config = transformers.AutoConfig.from_pretrained(name_or_path, **kwargs)
+    except Exception:  # noqa: BLE001 - only a probe: the loaders below say what is wrong
+        config = None
+    if getattr(config, "is_encoder_decoder", False):
+        return ("AutoModelForSeq2SeqLM", "AutoModelForSpeechSeq2Seq", "AutoModel")
+    return ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel")
 
 
 def _check_model_and_tokenizer(hf_model, tokenizer) -> None:

@@ -85,6 +85,20 @@ class CapturedGraph:
             return "logits"
         return next((name for name in self.outputs if name.endswith("logits")), None)
 
+    @property
+    def logits_meta(self) -> torch.Tensor | None:
+        """The logits output's fake tensor (its dtype: some models cast logits to float32; its rank: a
+        sequence-classification head gives [batch, labels]), or None."""
+        out = next(n for n in self.module.graph.nodes if n.op == "output").args[0]["outputs"]
+        node = out.get(self.logits) if self.logits is not None else None
+        meta = tensor_meta(node) if node is not None else None
+        return meta if isinstance(meta, torch.Tensor) else None
+
+    @property
+    def logits_dtype(self) -> torch.dtype:
+        meta = self.logits_meta
+        return meta.dtype if meta is not None else self.dtype
+
 
 @contextlib.contextmanager
 def _borrowed(model: torch.nn.Module, attn_implementation: str | None):
@@ -202,6 +216,8 @@ def _own_error(model) -> Exception | None:
     """What the model's own forward raises on the example input (None when it runs): an export error
     is then the model's or its config's, not the capture's."""
     accepts = _accepted_kwargs(model)
+    if "decoder_input_ids" in accepts:  # an encoder-decoder: a call with input_ids alone proves nothing
+        return None
     kwargs, _, extra = _example_inputs(model, accepts, EXAMPLE_LENGTH, None)
     try:
         with torch.no_grad():

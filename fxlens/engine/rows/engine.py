@@ -97,15 +97,22 @@ class RowEngine:
         batch, seq = feed["input_ids"].shape
         return Base([], [], {}, None, batch, seq, base_values(self.model, feed, sites), feed=feed)
 
-    def readout(self, base: Base, metric) -> Readout:
-        return Readout(self.blocks if not self.whole else None, base, metric, model=self.model)
+    def readout(self, base: Base, metric, per_example: bool = False) -> Readout:
+        return Readout(self.blocks if not self.whole else None, base, metric, model=self.model, per_example=per_example)
 
     # ---- running rows ------------------------------------------------------------------------------
     def run(self, rows: list, base: Base, metric, *, memory_budget: float = 1.0, progress: bool = False,
             readout: Readout | None = None) -> torch.Tensor:
-        """The metric of each row, [len(rows)] (float32, on the CPU)."""
+        """The metric of each row, [len(rows), *readout.value_shape] (float32, on the CPU)."""
+        if self.model.persistent_hooks:
+            raise RowError(
+                f"this model has {len(self.model.persistent_hooks)} hook(s) kept with add_hook; sweeps, path patching and "
+                "edge runs build their own programs and would run without them: call model.reset_hooks() first, or "
+                "express the edit as an intervention (fxlens.Patch, Ablate, Steer, ...)"
+            )
         readout = readout or self.readout(base, metric)
-        out = torch.empty(len(rows), dtype=torch.float32)
+        self.stats["metric_reads"] = readout.reads
+        out = torch.empty(len(rows), *readout.value_shape, dtype=torch.float32)
         if not rows:
             self.model.last_sweep_stats = dict(self.stats)
             return out
@@ -122,7 +129,7 @@ class RowEngine:
                     raise
                 except Exception as err:  # noqa: BLE001 - a structural failure: told once, then the exact path
                     self.fall_back(err)
-            return run_whole(self.model, rows, base.feed, readout.metric)
+            return run_whole(self.model, rows, base.feed, readout)
         finally:
             self.model.last_sweep_stats = dict(self.stats)  # what the last run of rows did (Model docs)
 
