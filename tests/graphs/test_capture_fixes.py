@@ -7,6 +7,8 @@
 - The capture-time self-check: a graph corrupted on purpose (``torch.export.export`` patched inside
   the test) is refused with a message that names the output, the position and what to do; float16
   and bfloat16 captures pass it.
+- Phi-3 with rotary over the whole head (an empty pass-through slice the causality probe must skip)
+  captures exactly.
 - Capture failures with a fixable cause: the sequence-length bound, ``use_cache`` read from the
   config (set for the capture, restored exactly), a minimum example length, and torch's explanation
   kept in the error.
