@@ -15,6 +15,10 @@ Example::
     logits, cache = model.run_with_cache("The Eiffel Tower is in", names_filter=lambda n: n.endswith("pattern"))
     cache["pattern", 3].shape     # [batch, head, query_pos, key_pos]
 
+A model whose code fixes the sequence length (state-space and hybrid models) is captured once per input
+length (told once, at wrapping); each call uses the capture of its input's length (``Derived.at_length``),
+and ``model.sites`` and the other properties describe the capture of the last input's length.
+
 Gotchas: the graph is specialised to the model's dtype and device; when the HF model is moved or its
 modules replaced after wrapping, the next call captures it again (and says so once). Forward hooks
 registered on the HF model are not part of the graph (use ``run_with_hooks``).
@@ -84,6 +88,8 @@ def _config(derived: Derived, hf_model, table) -> Config:
     config = getattr(hf_model, "config", None)
     dims = derived.graph.dims
     n_ctx = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    max_seq = derived.captured.max_seq  # lengths beyond it were found not to work (``graphs.bounds``)
+    n_ctx = max_seq if n_ctx is None or (max_seq is not None and max_seq < n_ctx) else n_ctx
     return Config(
         n_layers=dims["n_layers"],
         d_model=int(dims["d_model"]),
@@ -125,6 +131,7 @@ class Model:
         self.table = table
         self.attn_implementation = attn_implementation
         self._derived = Derived.capture(hf_model, attn_implementation, table)
+        self._length: int | None = None  # the last input's length: which capture a length-fixing model uses
         self._told: set = set()
         self._persistent: list = []  # (site name, fn, permanent) added with add_hook, applied to every forward call
         self.last_sweep_stats: dict = {}  # what the last run of rows (a sweep, path patching, an edge sweep) did
@@ -143,6 +150,7 @@ class Model:
         change = d.binding.change()
         if change is not None:
             d = self._follow(change)
+        d = d.at_length(self._length)
         if self.hf_model.training and "train" not in self._told:
             self._told.add("train")
             warnings.warn(
@@ -185,26 +193,33 @@ class Model:
         return self._derived
 
     @property
+    def _active(self) -> Derived:
+        """The Derived of the last input's length (``Derived.at_length``; the capture itself for a model
+        that takes every length)."""
+        return self._derived.at_length(self._length)
+
+    @property
     def captured(self):
-        return self._derived.captured
+        return self._active.captured
 
     @property
     def graph(self):
-        return self._derived.graph
+        return self._active.graph
 
     @property
     def site_table(self):
-        return self._derived.graph.sites
+        return self._active.graph.sites
 
     @property
     def programs(self):
-        return self._derived.programs
+        return self._active.programs
 
     def _with_derived(self, derived: Derived) -> "Model":
         """A Model sharing this one's HF model, tokenizer and table, computing with ``derived``."""
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new._derived = derived
+        new._length = None
         new._told = set()
         new._persistent = list(self._persistent)  # the copy's own list: hooks added to one stay off the other
         new.last_sweep_stats = {}
@@ -320,13 +335,30 @@ class Model:
         return self._tok.to_single_token(string)
 
     def _inputs(self, value, attention_mask=None, prepend_bos: bool | None = None, padding_side: str = "right") -> dict:
-        """The program's checked inputs (``fxlens.engine.inputs.feed``)."""
+        """The program's checked inputs (``fxlens.engine.inputs.feed``); a model captured per length
+        switches to (or captures) the one of this input's length."""
         self.derived  # the HF model as captured, or followed (see ``derived``)
-        return checked_feed(
+        out = checked_feed(
             value, attention_mask, tokens=self._tok, device=self.captured.device, vocab=self.cfg.d_vocab,
             n_ctx=self.cfg.n_ctx, takes_mask="attention_mask" in self.captured.inputs,
             model_name=type(self.hf_model).__name__, prepend_bos=self._bos(prepend_bos), padding_side=padding_side,
+            lengths=self._lengths(),
         )
+        if self._derived.captured.static_seq is not None:
+            self._derived.at_length(out["input_ids"].shape[1])  # refused here when the length is ambiguous
+            self._length = out["input_ids"].shape[1]
+        return out
+
+    def _lengths(self) -> tuple | None:
+        """(min, max, why min, why max) for ``inputs.feed`` when the capture found bounds of its own."""
+        cg, config = self._derived.captured, getattr(self.hf_model, "config", None)
+        max_pos = getattr(config, "max_position_embeddings", None)
+        if cg.min_seq <= 1 and (cg.max_seq is None or max_pos is None or cg.max_seq >= max_pos):
+            return None
+        why_max = (f"torch.export could not prove the model's code correct for longer inputs although "
+                   f"config.max_position_embeddings = {max_pos}" if max_pos is not None and cg.max_seq is not None
+                   and cg.max_seq < max_pos else None)
+        return cg.min_seq, cg.max_seq, "torch.export found that its code needs it", why_max
 
     # ---- running --------------------------------------------------------------------------------
     def _outputs(self, out: dict, feed: dict, return_type: str | None):
@@ -436,7 +468,7 @@ class Model:
         """The plan that caches ``sites`` (and the residual at node ``stop`` as ``fxl_stop``): the same
         object for the same request, so that looking its program up hashes it once (a cache of every
         site holds hundreds of reads)."""
-        d = self._derived
+        d = self._active
 
         def build():
             b = PlanBuilder(d.graph).cache(sites, reads=[Read("fxl_stop", stop)] if stop else (), keep_outputs=keep_outputs)

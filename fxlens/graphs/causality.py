@@ -103,10 +103,16 @@ class Probe:
     causal: bool
 
 
-def probe(gm: fx.GraphModule, seq_symbol, vocab: int | None, *, max_len: int | None = None, device=None) -> Probe:
-    """Run the graph on a small probe input (twice when causality can be probed; see the module docstring)."""
-    length = PROBE_LENGTH if max_len is None else min(PROBE_LENGTH, int(max_len))
-    length = max(length, 1)
+def probe(gm: fx.GraphModule, seq_symbol, vocab: int | None, *, max_len: int | None = None, device=None,
+          length: int | None = None, min_len: int = 1) -> Probe:
+    """Run the graph on a small probe input (twice when causality can be probed; see the module docstring).
+
+    ``length``: the probe's length for a graph that takes one length only; else ``PROBE_LENGTH`` within
+    ``min_len..max_len``.
+    """
+    if length is None:
+        length = PROBE_LENGTH if max_len is None else min(PROBE_LENGTH, int(max_len))
+        length = max(length, 1, int(min_len))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, max(int(vocab or 1), 1), (1, length), generator=g)
     changed = ids.clone()

@@ -38,7 +38,7 @@ from .dataflow import DataGraph
 from .layout import IDENTITY, Layout
 from .mlp import Mlp, find_mlp
 from .moe import Moe, find_moe
-from .nodes import is_tensor, op_name, scope, sym_dims
+from .nodes import ATTENTION_OPS, is_tensor, op_name, scope, sym_dims
 from .norms import Norm, find_norm
 from .structure import (Structure, StructureError, _escaping, _module_nodes, _norm_modules, attention_module_branch,
                         find_structure)
@@ -92,6 +92,7 @@ _SHORT = {
     "resid_mid": "hook_resid_mid",
     "resid_post": "hook_resid_post",
     "attn_out": "hook_attn_out",
+    "mixer_out": "hook_mixer_out",
     "mlp_out": "hook_mlp_out",
     "normalized_resid_post": "hook_normalized_resid_post",
     "q": "attn.hook_q",
@@ -226,7 +227,9 @@ class ModelGraph:
             elif isinstance(d, int):
                 out.append(d)
             else:  # a product of the symbols (a flattened batch*pos axis)
-                out.append(int(d.subs({self.captured.batch_symbol: batch, self.captured.seq_symbol: seq})))
+                syms = {self.captured.batch_symbol: batch, self.captured.seq_symbol: seq}
+                # a length-fixing model's sequence "symbol" is an int: never substitute a number
+                out.append(int(d.subs({k: v for k, v in syms.items() if isinstance(k, sympy.Basic) and k.is_Symbol})))
         return tuple(out)
 
 
@@ -278,12 +281,24 @@ def analyse(cg: CapturedGraph, table=None) -> ModelGraph:
     builder = _Builder(dg, syms, st, attns, mlps, norms, table, moes)
     sites = builder.build(by_scope)
     for i, why in unfound.items():
+        if is_mixer(dg, st.blocks[i].attn):
+            why = (f"block {i} mixes positions without attention (a state-space or convolution layer); its output "
+                   f"is blocks.{i}.hook_mixer_out")
         for suffix in ATTN_SUFFIXES:
             builder.left_out[f"blocks.{i}.attn.{suffix}"] = why
     if builder.left_out:
         warnings.warn(_left_out_message(builder.left_out), stacklevel=2)
     dims = _dims(dg, syms, st, attns, mlps, moes)
     return ModelGraph(cg, dg, st, attns, mlps, norms, SiteTable(sites, len(st.blocks), builder.left_out), dims, moes)
+
+
+def is_mixer(dg: DataGraph, branch) -> bool:
+    """Whether a branch that mixes positions holds no attention op (softmax or fused attention): a
+    state-space or convolution mixer (Mamba, Mamba2, the SSM layers of hybrids, LFM2's convolutions)."""
+    if branch is None:
+        return False
+    ops = {op_name(dg.node(n)) for n in branch.nodes}
+    return not (ops & set(ATTENTION_OPS)) and not ops & {"softmax", "_softmax", "_safe_softmax"}
 
 
 def _stacked(dg, syms, name: str) -> int | None:
@@ -424,7 +439,7 @@ class _Builder:
         return f"the graph holds it as [{self._describe(dims)}], which does not lay out as [{', '.join(axes)}]"
 
     def _describe(self, dims: tuple) -> str:
-        named = {self.syms[0]: "batch", self.syms[1]: "pos"}
+        named = {k: v for k, v in zip(self.syms, ("batch", "pos")) if isinstance(k, sympy.Basic) and k.is_Symbol}
         out = []
         for d in dims:
             if d in ("B", "S"):
@@ -486,7 +501,10 @@ class _Builder:
             if resid_mid is not None:
                 self.add(p + "hook_resid_mid", resid_mid, RESID_AXES, i, "resid_mid")
             self.add(p + "hook_resid_post", resid_post, RESID_AXES, i, "resid_post")
-            if block.attn is not None:
+            if block.attn is not None and self.attns[i] is None and is_mixer(self.dg, block.attn):
+                # a state-space (or convolution) token mixer: not attention, so not hook_attn_out
+                self.add(p + "hook_mixer_out", block.attn.output, RESID_AXES, i, "mixer_out")
+            elif block.attn is not None:
                 self.add(p + "hook_attn_out", block.attn.output, RESID_AXES, i, "attn_out")
             if block.mlp is not None:
                 self.add(p + "hook_mlp_out", self._unflat(block.mlp.output), RESID_AXES, i, "mlp_out")
