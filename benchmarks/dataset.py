@@ -20,10 +20,9 @@ from __future__ import annotations
 import argparse
 import copy
 import random
-import time
 
 import torch
-from sweep import _get, load, saved_tokenizer, timed  # noqa: F401 - shared helpers
+from sweep import load, saved_tokenizer, timed
 
 NAMES = [" Mary", " John", " Tom", " James", " Anna", " Paul", " Sarah", " David", " Laura", " Mark", " Emma", " Peter"]
 PLACES = [" store", " park", " garden", " station", " office", " river", " beach", " school"]

@@ -166,6 +166,20 @@ def _rows(index_df):
     return [tuple(int(x) for x in row) for row in index_df]
 
 
+def _grid(ranges: dict, index_axis_names, index_df) -> tuple[list, list, bool]:
+    """(rows of indices, result shape, flat?): the full grid over ``index_axis_names`` (sizes from
+    ``ranges``), or the rows of ``index_df`` with a flat result."""
+    if index_df is None:
+        if index_axis_names is None:
+            raise ValueError("give index_axis_names (e.g. ('layer', 'pos')) or index_df")
+        shape = [ranges[a] for a in index_axis_names]
+        return list(itertools.product(*[range(n) for n in shape])), shape, False
+    if index_axis_names is not None:
+        raise ValueError("give either index_axis_names or index_df, not both")
+    rows = _rows(index_df)
+    return rows, [len(rows)], True
+
+
 def generic_activation_patch(
     model,
     corrupted_tokens,
@@ -214,7 +228,7 @@ def generic_activation_patch(
         return activation_patch(model, corrupted_tokens, clean_cache, patching_metric, patch_setter, activation_name,
                                 index_axis_names, index_df, return_index_df, attention_mask=attention_mask,
                                 decoder_input=decoder_input, decoder_attention_mask=decoder_attention_mask, stack=stack,
-                                axes=axes, rows_of=_rows, make_df=make_df_from_ranges)
+                                axes=axes, grid=_grid, make_df=make_df_from_ranges)
     if decoder_input is not None or decoder_attention_mask is not None:
         raise ValueError(f"decoder_input is for encoder-decoder models; {type(model.hf_model).__name__} has no decoder input")
     feed = model._inputs(corrupted_tokens, attention_mask, padding_side=padding_side)
@@ -223,18 +237,7 @@ def generic_activation_patch(
     heads = kv_heads if activation_name in ("k", "v") else model.cfg.n_heads
     ranges = {"layer": model.cfg.n_layers, "pos": seq, "head_index": heads, "head": heads, "src_pos": seq, "dest_pos": seq,
               "expert": model.cfg.num_experts}
-    if index_df is None:
-        if index_axis_names is None:
-            raise ValueError("give index_axis_names (e.g. ('layer', 'pos')) or index_df")
-        shape = [ranges[a] for a in index_axis_names]
-        rows = list(itertools.product(*[range(n) for n in shape]))
-        flat = False
-    else:
-        if index_axis_names is not None:
-            raise ValueError("give either index_axis_names or index_df, not both")
-        rows = _rows(index_df)
-        shape = [len(rows)]
-        flat = True
+    rows, shape, flat = _grid(ranges, index_axis_names, index_df)
     axes = getattr(patch_setter, "axes", None) or _KNOWN.get(getattr(patch_setter, "__name__", ""))
     per_example = reduce == "none"
     if axes is None:

@@ -602,7 +602,12 @@ class Model:
         """
         feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
         batch, seq = feed["input_ids"].shape
-        prep = prepare(list(interventions), self, batch, seq, feed.get("attention_mask"))
+        return self._intervened(feed, interventions, batch, seq, names_filter, return_type, compile)
+
+    def _intervened(self, feed: dict, interventions, batch: int, lengths, names_filter, return_type, compile: bool):
+        """One run of ``feed`` with the interventions (checked against ``batch`` and ``lengths``), the kept
+        hooks, and a cache of ``names_filter``'s sites when given."""
+        prep = prepare(list(interventions), self, batch, lengths, feed.get("attention_mask"))
         b = self._with_persistent(PlanBuilder(self.graph))
         prep.add_to(b)
         if names_filter is not None:

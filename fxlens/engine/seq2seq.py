@@ -28,7 +28,6 @@ Circuits, path patching and attribution are not offered for encoder-decoders yet
 
 from __future__ import annotations
 
-import itertools
 import warnings
 
 import torch
@@ -36,10 +35,8 @@ import torch
 from ..graphs.seq2seq import feed_of
 from ..graphs.sites import SiteError
 from ..passes.intervene import set_to
-from .activation_cache import ActivationCache
 from .inputs import InputError
 from .inputs import feed as checked_feed
-from .interventions import prepare
 from .model import Model, lm_loss
 from .plan import PlanBuilder
 from .rows.readout import scalar
@@ -170,17 +167,7 @@ class Seq2SeqModel(Model):
         feed = dict(self._feed(input, decoder_input, self._mask(attention_mask, one_zero_attention_mask),
                                decoder_attention_mask, prepend_bos=prepend_bos, padding_side=padding_side))
         batch = feed["decoder_input_ids"].shape[0]
-        prep = prepare(list(interventions), self, batch, _lengths(feed), feed.get("attention_mask"))
-        b = self._with_persistent(PlanBuilder(self.graph))
-        prep.add_to(b)
-        if names_filter is not None:
-            b.cache(self._resolve(names_filter))
-        plan, inputs = b.build()
-        out = self.programs.get(plan, compile)(**feed, **inputs)
-        result = self._outputs(out, feed, return_type)
-        if names_filter is None:
-            return result
-        return result, ActivationCache({k: v.detach() for k, v in out["cache"].items()}, self.site_table, self)
+        return self._intervened(feed, interventions, batch, _lengths(feed), names_filter, return_type, compile)
 
     def _unsupported(self, what: str):
         raise NotImplementedError(f"{what} is not offered for encoder-decoders yet; activation patching "
@@ -209,7 +196,7 @@ def _lengths(feed: dict) -> tuple[int, int]:
 def activation_patch(model: Seq2SeqModel, corrupted_tokens, clean_cache, metric, patch_setter, activation_name: str,
                      index_axis_names=None, index_df=None, return_index_df=False, *, attention_mask=None,
                      decoder_input=None, decoder_attention_mask=None, stack: str = "decoder", max_rows: int = 32,
-                     axes=None, rows_of=None, make_df=None, **_ignored):
+                     axes=None, grid=None, make_df=None, **_ignored):
     """``patching.generic_activation_patch`` on an encoder-decoder: the sites are ``{stack}.{layer}.*``,
     "pos" is that stack's positions; exact whole-model rows (see the module docstring)."""
     if stack not in ("encoder", "decoder"):
@@ -232,20 +219,10 @@ def activation_patch(model: Seq2SeqModel, corrupted_tokens, clean_cache, metric,
     first = table._sites.get(table.get_act_name(activation_name, 0, stack))
     if first is not None:  # the grid's sizes from the site itself: a cross-attention's keys run over the encoder
         shape = model.graph.shape(first, batch, lengths)
-        for grid, axis in (("pos", "pos"), ("head_index", "head"), ("head", "head"), ("dest_pos", "query_pos"), ("src_pos", "key_pos")):
+        for key, axis in (("pos", "pos"), ("head_index", "head"), ("head", "head"), ("dest_pos", "query_pos"), ("src_pos", "key_pos")):
             if axis in first.axes:
-                ranges[grid] = shape[first.axes.index(axis)]
-    if index_df is None:
-        if index_axis_names is None:
-            raise ValueError("give index_axis_names (e.g. ('layer', 'pos')) or index_df")
-        shape = [ranges[a] for a in index_axis_names]
-        rows = list(itertools.product(*[range(n) for n in shape]))
-        flat = False
-    else:
-        if index_axis_names is not None:
-            raise ValueError("give either index_axis_names or index_df, not both")
-        rows = rows_of(index_df)
-        shape, flat = [len(rows)], True
+                ranges[key] = shape[first.axes.index(axis)]
+    rows, shape, flat = grid(ranges, index_axis_names, index_df)
     name = lambda layer: table.get_act_name(activation_name, layer, stack)  # noqa: E731
     for row in rows:
         if not 0 <= row[0] < n_layers:
