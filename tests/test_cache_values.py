@@ -15,7 +15,7 @@ over the axes the function does not keep (clean and corrupted values read with t
 - attribution: every ``get_act_patch_*`` of a hookable site against the HF autograd reference, right
   and left padding, a declared and a plain metric; the ``_every`` functions equal stacking their parts.
 
-Divergences from TransformerLens' ``layer=`` semantics are xfail (strict) with the observed values.
+``layer=`` (None, -1, 0..n_layers) means what it means in TransformerLens 4.3.
 """
 
 import functools
@@ -148,17 +148,7 @@ def _tl_accumulated(family, layer, incl_mid=False):
     return torch.stack(values), labels
 
 
-def _issue12(observed):
-    return pytest.mark.xfail(strict=True, reason=f"issue 12 (layer= semantics): fxlens gives {observed}")
-
-
-@pytest.mark.parametrize("layer", [
-    pytest.param(0, marks=_issue12("no component: range(0) is empty and torch.stack([]) raises; TransformerLens gives ['0_pre']")),
-    pytest.param(1, marks=_issue12("['0_pre'] (['0_pre', '0_mid'] with incl_mid): resid_pre of the layers before 1; TransformerLens adds '1_pre' (up to and including the input of layer 1)")),
-    pytest.param(2, marks=_issue12("['0_pre', '1_pre'] (with incl_mid also '0_mid', '1_mid') and no 'final_post'; TransformerLens adds 'final_post' for layer=n_layers")),
-    pytest.param(-1, marks=_issue12("no component (range(-1) is empty, torch.stack([]) raises); TransformerLens treats -1 as None: every layer and final_post")),
-    None,
-])
+@pytest.mark.parametrize("layer", [0, 1, 2, -1, None])
 @pytest.mark.parametrize("incl_mid", [False, True])
 def test_accumulated_resid_layer_argument_follows_transformer_lens(layer, incl_mid):
     family = "llama"
@@ -183,8 +173,6 @@ def test_stack_activation_equals_hf_values_stacked(family, kind):
     assert maxdiff(cache.stack_activation(kind, layer=1), got[:1]) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 (layer= semantics): stack_activation(name, layer=None) raises TypeError "
-                   "(range(None)); TransformerLens treats None like -1: every layer")
 def test_stack_activation_layer_none_means_every_layer():
     cache = fx_cache("gpt2")
     assert maxdiff(cache.stack_activation("z", layer=None), cache.stack_activation("z")) == 0
@@ -214,8 +202,6 @@ def test_decompose_resid_sums_to_the_final_residual(family):
         assert maxdiff(attn[len(embeds) + i], hooks[H.name("attn_out", i)]) <= TOL
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 (layer= semantics): decompose_resid(layer=-1) gives only the embeddings "
-                   "(range(-1) is empty); TransformerLens treats -1 as every layer")
 def test_decompose_resid_layer_minus_one_means_every_layer():
     cache = fx_cache("gpt2")
     assert maxdiff(cache.decompose_resid(layer=-1), cache.decompose_resid()) == 0

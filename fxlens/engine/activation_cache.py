@@ -85,22 +85,41 @@ class ActivationCache:
             out[k] = v.squeeze(batch_axis)
         return ActivationCache(out, self._sites, self.model)
 
-    def stack_activation(self, name: str, layer: int = -1) -> torch.Tensor:
-        """Stack ``name`` over layers ``0..layer-1`` (all layers by default): [layers, ...]."""
-        n = self._sites.n_layers if layer == -1 else layer
+    def _upto(self, layer: int | None, what: str) -> int:
+        """TransformerLens' ``layer=`` argument of the stacking helpers as a count of layers: None and -1
+        mean every layer (``n_layers``), another negative value counts from the end (-2: ``n_layers - 1``)."""
+        n = self._sites.n_layers
+        if layer is None:
+            return n
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise TypeError(f"{what}: layer must be an int or None; got {layer!r}")
+        upto = n + 1 + layer if layer < 0 else layer
+        if not 0 <= upto <= n:
+            raise ValueError(f"{what}: layer={layer} is out of range; use 0..{n} (or -{n + 1}..-1, None: every layer)")
+        return upto
+
+    def stack_activation(self, name: str, layer: int | None = -1) -> torch.Tensor:
+        """Stack ``name`` over the layers before ``layer`` (every layer for None or -1): [layers, ...]."""
+        n = self._upto(layer, "stack_activation")
+        if n == 0:
+            raise ValueError("stack_activation: layer=0 selects no layer; use layer=1 or more (None: every layer)")
         return torch.stack([self[name, i] for i in range(n)])
 
     def accumulated_resid(self, layer: int | None = None, incl_mid: bool = False, return_labels: bool = False):
-        """The residual stream before each layer and after the last: [components, batch, pos, d_model]."""
-        n = self._sites.n_layers if layer is None else layer
+        """The residual stream up to and including the input of ``layer``: [components, batch, pos, d_model].
+
+        As in TransformerLens: ``resid_pre`` of layers ``0..layer``, where layer ``n_layers`` means the
+        stream after the last block (``final_post``, before the final norm); None and -1 mean ``n_layers``.
+        ``incl_mid`` adds ``resid_mid`` of each layer before ``layer``."""
+        n = self._upto(layer, "accumulated_resid")
         labels, out = [], []
-        for i in range(n):
+        for i in range(min(n + 1, self._sites.n_layers)):
             labels.append(f"{i}_pre")
             out.append(self["resid_pre", i])
-            if incl_mid and self._sites.get_act_name("resid_mid", i) in self._sites:
+            if incl_mid and i < n and self._sites.get_act_name("resid_mid", i) in self._sites:
                 labels.append(f"{i}_mid")
                 out.append(self["resid_mid", i])
-        if layer is None:
+        if n == self._sites.n_layers:
             labels.append("final_post")
             out.append(self["resid_post", self._sites.n_layers - 1])
         stacked = torch.stack(out)
@@ -119,7 +138,7 @@ class ActivationCache:
         """
         if mode not in ("all", "attn", "mlp"):
             raise ValueError(f"mode must be 'all', 'attn' or 'mlp'; got {mode!r}")
-        n = self._sites.n_layers if layer is None else layer
+        n = self._upto(layer, "decompose_resid")
         embeds = self._embedding_terms()
         wanted = [name for name, _ in embeds]
         for i in range(n):

@@ -70,6 +70,8 @@ class Config:
     num_experts: int | None = None  # mixture-of-experts models (TransformerLens' names)
     experts_per_token: int | None = None
     model_type: str | None = None
+    # what prepend_bos=None means in to_tokens, run_with_cache, ... (TransformerLens' field and default)
+    default_prepend_bos: bool = True
     has_table: bool = False
     attn_implementation: str = "sdpa"
     dtype: torch.dtype = torch.float32
@@ -272,36 +274,45 @@ class Model:
     def get_act_name(self, name: str, layer: int | None = None, layer_type: str | None = None) -> str:
         return self.site_table.get_act_name(name, layer, layer_type)
 
-    def _resolve(self, names) -> list[Site]:
+    def _resolve(self, names, canonical_only: bool = False) -> list[Site]:
+        """The sites ``names`` selects. A predicate sees every site name: TransformerLens names and raw
+        HF module paths (``model.layers.0.mlp``); ``canonical_only=True`` shows it only the former, as a
+        TransformerLens model would. None selects every site except the expensive ones (per-head results,
+        per-expert outputs), of both kinds unless ``canonical_only``."""
+        pool = [s for s in self.site_table.values() if s.canonical or not canonical_only]
         if names is None:
-            return [s for s in self.site_table.values() if not s.expensive]
+            return [s for s in pool if not s.expensive]
         if isinstance(names, str) or isinstance(names, tuple):
             return [self.site_table[names]]
         if callable(names):
-            # a predicate sees every site; only names_filter=None leaves out the per-head results
-            return [s for s in self.site_table.values() if names(s.name)]
+            # a predicate sees every site of the pool; only names_filter=None leaves out the expensive ones
+            return [s for s in pool if names(s.name)]
         return [self.site_table[n] for n in names]
 
     # ---- tokens ---------------------------------------------------------------------------------
-    def to_tokens(self, text, prepend_bos: bool = True, padding_side: str = "right") -> torch.Tensor:
-        return self._tok.encode(text, prepend_bos=prepend_bos, padding_side=padding_side)[0]
+    def _bos(self, prepend_bos: bool | None) -> bool:
+        """``prepend_bos=None`` is the model's default, ``cfg.default_prepend_bos``, as in TransformerLens."""
+        return self.cfg.default_prepend_bos if prepend_bos is None else bool(prepend_bos)
+
+    def to_tokens(self, text, prepend_bos: bool | None = None, padding_side: str = "right") -> torch.Tensor:
+        return self._tok.encode(text, prepend_bos=self._bos(prepend_bos), padding_side=padding_side)[0]
 
     def to_string(self, tokens):
         return self._tok.to_string(tokens)
 
-    def to_str_tokens(self, value, prepend_bos: bool = True):
-        return self._tok.to_str_tokens(value, prepend_bos=prepend_bos)
+    def to_str_tokens(self, value, prepend_bos: bool | None = None):
+        return self._tok.to_str_tokens(value, prepend_bos=self._bos(prepend_bos))
 
     def to_single_token(self, string: str) -> int:
         return self._tok.to_single_token(string)
 
-    def _inputs(self, value, attention_mask=None, prepend_bos: bool = True, padding_side: str = "right") -> dict:
+    def _inputs(self, value, attention_mask=None, prepend_bos: bool | None = None, padding_side: str = "right") -> dict:
         """The program's checked inputs (``fxlens.engine.inputs.feed``)."""
         self.derived  # the HF model as captured, or followed (see ``derived``)
         return checked_feed(
             value, attention_mask, tokens=self._tok, device=self.captured.device, vocab=self.cfg.d_vocab,
             n_ctx=self.cfg.n_ctx, takes_mask="attention_mask" in self.captured.inputs,
-            model_name=type(self.hf_model).__name__, prepend_bos=prepend_bos, padding_side=padding_side,
+            model_name=type(self.hf_model).__name__, prepend_bos=self._bos(prepend_bos), padding_side=padding_side,
         )
 
     # ---- running --------------------------------------------------------------------------------
@@ -334,7 +345,7 @@ class Model:
             raise ValueError(self._derived.no_logits("this call"))
         return out["outputs"][key]
 
-    def __call__(self, input, attention_mask=None, *, return_type: str | None = "logits", prepend_bos: bool = True, padding_side: str = "right"):
+    def __call__(self, input, attention_mask=None, *, return_type: str | None = "logits", prepend_bos: bool | None = None, padding_side: str = "right"):
         feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
         out = self.programs.get(())(**feed)
         return self._outputs(out, feed, return_type)
@@ -351,17 +362,20 @@ class Model:
         stop_at_layer: int | None = None,
         remove_batch_dim: bool = False,
         return_type: str | None = "logits",
-        prepend_bos: bool = True,
+        prepend_bos: bool | None = None,
         padding_side: str = "right",
+        canonical_only: bool = False,
     ):
         """Run once and return ``(logits, ActivationCache)`` of the sites ``names_filter`` selects.
 
-        ``names_filter``: None (every site except the per-head results ``attn.hook_result``), a name, a
-        list of names, or a predicate on names (which sees every site, per-head results included). With ``return_logits=False`` or ``stop_at_layer=L`` nothing after the last
-        needed node runs; ``stop_at_layer=L`` returns ``blocks.L.hook_resid_pre`` in place of logits.
+        ``names_filter``: None (every site except the expensive per-head results ``attn.hook_result`` and
+        per-expert outputs), a name, a list of names, or a predicate on names. A predicate sees every site
+        name, raw HF module paths (``model.layers.0.mlp``) as well as TransformerLens names;
+        ``canonical_only=True`` keeps raw paths out of None and of predicates (TransformerLens' set).
+        With ``return_logits=False`` or ``stop_at_layer=L`` nothing after the last needed node runs; ``stop_at_layer=L`` returns ``blocks.L.hook_resid_pre`` in place of logits.
         """
         feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
-        sites = self._resolve(names_filter)
+        sites = self._resolve(names_filter, canonical_only)
         stop = None
         if stop_at_layer is not None:
             if not 0 <= stop_at_layer <= self.cfg.n_layers:
@@ -405,10 +419,14 @@ class Model:
         bwd_hooks=(),
         return_type: str | None = "logits",
         reset_hooks_end: bool = True,
-        prepend_bos: bool = True,
+        prepend_bos: bool | None = None,
         padding_side: str = "right",
+        canonical_only: bool = False,
     ):
         """Run with ``fwd_hooks = [(name or predicate, fn)]``; ``fn(value, hook) -> value | None``.
+
+        A predicate sees every site name, raw HF module paths included; ``canonical_only=True`` shows it
+        only TransformerLens names (as a TransformerLens model would).
 
         ``value`` is the site in TransformerLens layout; returning a tensor replaces it (same shape
         and dtype), returning None keeps it (in-place edits are kept). Nothing persists after the call.
@@ -426,7 +444,7 @@ class Model:
             if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and callable(entry[1])):
                 raise TypeError("fwd_hooks must be a list of (site name or predicate, function) pairs")
             name, fn = entry
-            matched = self._resolve(name) if callable(name) else [self.site_table[name]]
+            matched = self._resolve(name, canonical_only) if callable(name) else [self.site_table[name]]
             if callable(name) and not matched:
                 raise SiteError("the hook predicate matched no site; see model.sites for the names")
             for site in matched:
@@ -444,7 +462,7 @@ class Model:
         names_filter=None,
         return_type: str | None = "logits",
         compile: bool = False,
-        prepend_bos: bool = True,
+        prepend_bos: bool | None = None,
         padding_side: str = "right",
     ):
         """Run once with every intervention applied (in the order given) as one program.

@@ -92,10 +92,12 @@ class Tokens:
         if isinstance(value, str):
             ids, _ = self.encode(value, prepend_bos=prepend_bos)
             ids = ids[0].tolist()
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+            return [self.to_str_tokens(v, prepend_bos=prepend_bos) for v in value]  # one list per string
         elif isinstance(value, torch.Tensor):
             if value.dim() > 1:
                 if value.shape[0] != 1:
-                    return [self.to_str_tokens(row) for row in value]
+                    return [self.to_str_tokens(row, prepend_bos=prepend_bos) for row in value]
                 value = value[0]
             ids = value.tolist()
         else:

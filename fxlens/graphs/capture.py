@@ -69,6 +69,14 @@ class CapturedGraph:
             return "logits"
         return next((name for name in self.outputs if name.endswith("logits")), None)
 
+    @property
+    def logits_dtype(self) -> torch.dtype:
+        """The dtype of the logits output (some models cast them to float32 whatever their own dtype)."""
+        out = next(n for n in self.module.graph.nodes if n.op == "output").args[0]["outputs"]
+        node = out.get(self.logits) if self.logits is not None else None
+        meta = tensor_meta(node) if node is not None else None
+        return meta.dtype if isinstance(meta, torch.Tensor) else self.dtype
+
 
 @contextlib.contextmanager
 def _borrowed(model: torch.nn.Module, attn_implementation: str | None):

@@ -71,6 +71,11 @@ class Site:
     def layer_index(self) -> int | None:
         return self.layer
 
+    @property
+    def canonical(self) -> bool:
+        """A TransformerLens-named site (``blocks.3.attn.hook_z``), not a raw HF module path."""
+        return self.kind != "module"
+
     def axis(self, name: str) -> int | None:
         return self.axes.index(name) if name in self.axes else None
 
@@ -133,11 +138,16 @@ class SiteTable:
         return self._sites.items()
 
     def get_act_name(self, name: str, layer: int | None = None, layer_type: str | None = None) -> str:
-        """TransformerLens' ``utils.get_act_name``: ``("pattern", 3)`` -> ``blocks.3.attn.hook_pattern``."""
+        """TransformerLens' ``utils.get_act_name``: ``("pattern", 3)`` -> ``blocks.3.attn.hook_pattern``.
+
+        A negative layer counts from the end, as TransformerLens' ``cache["resid_post", -1]`` does."""
         if name in self._sites and layer is None:
             return name
-        if layer is not None and (layer < 0 or layer >= self.n_layers):
-            raise SiteError(f"layer {layer} is out of range: this model has layers 0..{self.n_layers - 1}")
+        if layer is not None and not -self.n_layers <= layer < self.n_layers:
+            raise SiteError(f"layer {layer} is out of range: this model has layers 0..{self.n_layers - 1} "
+                            f"(or -{self.n_layers}..-1 from the end)")
+        if layer is not None and layer < 0:
+            layer += self.n_layers
         key = name
         if layer_type is not None:
             lt = {"a": "attn", "m": "mlp", "b": "", "block": "", "blocks": ""}.get(layer_type, layer_type)

@@ -105,6 +105,7 @@ class RowEngine:
             readout: Readout | None = None) -> torch.Tensor:
         """The metric of each row, [len(rows)] (float32, on the CPU)."""
         readout = readout or self.readout(base, metric)
+        self.stats["metric_reads"] = readout.reads
         out = torch.empty(len(rows), dtype=torch.float32)
         if not rows:
             self.model.last_sweep_stats = dict(self.stats)

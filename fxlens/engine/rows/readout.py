@@ -9,8 +9,10 @@ Mechanism: ``Readout(blocks, base, metric, model=model)`` checks the metric once
 token ids, the batch size of per-row answers), then reads rows laid out padded (``padded``: [rows *
 batch, seq - start, d]) or packed (``packed``: [batch, T, d] with each token's row and position). A
 declared metric goes through the head with the vocabulary-selecting pass (``SelectVocab``); positions a
-row never computed take the base run's selected logits. ``base_value`` is the metric of the base run
-itself (for rows that change nothing).
+row never computed take the base run's selected logits. A plain callable is traced once to find
+what it reads (``metric_reads``) and then runs like a declared metric, on the same selected logits;
+one that cannot be traced gets full logits. ``base_value`` is the metric of the base run itself (for
+rows that change nothing).
 
 Example::
 
@@ -24,6 +26,7 @@ import torch
 
 from ...metrics import Metric
 from ...passes import PassError
+from ..metric_reads import reads_of
 from ..plan import PlanBuilder
 from .rows import RowError
 
@@ -46,12 +49,24 @@ class Readout:
         self.causal = derived.captured.is_causal
         self.base = base
         self.metric = metric
-        self.declared = isinstance(metric, Metric)
+        if not isinstance(metric, Metric):  # a plain callable: what it reads, when tracing can prove it
+            vocab = derived.graph.dims.get("d_vocab_out") or derived.graph.dims.get("d_vocab")
+            shape = (base.batch, base.seq, int(vocab)) if vocab else None
+            reads = reads_of(metric, shape, derived.captured.logits_dtype, derived.captured.device) if shape else None
+            self.metric = reads if reads is not None else metric
+        self.declared = isinstance(self.metric, Metric)
         if self.declared:
             vocab = derived.graph.dims.get("d_vocab_out") or derived.graph.dims.get("d_vocab")
-            self.pos, self.tok = _checked_select(metric, base.seq, base.batch, vocab)
+            self.pos, self.tok = _checked_select(self.metric, base.seq, base.batch, vocab)
 
     # ---- what the metric reads ---------------------------------------------------------------------
+    @property
+    def reads(self) -> str:
+        """What each row computes logits for: ``"3 positions x 2 tokens"``, or ``"full logits"``."""
+        if not self.declared:
+            return "full logits"
+        return f"{self.pos.unique().numel()} positions x {self.tok.unique().numel()} tokens"
+
     def first_read(self, start: int) -> int:
         """The first position the metric reads at or after ``start`` (``start`` for a plain callable)."""
         if not (self.declared and self.causal):
