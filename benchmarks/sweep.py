@@ -99,14 +99,21 @@ def run_fxlens(model, clean, corrupted, a, b, repeats):
     from fxlens import metrics, patching
 
     metric = metrics.logit_diff(a, b)
+
+    def plain(logits):  # TransformerLens' patching-demo metric, as users write it
+        return (logits[:, -1, a] - logits[:, -1, b]).mean()
+
     with torch.inference_mode():
         _, cache = model.run_with_cache(clean)
         out = {}
         for name in ("get_act_patch_resid_pre", "get_act_patch_attn_head_out_all_pos"):
             fn = getattr(patching, name)
             fn(model, corrupted, cache, metric)  # builds the programs once
+            fn(model, corrupted, cache, plain)  # and traces the plain metric once
             res, t = timed(lambda: fn(model, corrupted, cache, metric), repeats)
-            out[name] = (res, t, dict(model.last_sweep_stats))
+            stats = dict(model.last_sweep_stats)
+            res_plain, t_plain = timed(lambda: fn(model, corrupted, cache, plain), repeats)
+            out[name] = (res, t, stats, (t_plain, torch.equal(res, res_plain)))
     return out
 
 
@@ -246,12 +253,14 @@ def main():
             tl = {} if "tl" in args.skip else run_tl(hf, tok, tl_name, clean, corrupted, a, b)
             nn = {} if "nnsight" in args.skip else run_nnsight(hf, tok, clean, corrupted, a, b, model.cfg.n_heads, model.cfg.d_head)
             print(f"-- corruption '{corruption}'")
-            for sweep, (res, t, stats) in fx.items():
+            for sweep, (res, t, stats, (t_plain, same)) in fx.items():
                 cells = res.numel()
                 floor = per_token_layer * (stats["token_layers"] + kv_share * stats["kv_token_layers"])
                 line = (f"{sweep:38s} {cells:4d} cells  fxlens {t:6.2f} s  (floor {floor:5.2f} s = {stats['token_layers']} token-layers"
                         f" + {stats['kv_token_layers']} K/V-only, {stats['cells_skipped']} cells unchanged; fxlens/floor {t / floor:4.2f}x)")
                 print(line)
+                print(f"{'':43s}{'plain lambda':16s} {t_plain:6.2f} s  -> {t_plain / t:4.2f}x the declared metric's time "
+                      f"({'identical results' if same else 'RESULTS DIFFER'})")
                 for label, other in (("TransformerLens", tl), ("nnsight batched", nn)):
                     if sweep in other:
                         o_res, o_t = other[sweep]

@@ -20,6 +20,7 @@ from .engine import (
     Lowered,
     Model,
     Patch,
+    Seq2SeqModel,
     Scale,
     StaleModelError,
     Steer,
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Model",
+    "Seq2SeqModel",
     "ActivationCache",
     "HookPoint",
     "Config",

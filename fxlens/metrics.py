@@ -69,6 +69,10 @@ class Metric:
         """Metric per row from logits [rows, batch, n_pos, n_tok] gathered as ``select`` says."""
         raise NotImplementedError
 
+    def per_example(self, selected: torch.Tensor) -> torch.Tensor:
+        """The metric of each prompt before the batch reduction, [rows, batch] (``reduce="none"`` sweeps)."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-prompt values")
+
     def check_vocab(self, n_vocab: int, seq: int, batch: int) -> None:
         """Refuse a token id beyond logits of ``n_vocab`` entries, for an input of ``batch`` x ``seq`` tokens
         (the metric itself does not know the model; whoever holds the logits checks)."""
@@ -101,8 +105,11 @@ class _LogitDiff(Metric):
         tok = torch.stack([_as_index(self.answer, batch), _as_index(self.wrong, batch)], dim=1)
         return pos[:, None], tok
 
+    def per_example(self, selected: torch.Tensor) -> torch.Tensor:
+        return selected[..., 0, 0] - selected[..., 0, 1]  # [rows, batch]
+
     def from_selected(self, selected: torch.Tensor) -> torch.Tensor:
-        diff = selected[..., 0, 0] - selected[..., 0, 1]  # [rows, batch]
+        diff = self.per_example(selected)
         return diff.mean(-1) if self.mean else diff.sum(-1)
 
 
@@ -114,8 +121,11 @@ class _Logit(Metric):
     def select(self, seq: int, batch: int):
         return _positions(self.pos, batch, seq)[:, None], _as_index(self.token, batch)[:, None]
 
+    def per_example(self, selected: torch.Tensor) -> torch.Tensor:
+        return selected[..., 0, 0]
+
     def from_selected(self, selected: torch.Tensor) -> torch.Tensor:
-        return selected[..., 0, 0].mean(-1)
+        return self.per_example(selected).mean(-1)
 
 
 @dataclass
@@ -129,6 +139,9 @@ class _Normalized(Metric):
 
     def from_selected(self, selected: torch.Tensor) -> torch.Tensor:
         return (self.inner.from_selected(selected) - self.corrupted) / (self.clean - self.corrupted)
+
+    def per_example(self, selected: torch.Tensor) -> torch.Tensor:
+        return (self.inner.per_example(selected) - self.corrupted) / (self.clean - self.corrupted)
 
 
 def logit_diff(answer, wrong, pos=-1, reduce: str = "mean") -> Metric:

@@ -181,14 +181,43 @@ def generic_activation_patch(
     memory_budget: float = 1.0,
     progress: bool = False,
     compile: bool = False,
+    reduce: str = "mean",
+    padding_side: str = "right",
+    decoder_input=None,
+    decoder_attention_mask=None,
+    stack: str = "decoder",
 ):
     """Patch ``activation_name`` at every index of the grid (or of ``index_df``); see the module docstring.
 
     ``index_axis_names`` (e.g. ("layer", "pos", "head")) sweep the full grid and the result has one axis
     per name; ``index_df`` (rows of indices, layer first) gives a flat result with one entry per row.
     ``memory_budget`` (GiB) bounds the rows batched at once; ``progress`` shows a bar.
+
+    A dataset of prompt pairs: ``corrupted_tokens`` a padded batch with its ``attention_mask``, or a list
+    of token tensors of different lengths (padded on ``padding_side``; make ``clean_cache`` with
+    ``model.run_with_cache(clean_list, padding_side=...)`` from the clean prompts in the same order).
+    ``reduce="none"`` gives each prompt's result, ``[n_prompts, *grid]``: the metric must then give one
+    value per prompt (a ``fxlens.metrics`` metric, or a callable returning a [batch] tensor). Each prompt's
+    result equals a sweep of that pair alone (positions in the padded batch's frame).
+
+    Encoder-decoders (``fxlens.Seq2SeqModel``): ``decoder_input`` (and ``decoder_attention_mask``) is the
+    decoder's input, ``stack`` ("decoder" or "encoder") the stack whose sites are patched.
     """
-    feed = model._inputs(corrupted_tokens, attention_mask)
+    if reduce not in ("mean", "none"):
+        raise ValueError(f"reduce must be 'mean' (the metric's own reduction over prompts) or 'none' (one result per prompt); got {reduce!r}")
+    if getattr(model, "is_encoder_decoder", False):
+        if reduce != "mean":
+            raise ValueError("reduce='none' is not offered for encoder-decoders yet: run one pair at a time")
+        from .engine.seq2seq import activation_patch
+
+        axes = getattr(patch_setter, "axes", None) or _KNOWN.get(getattr(patch_setter, "__name__", ""))
+        return activation_patch(model, corrupted_tokens, clean_cache, patching_metric, patch_setter, activation_name,
+                                index_axis_names, index_df, return_index_df, attention_mask=attention_mask,
+                                decoder_input=decoder_input, decoder_attention_mask=decoder_attention_mask, stack=stack,
+                                axes=axes, rows_of=_rows, make_df=make_df_from_ranges)
+    if decoder_input is not None or decoder_attention_mask is not None:
+        raise ValueError(f"decoder_input is for encoder-decoder models; {type(model.hf_model).__name__} has no decoder input")
+    feed = model._inputs(corrupted_tokens, attention_mask, padding_side=padding_side)
     batch, seq = feed["input_ids"].shape
     kv_heads = model.cfg.n_key_value_heads or model.cfg.n_heads
     heads = kv_heads if activation_name in ("k", "v") else model.cfg.n_heads
@@ -207,8 +236,9 @@ def generic_activation_patch(
         shape = [len(rows)]
         flat = True
     axes = getattr(patch_setter, "axes", None) or _KNOWN.get(getattr(patch_setter, "__name__", ""))
+    per_example = reduce == "none"
     if axes is None:
-        out = _hooked_loop(model, feed, clean_cache, patching_metric, patch_setter, activation_name, rows)
+        out = _hooked_loop(model, feed, clean_cache, patching_metric, patch_setter, activation_name, rows, per_example)
     else:
         cells = []
         for row in rows:
@@ -223,16 +253,21 @@ def generic_activation_patch(
             cells.append(Cell(site, tuple(zip(axes, row[1:]))))
         sweep = Sweep(model, compile=compile)
         with torch.no_grad():
-            out = sweep.run(cells, feed, clean_cache, patching_metric, memory_budget=memory_budget, progress=progress)
-    out = out if flat else out.view(*shape)
+            out = sweep.run(cells, feed, clean_cache, patching_metric, memory_budget=memory_budget, progress=progress,
+                            per_example=per_example)
+    out = out if flat else out.view(*shape, *out.shape[1:])
+    if per_example:
+        out = out.movedim(-1, 0)  # [prompt, *grid]
     if return_index_df:
         df = index_df if index_df is not None else make_df_from_ranges(shape, index_axis_names)
         return out, df
     return out
 
 
-def _hooked_loop(model, feed, clean_cache, metric, setter, activation_name, rows):
+def _hooked_loop(model, feed, clean_cache, metric, setter, activation_name, rows, per_example=False):
     """TransformerLens' algorithm, for a patch setter fxlens cannot batch: one hooked forward per row."""
+    from .engine.rows.readout import per_prompt, scalar
+
     out = []
     for row in rows:
         name = model.get_act_name(activation_name, row[0])
@@ -243,7 +278,8 @@ def _hooked_loop(model, feed, clean_cache, metric, setter, activation_name, rows
 
         with torch.no_grad():
             logits = model.run_with_hooks(feed["input_ids"], feed.get("attention_mask"), fwd_hooks=[(name, hook)])
-        out.append(torch.as_tensor(metric(logits)).float().reshape(()))
+        value = metric(logits)
+        out.append((per_prompt(value, logits.shape[0]) if per_example else scalar(value)).float().cpu())
     return torch.stack(out)
 
 
@@ -295,12 +331,17 @@ get_act_patch_expert_out_all_pos = _sweep("get_act_patch_expert_out_all_pos")
 get_act_patch_expert_out_by_pos = _sweep("get_act_patch_expert_out_by_pos")
 
 
+def _stack(parts, kwargs) -> torch.Tensor:
+    """Parts stacked on a new first axis; with reduce="none" after the prompt axis: [prompt, part, ...]."""
+    return torch.stack(parts, dim=1 if kwargs.get("reduce") == "none" else 0)
+
+
 def _block_every(ns, model, corrupted_tokens, clean_cache, metric, **kwargs):
-    return torch.stack([
+    return _stack([
         ns.get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, metric, **kwargs),
         ns.get_act_patch_attn_out(model, corrupted_tokens, clean_cache, metric, **kwargs),
         ns.get_act_patch_mlp_out(model, corrupted_tokens, clean_cache, metric, **kwargs),
-    ])
+    ], kwargs)
 
 
 def _pad_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -315,7 +356,7 @@ def _head_all_pos_every(ns, model, corrupted_tokens, clean_cache, metric, **kwar
         ns.get_act_patch_attn_head_v_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
         ns.get_act_patch_attn_head_pattern_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
     ]
-    return torch.stack([_pad_heads(p, model.cfg.n_heads) for p in parts])
+    return _stack([_pad_heads(p, model.cfg.n_heads) for p in parts], kwargs)
 
 
 def _head_by_pos_every(ns, model, corrupted_tokens, clean_cache, metric, **kwargs):
@@ -324,9 +365,10 @@ def _head_by_pos_every(ns, model, corrupted_tokens, clean_cache, metric, **kwarg
         ns.get_act_patch_attn_head_q_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
         ns.get_act_patch_attn_head_k_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
         ns.get_act_patch_attn_head_v_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
-        ns.get_act_patch_attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs).permute(0, 2, 1),
+        # [.., layer, head, dest_pos] -> [.., layer, pos, head]
+        ns.get_act_patch_attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs).transpose(-1, -2),
     ]
-    return torch.stack([_pad_heads(p, model.cfg.n_heads) for p in parts])
+    return _stack([_pad_heads(p, model.cfg.n_heads) for p in parts], kwargs)
 
 
 def get_act_patch_block_every(model, corrupted_tokens, clean_cache, metric, **kwargs):

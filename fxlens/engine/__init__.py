@@ -11,9 +11,11 @@ from .activation_cache import ActivationCache
 from .derived import StaleModelError
 from .interventions import Ablate, Apply, Intervention, InterventionError, Lowered, Patch, Scale, Steer
 from .model import Config, HookPoint, Model
+from .seq2seq import Seq2SeqModel
 
 __all__ = [
     "Model",
+    "Seq2SeqModel",
     "ActivationCache",
     "HookPoint",
     "Config",

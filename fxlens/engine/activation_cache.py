@@ -132,7 +132,7 @@ class ActivationCache:
         when those sites are every term summed into the first residual; otherwise (a model without a
         table whose positional embedding has no canonical name) the residual entering layer 0,
         ``blocks.0.hook_resid_pre``, as one term labelled ``embeddings``. Then ``{i}_attn_out`` and
-        ``{i}_mlp_out`` per layer. Every term must have been cached: a missing one raises ``SiteError``
+        ``{i}_mlp_out`` per layer (and ``{i}_cross_attn_out`` between them in an encoder-decoder's decoder). Every term must have been cached: a missing one raises ``SiteError``
         naming the sites to add to ``names_filter`` (leaving a term out would make the components
         silently not sum to the residual).
         """
@@ -141,9 +141,13 @@ class ActivationCache:
         n = self._upto(layer, "decompose_resid")
         embeds = self._embedding_terms()
         wanted = [name for name, _ in embeds]
+        # an encoder-decoder's decoder block writes its cross-attention's output too
+        cross = [i for i in range(n) if self._sites.get_act_name("cross_attn_out", i) in self._sites]
         for i in range(n):
             if mode in ("all", "attn"):
                 wanted.append(self._sites.get_act_name("attn_out", i))
+                if i in cross:
+                    wanted.append(self._sites.get_act_name("cross_attn_out", i))
             if mode in ("all", "mlp"):
                 wanted.append(self._sites.get_act_name("mlp_out", i))
         missing = [name for name in wanted if name not in self._values]
@@ -160,6 +164,9 @@ class ActivationCache:
             if mode in ("all", "attn"):
                 labels.append(f"{i}_attn_out")
                 out.append(self["attn_out", i])
+                if i in cross:
+                    labels.append(f"{i}_cross_attn_out")
+                    out.append(self["cross_attn_out", i])
             if mode in ("all", "mlp"):
                 labels.append(f"{i}_mlp_out")
                 out.append(self["mlp_out", i])

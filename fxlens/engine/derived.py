@@ -28,6 +28,11 @@ Example::
     blocks = d.item(("blocks", False), lambda: [Programs(gm) for gm in d.segments.blocks])
     change = d.binding.change()        # None while the HF model is as it was captured
 
+A model that fixes the sequence length (state-space models; ``graphs.lengths``) is captured once per
+input length: ``at_length(L)`` returns the Derived captured at ``L``, kept among this one's items, so
+that it follows the HF model with them (a rebind or recapture drops them; they are captured again on
+use). The Model asks for the one of its input's length at every call.
+
 Gotchas: forward hooks registered on the HF model after wrapping are not part of the captured graph;
 ``Binding`` notices them so that the Model can say so.
 """
@@ -36,12 +41,14 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import warnings
 from collections import OrderedDict
 
 import torch
 import torch.fx as fx
 
-from ..graphs.capture import CapturedGraph, capture
+from ..graphs.capture import CapturedGraph, CaptureError, capture
+from ..graphs.lengths import ambiguous, model_sizes, nearby
 from ..graphs.sites import ModelGraph, analyse
 from .programs import Programs
 
@@ -196,20 +203,87 @@ def _owner(model: torch.nn.Module, path: str):
 class Derived:
     """A capture, its analysis, the binding they rest on, and every item derived from them."""
 
-    def __init__(self, captured: CapturedGraph, graph: ModelGraph, binding: Binding, attn_implementation, table):
+    def __init__(self, captured: CapturedGraph, graph: ModelGraph, binding: Binding, attn_implementation, table,
+                 sizes: frozenset | None = None):
         self.captured = captured
         self.graph = graph
         self.binding = binding
         self.attn_implementation = attn_implementation
         self.table = table
+        self.sizes = sizes  # a model that fixes the length: its own sizes (``graphs.lengths``); else None
         self._items: dict = {}
         self._plans: OrderedDict = OrderedDict()
 
     @classmethod
-    def capture(cls, hf_model, attn_implementation, table, overrides: dict | None = None) -> "Derived":
-        cg = capture(hf_model, attn_implementation=attn_implementation)
-        derived = cls(cg, analyse(cg, table), Binding(hf_model, cg.module), attn_implementation, table)
-        return derived.rebound(overrides) if overrides else derived
+    def capture(cls, hf_model, attn_implementation, table, overrides: dict | None = None, *,
+                seq_len: int | None = None, sizes: frozenset | None = None) -> "Derived":
+        """Capture ``hf_model``; one that fixes the sequence length is captured per length
+        (``at_length``), and told once, here, with the reason (a UserWarning)."""
+        from ..graphs.seq2seq import analyse_seq2seq, capture_seq2seq, is_encoder_decoder
+
+        if is_encoder_decoder(hf_model):  # two stacks: graphs/seq2seq.py
+            cg = capture_seq2seq(hf_model, attn_implementation=attn_implementation)
+            graph = analyse_seq2seq(cg)
+        else:
+            cg = capture(hf_model, attn_implementation=attn_implementation, seq_len=seq_len)
+            with warnings.catch_warnings():
+                if seq_len is not None:  # a further length of a length-fixing model: its sites were told about once
+                    warnings.simplefilter("ignore")
+                graph = analyse(cg, table)
+        derived = cls(cg, graph, Binding(hf_model, cg.module), attn_implementation, table, sizes)
+        derived = derived.rebound(overrides) if overrides else derived
+        if seq_len is None and getattr(cg, "static_seq", None) is not None:
+            derived._per_length(cg.static_reason)
+        return derived
+
+    # ---- models that fix the sequence length (``graphs.lengths``) -------------------------------
+    def _per_length(self, reason: str | None) -> None:
+        """Find the model's own sizes from a second capture (kept for its length) and say once what
+        happens: one capture per input length."""
+        name = type(self.binding.hf_model).__name__
+        here = self.captured.static_seq
+        other = here + 2
+        second = Derived.capture(self.binding.hf_model, self.attn_implementation, self.table, self.binding.overrides or None,
+                                 seq_len=other)
+        self.sizes = frozenset(model_sizes(self.captured.module.graph) & model_sizes(second.captured.module.graph))
+        second.sizes = self.sizes
+        self._items[("length", other)] = second
+        if ambiguous(here, self.sizes):
+            raise CaptureError(
+                f"{name} fixes the sequence length, and at the example length {here} one of its own sizes equals the "
+                "length, so fxlens cannot tell its sequence axis apart; please report this with the model's config"
+            )
+        warnings.warn(
+            f"{name}: a capture that takes every sequence length is not possible ({reason or 'its code fixes the length'}); "
+            "fxlens captures it once per input length instead (cached per length; each new length costs one capture). "
+            "Every feature works; lengths equal to one of the model's own sizes are refused (the message says which).",
+            UserWarning,
+            stacklevel=4,
+        )
+
+    def at_length(self, length: int | None) -> "Derived":
+        """This Derived, or for a model that fixes the sequence length, the one captured at ``length``
+        (captured on first use, cached here; a length equal to one of the model's sizes is refused)."""
+        here = getattr(self.captured, "static_seq", None)
+        if here is None or length is None or length == here:
+            return self
+        sizes = self.sizes or frozenset()
+        if ambiguous(length, sizes):
+            from .inputs import InputError
+
+            up, down = nearby(length, set(sizes), self.captured.min_seq, self.captured.max_seq)
+            pad = f"pad to {up} tokens and mark the padding 0 in attention_mask" if up is not None else "pad"
+            cut = f", or truncate to {down}" if down is not None else ""
+            raise InputError(
+                f"{type(self.binding.hf_model).__name__} is captured per sequence length (its code fixes the length), "
+                f"and a length of {length} equals one of the model's own sizes, so fxlens cannot tell which axes "
+                f"are positions at this length. Use another length: {pad}{cut}."
+            )
+        key = ("length", length)
+        if key not in self._items:
+            self._items[key] = Derived.capture(self.binding.hf_model, self.attn_implementation, self.table,
+                                               self.binding.overrides or None, seq_len=length, sizes=sizes)
+        return self._items[key]
 
     # ---- following the HF model ---------------------------------------------------------------
     def rebound(self, overrides: dict | None = None) -> "Derived":
@@ -219,12 +293,12 @@ class Derived:
         module = _with_tensors(self.captured.module, {p: binding.current(p) for p in binding.graph_paths})
         captured = dataclasses.replace(self.captured, module=module)
         graph = dataclasses.replace(self.graph, captured=captured)
-        return Derived(captured, graph, binding, self.attn_implementation, self.table)
+        return Derived(captured, graph, binding, self.attn_implementation, self.table, self.sizes)
 
     def for_model(self, hf_model, overrides: dict | None = None) -> "Derived":
         """This capture bound to another HF model of the same structure (a deep copy of this one)."""
         binding = Binding(hf_model, self.captured.module)
-        return Derived(self.captured, self.graph, binding, self.attn_implementation, self.table).rebound(overrides or {})
+        return Derived(self.captured, self.graph, binding, self.attn_implementation, self.table, self.sizes).rebound(overrides or {})
 
     # ---- derived items ------------------------------------------------------------------------
     def item(self, key, build):
@@ -270,6 +344,7 @@ class Derived:
         """The graph split into prelude, blocks and head (``graphs.segments``)."""
         from ..graphs.segments import split
 
+        self._one_stack("the layer-by-layer engine")
         return self.item("segments", lambda: split(self.graph))
 
     @property
@@ -277,7 +352,15 @@ class Derived:
         """Circuit senders and receivers (``graphs.components``)."""
         from ..graphs.components import components
 
+        self._one_stack("circuits (senders and receivers)")
         return self.item("components", lambda: components(self.graph))
+
+    def _one_stack(self, what: str) -> None:
+        if getattr(self.graph, "stacks", None) is not None:  # an encoder-decoder (graphs/seq2seq.py)
+            raise NotImplementedError(
+                f"{what} is not offered for encoder-decoders yet ({type(self.binding.hf_model).__name__}); they offer "
+                "model(tokens, decoder_input), run_with_cache, run_with_hooks, run_with_interventions and fxlens.patching sweeps"
+            )
 
 
 def _with_tensors(module: fx.GraphModule, tensors: dict) -> fx.GraphModule:

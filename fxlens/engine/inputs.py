@@ -60,7 +60,30 @@ def _as_ids(value) -> tuple[torch.Tensor, bool]:
     raise TypeError(f"expected text, a list of texts, or token ids [batch, pos]; got {type(value).__name__}")
 
 
-def _check_ids(ids: torch.Tensor, vocab: int | None, n_ctx: int | None) -> None:
+def _is_token_rows(value) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, torch.Tensor) for v in value)
+
+
+def pad_rows(rows, pad_id: int, padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token tensors of different lengths (each [pos] or [1, pos]) as one batch: (ids, attention_mask)."""
+    flat = []
+    for i, r in enumerate(rows):
+        if r.dim() == 2 and r.shape[0] == 1:
+            r = r[0]
+        if r.dim() != 1 or r.numel() == 0:
+            raise InputError(f"prompt {i} of the list has shape {tuple(rows[i].shape)}; each must be token ids [pos] or [1, pos]")
+        flat.append(r)
+    width = max(r.numel() for r in flat)
+    ids = torch.full((len(flat), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(flat), width), dtype=torch.long)
+    for i, r in enumerate(flat):
+        where = slice(width - r.numel(), width) if padding_side == "left" else slice(0, r.numel())
+        ids[i, where] = r.to(torch.long).cpu()
+        mask[i, where] = 1
+    return ids, mask
+
+
+def _check_ids(ids: torch.Tensor, vocab: int | None, n_ctx: int | None, lengths: tuple | None = None) -> None:
     if ids.dim() != 2 or ids.dtype in (torch.bool,) or ids.is_floating_point() or ids.is_complex():
         raise InputError(
             f"token ids must be an integer tensor [batch, pos]; got shape {tuple(ids.shape)} and dtype {ids.dtype}"
@@ -70,8 +93,15 @@ def _check_ids(ids: torch.Tensor, vocab: int | None, n_ctx: int | None) -> None:
         raise InputError(f"empty batch: the token ids have shape {tuple(ids.shape)}; pass at least one sequence")
     if ids.shape[1] == 0:
         raise InputError("empty input: the token sequence has length 0; pass at least one token")
+    if lengths is not None and lengths[0] is not None and ids.shape[1] < lengths[0]:
+        raise InputError(
+            f"sequence length {ids.shape[1]} is shorter than the {lengths[0]} tokens this model takes (the capture "
+            f"found that its code needs at least {lengths[0]}: {lengths[2]}); pad the input to {lengths[0]} tokens "
+            "and mark the padding 0 in attention_mask"
+        )
     if n_ctx is not None and ids.shape[1] > n_ctx:
-        raise InputError(f"sequence length {ids.shape[1]} exceeds the model's {n_ctx} positions (0..{n_ctx - 1}); truncate the input")
+        why = f" ({lengths[3]})" if lengths is not None and lengths[3] else ""
+        raise InputError(f"sequence length {ids.shape[1]} exceeds the model's {n_ctx} positions (0..{n_ctx - 1}){why}; truncate the input")
     if vocab is not None:
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= vocab:
@@ -128,8 +158,12 @@ def feed(
     model_name: str = "this model",
     prepend_bos: bool = True,
     padding_side: str = "right",
+    lengths: tuple | None = None,
 ) -> dict:
     """The program's inputs for ``value`` (see the module docstring).
+
+    ``lengths``: (shortest length, longest, why the shortest, why the longest) when the capture found
+    bounds of its own (``CapturedGraph.min_seq``/``max_seq``).
 
     ``tokens``: the ``Tokens`` helper that encodes text; ``vocab``: the input vocabulary size;
     ``n_ctx``: the number of positions; ``takes_mask``: whether the graph has an attention_mask input.
@@ -139,12 +173,19 @@ def feed(
     is_text = isinstance(value, str) or (isinstance(value, (list, tuple)) and len(value) > 0 and isinstance(value[0], str))
     if is_text:
         ids, from_tokenizer = tokens.encode(value, prepend_bos=prepend_bos, padding_side=padding_side)
+    elif _is_token_rows(value):
+        if attention_mask is not None:
+            raise InputError(
+                "a list of token tensors is padded by fxlens, which makes its attention_mask: drop attention_mask, "
+                "or pass one padded [batch, pos] tensor with its mask"
+            )
+        ids, from_tokenizer = pad_rows(value, tokens.pad_token_id, padding_side)
     else:
         ids, _ = _as_ids(value)
     was_1d = ids.dim() == 1
     if was_1d:
         ids = ids.unsqueeze(0)
-    _check_ids(ids, vocab, n_ctx)
+    _check_ids(ids, vocab, n_ctx, lengths)
     ids = ids.to(device, torch.long)
     out = {"input_ids": ids}
     if attention_mask is not None:

@@ -71,6 +71,7 @@ class TracedMetric(Metric):
     pos_index: torch.Tensor  # [|P|] absolute positions
     tok_index: torch.Tensor  # [|V|] vocabulary ids
     batch: int
+    per_prompt: bool = False  # the callable returns one value per prompt ([batch]), not a scalar
 
     @property
     def positions(self) -> tuple:
@@ -84,7 +85,13 @@ class TracedMetric(Metric):
         return self.pos_index.expand(batch, -1), self.tok_index.expand(batch, -1)
 
     def from_selected(self, selected: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.gm(rows).reshape(()) for rows in selected])
+        """[rows] for a scalar metric, [rows, batch] for one that returns a value per prompt."""
+        return torch.stack([self.gm(rows).reshape((self.batch,) if self.per_prompt else ()) for rows in selected])
+
+    def per_example(self, selected: torch.Tensor) -> torch.Tensor:
+        if not self.per_prompt:
+            raise NotImplementedError("the callable returns one number for the batch")
+        return self.from_selected(selected)
 
     def __call__(self, logits: torch.Tensor):
         return self.fn(logits)
@@ -146,11 +153,11 @@ def _reads(gm: fx.GraphModule, shape: tuple, metric) -> TracedMetric | Untraceab
                 pass
         uses += [(node, n) for n in ins if n in coords]
     if not uses:
-        return Untraceable("its result does not read the logits")
+        return None  # its result does not read the logits (or is no tensor): full logits, where the caller says why
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     val = out.meta.get("val") if isinstance(out, fx.Node) else None
-    if not isinstance(val, torch.Tensor) or val.numel() != 1:
-        return None  # not a scalar: full logits, where the caller says what it returned
+    if not isinstance(val, torch.Tensor) or (val.numel() != 1 and tuple(val.shape) != (b,)):
+        return None  # neither a scalar nor one value per prompt: full logits, where the caller says what it returned
     for _, n in uses:
         if coords[n][0].numel() > MAX_READ:
             return None
@@ -159,7 +166,7 @@ def _reads(gm: fx.GraphModule, shape: tuple, metric) -> TracedMetric | Untraceab
     if pos.numel() == s and tok.numel() == v:
         return None
     on_selected = _on_selected(gm, logits, uses, coords, pos, tok, s, v)
-    return TracedMetric(metric, on_selected, pos.cpu(), tok.cpu(), b)
+    return TracedMetric(metric, on_selected, pos.cpu(), tok.cpu(), b, per_prompt=val.numel() != 1 or val.dim() == 1)
 
 
 def _replay(node: fx.Node, coordinate: torch.Tensor, values: dict) -> torch.Tensor:

@@ -15,12 +15,18 @@ Example::
     logits, cache = model.run_with_cache("The Eiffel Tower is in", names_filter=lambda n: n.endswith("pattern"))
     cache["pattern", 3].shape     # [batch, head, query_pos, key_pos]
 
+A model whose code fixes the sequence length (state-space and hybrid models) is captured once per input
+length (told once, at wrapping); each call uses the capture of its input's length (``Derived.at_length``),
+and ``model.sites`` and the other properties describe the capture of the last input's length.
+
 Gotchas: the graph is specialised to the model's dtype and device; when the HF model is moved or its
 modules replaced after wrapping, the next call captures it again (and says so once). Forward hooks
 registered on the HF model are not part of the graph (use ``run_with_hooks``).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import copy
 import os
@@ -82,6 +88,8 @@ def _config(derived: Derived, hf_model, table) -> Config:
     config = getattr(hf_model, "config", None)
     dims = derived.graph.dims
     n_ctx = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    max_seq = derived.captured.max_seq  # lengths beyond it were found not to work (``graphs.bounds``)
+    n_ctx = max_seq if n_ctx is None or (max_seq is not None and max_seq < n_ctx) else n_ctx
     return Config(
         n_layers=dims["n_layers"],
         d_model=int(dims["d_model"]),
@@ -105,6 +113,15 @@ def _config(derived: Derived, hf_model, table) -> Config:
 class Model:
     """A HuggingFace model captured as a graph of named sites. See the module docstring."""
 
+    def __new__(cls, hf_model=None, *args, **kwargs):
+        # an encoder-decoder (config.is_encoder_decoder) is a Seq2SeqModel (engine/seq2seq.py)
+        if cls is Model and getattr(getattr(hf_model, "config", None), "is_encoder_decoder", False):
+            from ..graphs.seq2seq import is_encoder_decoder
+            from .seq2seq import Seq2SeqModel
+
+            cls = Seq2SeqModel if is_encoder_decoder(hf_model) else cls
+        return object.__new__(cls)
+
     def __init__(self, hf_model: torch.nn.Module, tokenizer=None, *, attn_implementation: str | None = None, table="auto"):
         _check_model_and_tokenizer(hf_model, tokenizer)
         self.hf_model = hf_model
@@ -114,7 +131,9 @@ class Model:
         self.table = table
         self.attn_implementation = attn_implementation
         self._derived = Derived.capture(hf_model, attn_implementation, table)
+        self._length: int | None = None  # the last input's length: which capture a length-fixing model uses
         self._told: set = set()
+        self._persistent: list = []  # (site name, fn, permanent) added with add_hook, applied to every forward call
         self.last_sweep_stats: dict = {}  # what the last run of rows (a sweep, path patching, an edge sweep) did
         self.cfg = _config(self._derived, hf_model, table)
         self._tok = Tokens(tokenizer, self._derived.captured.device)
@@ -131,6 +150,7 @@ class Model:
         change = d.binding.change()
         if change is not None:
             d = self._follow(change)
+        d = d.at_length(self._length)
         if self.hf_model.training and "train" not in self._told:
             self._told.add("train")
             warnings.warn(
@@ -173,27 +193,35 @@ class Model:
         return self._derived
 
     @property
+    def _active(self) -> Derived:
+        """The Derived of the last input's length (``Derived.at_length``; the capture itself for a model
+        that takes every length)."""
+        return self._derived.at_length(self._length)
+
+    @property
     def captured(self):
-        return self._derived.captured
+        return self._active.captured
 
     @property
     def graph(self):
-        return self._derived.graph
+        return self._active.graph
 
     @property
     def site_table(self):
-        return self._derived.graph.sites
+        return self._active.graph.sites
 
     @property
     def programs(self):
-        return self._derived.programs
+        return self._active.programs
 
     def _with_derived(self, derived: Derived) -> "Model":
         """A Model sharing this one's HF model, tokenizer and table, computing with ``derived``."""
-        new = object.__new__(Model)
+        new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new._derived = derived
+        new._length = None
         new._told = set()
+        new._persistent = list(self._persistent)  # the copy's own list: hooks added to one stay off the other
         new.last_sweep_stats = {}
         new._tok = Tokens(self.tokenizer, derived.captured.device)
         return new
@@ -230,7 +258,7 @@ class Model:
             load_kwargs["attn_implementation"] = attn_implementation
         errors = []
         hf_model = None
-        for auto in ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel"):
+        for auto in _auto_classes(name_or_path, hf_kwargs):
             try:
                 hf_model = getattr(transformers, auto).from_pretrained(name_or_path, **load_kwargs)
                 break
@@ -307,13 +335,30 @@ class Model:
         return self._tok.to_single_token(string)
 
     def _inputs(self, value, attention_mask=None, prepend_bos: bool | None = None, padding_side: str = "right") -> dict:
-        """The program's checked inputs (``fxlens.engine.inputs.feed``)."""
+        """The program's checked inputs (``fxlens.engine.inputs.feed``); a model captured per length
+        switches to (or captures) the one of this input's length."""
         self.derived  # the HF model as captured, or followed (see ``derived``)
-        return checked_feed(
+        out = checked_feed(
             value, attention_mask, tokens=self._tok, device=self.captured.device, vocab=self.cfg.d_vocab,
             n_ctx=self.cfg.n_ctx, takes_mask="attention_mask" in self.captured.inputs,
             model_name=type(self.hf_model).__name__, prepend_bos=self._bos(prepend_bos), padding_side=padding_side,
+            lengths=self._lengths(),
         )
+        if self._derived.captured.static_seq is not None:
+            self._derived.at_length(out["input_ids"].shape[1])  # refused here when the length is ambiguous
+            self._length = out["input_ids"].shape[1]
+        return out
+
+    def _lengths(self) -> tuple | None:
+        """(min, max, why min, why max) for ``inputs.feed`` when the capture found bounds of its own."""
+        cg, config = self._derived.captured, getattr(self.hf_model, "config", None)
+        max_pos = getattr(config, "max_position_embeddings", None)
+        if cg.min_seq <= 1 and (cg.max_seq is None or max_pos is None or cg.max_seq >= max_pos):
+            return None
+        why_max = (f"torch.export could not prove the model's code correct for longer inputs although "
+                   f"config.max_position_embeddings = {max_pos}" if max_pos is not None and cg.max_seq is not None
+                   and cg.max_seq < max_pos else None)
+        return cg.min_seq, cg.max_seq, "torch.export found that its code needs it", why_max
 
     # ---- running --------------------------------------------------------------------------------
     def _outputs(self, out: dict, feed: dict, return_type: str | None):
@@ -345,10 +390,22 @@ class Model:
             raise ValueError(self._derived.no_logits("this call"))
         return out["outputs"][key]
 
-    def __call__(self, input, attention_mask=None, *, return_type: str | None = "logits", prepend_bos: bool | None = None, padding_side: str = "right"):
+    def __call__(self, input, attention_mask=None, *, return_type: str | None = "logits", prepend_bos: bool | None = None,
+                 padding_side: str = "right", loss_per_token: bool = False):
+        """Logits [batch, pos, vocab]; ``return_type`` "loss" (mean next-token loss; per position with
+        ``loss_per_token=True``, [batch, pos - 1]), "both" or None, as in TransformerLens."""
         feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
-        out = self.programs.get(())(**feed)
-        return self._outputs(out, feed, return_type)
+        if not self._persistent:
+            out = self.programs.get(())(**feed)
+        else:
+            plan, inputs = self._with_persistent(PlanBuilder(self.graph)).build()
+            out = self.programs.get(plan)(**feed, **inputs)
+        result = self._outputs(out, feed, return_type)
+        if loss_per_token and return_type in ("loss", "both"):
+            logits = self._logits(out)
+            loss = lm_loss(logits, feed["input_ids"], feed.get("attention_mask"), per_token=True)
+            return loss if return_type == "loss" else (logits, loss)
+        return result
 
     forward = __call__
 
@@ -365,8 +422,12 @@ class Model:
         prepend_bos: bool | None = None,
         padding_side: str = "right",
         canonical_only: bool = False,
+        fwd_hooks=(),
     ):
         """Run once and return ``(logits, ActivationCache)`` of the sites ``names_filter`` selects.
+
+        ``fwd_hooks`` (as in ``run_with_hooks``) and hooks added with ``add_hook`` run first: the cache
+        holds the values after them, as in TransformerLens.
 
         ``names_filter``: None (every site except the expensive per-head results ``attn.hook_result`` and
         per-expert outputs), a name, a list of names, or a predicate on names. A predicate sees every site
@@ -387,8 +448,13 @@ class Model:
             sites = [s for s in sites if self.graph.dg.order.get(s.rewrite[1] if s.rewrite else s.node, 0) <= limit]
             stop = stop_node
         keep_outputs = return_logits and stop is None and return_type is not None
-        plan = self._cache_plan(sites, stop, keep_outputs)
-        out = self.programs.get(plan)(**feed)
+        if fwd_hooks or self._persistent:
+            b = self._hooked(PlanBuilder(self.graph), fwd_hooks, canonical_only)
+            plan, inputs = b.cache(sites, reads=[Read("fxl_stop", stop)] if stop else (), keep_outputs=keep_outputs).build()
+            out = self.programs.get(plan)(**feed, **inputs)
+        else:
+            plan = self._cache_plan(sites, stop, keep_outputs)
+            out = self.programs.get(plan)(**feed)
         values = {k: v.detach() if v.requires_grad else v for k, v in out["cache"].items()}
         stopped = values.pop("fxl_stop", None)
         cache = ActivationCache(values, self.site_table, self)
@@ -402,13 +468,82 @@ class Model:
         """The plan that caches ``sites`` (and the residual at node ``stop`` as ``fxl_stop``): the same
         object for the same request, so that looking its program up hashes it once (a cache of every
         site holds hundreds of reads)."""
-        d = self._derived
+        d = self._active
 
         def build():
             b = PlanBuilder(d.graph).cache(sites, reads=[Read("fxl_stop", stop)] if stop else (), keep_outputs=keep_outputs)
             return b.build()[0]
 
         return d.plan(("cache", tuple(s.name for s in sites), stop, keep_outputs), build)
+
+    # ---- hooks ----------------------------------------------------------------------------------
+    def _hook_sites(self, name, canonical_only: bool = False) -> list:
+        if callable(name):
+            matched = self._resolve(name, canonical_only)
+            if not matched:
+                raise SiteError("the hook predicate matched no site; see model.sites for the names")
+            return matched
+        return [self.site_table[name]]
+
+    def _hooked(self, b: PlanBuilder, fwd_hooks, canonical_only: bool = False) -> PlanBuilder:
+        """``b`` with the persistent hooks, then ``fwd_hooks = [(name or predicate, fn)]``, in that order."""
+        self._with_persistent(b)
+        for entry in fwd_hooks:
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and callable(entry[1])):
+                raise TypeError("fwd_hooks must be a list of (site name or predicate, function) pairs")
+            name, fn = entry
+            for site in self._hook_sites(name, canonical_only):
+                b.hook(site, fn, HookPoint(site.name, site.layer))
+        return b
+
+    def _with_persistent(self, b: PlanBuilder) -> PlanBuilder:
+        for name, fn, _ in self._persistent:
+            site = self.site_table[name]
+            b.hook(site, fn, HookPoint(site.name, site.layer))
+        return b
+
+    def add_hook(self, name, hook, dir: str = "fwd", is_permanent: bool = False, *, canonical_only: bool = False) -> None:
+        """Keep ``hook(value, hook_point)`` at the site ``name`` (or every site a predicate accepts) for every
+        forward call (``model(...)``, ``run_with_cache``, ``run_with_hooks``, ``run_with_interventions``)
+        until ``reset_hooks()``; it is part of each call's program, not a Python hook on the HF model.
+        ``is_permanent=True`` keeps it through ``reset_hooks()`` (``including_permanent=True`` removes it).
+        Sweeps, path patching and other runs of rows refuse while hooks are set (they build their own
+        programs): pass the edit as an intervention there."""
+        if dir != "fwd":
+            raise ValueError(
+                f"dir={dir!r}: only forward hooks can be kept on the model; for gradients use "
+                "run_with_cache with gradients enabled and torch.autograd (see fxlens.attribution)"
+            )
+        if not callable(hook):
+            raise TypeError(f"hook must be a function (value, hook_point) -> value or None; got {type(hook).__name__}")
+        for site in self._hook_sites(name, canonical_only):
+            self._persistent.append((site.name, hook, bool(is_permanent)))
+
+    def reset_hooks(self, including_permanent: bool = False) -> None:
+        """Remove the hooks ``add_hook`` kept (the permanent ones too with ``including_permanent``)."""
+        self._persistent = [h for h in self._persistent if h[2] and not including_permanent]
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True):
+        """``with model.hooks(fwd_hooks=[(name, fn)]):`` every forward call inside runs with these hooks;
+        they are removed on exit, errors included (``reset_hooks_end=False`` keeps them)."""
+        if bwd_hooks:
+            raise ValueError("backward hooks are not supported: use torch.autograd on cached activations (fxlens.attribution)")
+        before = list(self._persistent)
+        try:
+            for entry in fwd_hooks:
+                if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and callable(entry[1])):
+                    raise TypeError("fwd_hooks must be a list of (site name or predicate, function) pairs")
+                self.add_hook(*entry)
+            yield self
+        finally:
+            if reset_hooks_end:
+                self._persistent = before
+
+    @property
+    def persistent_hooks(self) -> list:
+        """[(site name, function)] of the hooks every forward call runs with (``add_hook``)."""
+        return [(name, fn) for name, fn, _ in self._persistent]
 
     def run_with_hooks(
         self,
@@ -437,19 +572,12 @@ class Model:
                 "cached activations instead (see fxlens.attribution)"
             )
         if not reset_hooks_end:
-            raise ValueError("fxlens never leaves hooks on a model; reset_hooks_end=False has no meaning here")
+            raise ValueError(
+                "reset_hooks_end=False would keep these hooks after the call: add them with model.add_hook(name, fn) "
+                "(or `with model.hooks(fwd_hooks=...):`) to keep them"
+            )
         feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
-        b = PlanBuilder(self.graph)
-        for entry in fwd_hooks:
-            if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and callable(entry[1])):
-                raise TypeError("fwd_hooks must be a list of (site name or predicate, function) pairs")
-            name, fn = entry
-            matched = self._resolve(name, canonical_only) if callable(name) else [self.site_table[name]]
-            if callable(name) and not matched:
-                raise SiteError("the hook predicate matched no site; see model.sites for the names")
-            for site in matched:
-                b.hook(site, fn, HookPoint(site.name, site.layer))
-        plan, inputs = b.build()
+        plan, inputs = self._hooked(PlanBuilder(self.graph), fwd_hooks, canonical_only).build()
         out = self.programs.get(plan)(**feed, **inputs)
         return self._outputs(out, feed, return_type)
 
@@ -475,7 +603,7 @@ class Model:
         feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
         batch, seq = feed["input_ids"].shape
         prep = prepare(list(interventions), self, batch, seq, feed.get("attention_mask"))
-        b = PlanBuilder(self.graph)
+        b = self._with_persistent(PlanBuilder(self.graph))
         prep.add_to(b)
         if names_filter is not None:
             b.cache(self._resolve(names_filter))
@@ -511,6 +639,75 @@ class Model:
 
         return WeightEdits(self, in_place=True)
 
+    # ---- weights and tokens, as TransformerLens names them --------------------------------------
+    @property
+    def W_E(self) -> torch.Tensor:
+        """The token embedding [d_vocab, d_model]: the HF parameter itself (edits show in the model)."""
+        from .weight_views import embedding
+
+        return embedding(self)
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        """The unembedding [d_model, d_vocab_out]: a transposed view of the HF output weight."""
+        from .weight_views import unembedding
+
+        return unembedding(self)[0]
+
+    @property
+    def b_U(self) -> torch.Tensor:
+        """The unembedding bias [d_vocab_out] (zeros when the head has none)."""
+        from .weight_views import unembedding
+
+        return unembedding(self)[1]
+
+    def tokens_to_residual_directions(self, tokens) -> torch.Tensor:
+        """The unembedding directions of ``tokens`` (an id, a string of one token, or ids): [..., d_model]."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        ids = torch.as_tensor(tokens, dtype=torch.long)
+        return self.W_U[:, ids].movedim(0, -1)
+
+    def to_single_str_token(self, token: int) -> str:
+        """The string of one token id."""
+        if not isinstance(token, int):
+            raise TypeError(f"to_single_str_token takes one token id (an int); got {type(token).__name__}")
+        return self.to_string(token)
+
+    def get_token_position(self, single_token, input, mode: str = "first", prepend_bos: bool | None = None,
+                           padding_side: str = "right") -> int:
+        """The position of ``single_token`` (an id or a one-token string) in ``input`` (text or ids
+        [pos] / [1, pos]): its first or last occurrence (``mode``), as TransformerLens."""
+        if mode not in ("first", "last"):
+            raise ValueError(f"mode must be 'first' or 'last'; got {mode!r}")
+        token = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)
+        ids = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side) if isinstance(input, str) else torch.as_tensor(input)
+        if ids.dim() == 2:
+            if ids.shape[0] != 1:
+                raise ValueError(f"get_token_position takes one sequence; got a batch of {ids.shape[0]}")
+            ids = ids[0]
+        where = (ids == token).nonzero().flatten()
+        if where.numel() == 0:
+            raise ValueError(f"token {token} ({self.to_string(token)!r}) is not in the input")
+        return int(where[0] if mode == "first" else where[-1])
+
+    def test_prompt(self, prompt: str, answer: str, prepend_space_to_answer: bool = True, print_details: bool = True,
+                    prepend_bos: bool | None = None, top_k: int = 10) -> dict:
+        """TransformerLens' ``utils.test_prompt``: the rank, logit and probability of each answer token
+        after the prompt (and of the top ``top_k`` tokens at the last position), printed and returned."""
+        from .weight_views import test_prompt
+
+        return test_prompt(self, prompt, answer, prepend_space_to_answer, print_details, prepend_bos, top_k)
+
+    def generate(self, input, max_new_tokens: int = 10, **kwargs):
+        """Generate ``max_new_tokens`` tokens with ``interventions=[...]`` and hooks applied at every step;
+        TransformerLens' arguments (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``stop_at_eos``,
+        ``eos_token_id``, ``return_type``, ``verbose``) plus ``generator`` (a torch.Generator for
+        reproducible sampling). See ``fxlens.engine.generate``."""
+        from .generate import generate
+
+        return generate(self, input, max_new_tokens, **kwargs)
+
     def with_weight_edits(self, edit) -> "Model":
         """A new Model with ``edit(w)`` applied to copies of the touched tensors; this model is unchanged."""
         from .weights import WeightEdits
@@ -525,6 +722,21 @@ class Model:
             f"fxlens.Model({type(self.hf_model).__name__}: {c.n_layers} layers, d_model={c.d_model}, "
             f"heads={c.n_heads}, {len(self.site_table)} sites, attention={c.attn_implementation})"
         )
+
+
+def _auto_classes(name_or_path, hf_kwargs) -> tuple:
+    """The transformers auto classes to try, in order: an encoder-decoder checkpoint (config.is_encoder_decoder)
+    loads with its LM head (AutoModelForCausalLM would load BART's decoder alone)."""
+    import transformers
+
+    kwargs = {k: v for k, v in hf_kwargs.items() if k in ("gguf_file", "revision", "trust_remote_code")}
+    try:
+        config = transformers.AutoConfig.from_pretrained(name_or_path, **kwargs)
+    except Exception:  # noqa: BLE001 - only a probe: the loaders below say what is wrong
+        config = None
+    if getattr(config, "is_encoder_decoder", False):
+        return ("AutoModelForSeq2SeqLM", "AutoModelForSpeechSeq2Seq", "AutoModel")
+    return ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel")
 
 
 def _check_model_and_tokenizer(hf_model, tokenizer) -> None:
@@ -542,10 +754,13 @@ def _check_model_and_tokenizer(hf_model, tokenizer) -> None:
         )
 
 
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean next-token cross-entropy over the positions whose target is not padding."""
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None, per_token: bool = False) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions whose target is not padding; with ``per_token``
+    each position's, [batch, pos - 1] (0 where the target is padding), as TransformerLens' ``loss_per_token``."""
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    if per_token:
+        return nll if mask is None else nll * mask[:, 1:].to(nll.dtype)
     if mask is None:
         return nll.mean()
     m = mask[:, 1:].to(nll.dtype)

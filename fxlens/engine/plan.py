@@ -73,7 +73,8 @@ def rewrites_for(mg: ModelGraph, sites, write=()) -> tuple:
             raise ValueError(f"unknown rewrite {kind!r} for site {site.name}")
         entry = target
         if kind == "split_heads":
-            a = mg.attn[site.layer]
+            # an encoder-decoder has several attentions per layer index (graphs/seq2seq.py)
+            a = mg.attention_of(site) if hasattr(mg, "attention_of") else mg.attn[site.layer]
             entry = Head(target, a.z.node, a.z.layout, a.n_heads, a.d_head)
         elif kind == "split_experts":
             m = mg.moe[site.layer]

@@ -58,8 +58,9 @@ class Sweep:
         return self.engine.stats
 
     def run(self, cells, feed: dict, source, metric, *, memory_budget: float = 1.0, progress: bool = False,
-            base=None) -> torch.Tensor:
-        """The metric for each cell (one patched corrupted run each), as a tensor [len(cells)]."""
+            base=None, per_example: bool = False) -> torch.Tensor:
+        """The metric for each cell (one patched corrupted run each), as a tensor [len(cells)]
+        ([len(cells), batch] with ``per_example``: the metric of each prompt)."""
         cells = list(cells)
         for c in cells:
             if c.site.layer is None:
@@ -68,8 +69,8 @@ class Sweep:
         sites = list({c.site.name: c.site for c in cells}.values())
         base = base or engine.base(feed, sites=sites)
         values = self._sources(cells, source, base)
-        readout = engine.readout(base, metric)
-        out = torch.empty(len(cells), dtype=torch.float32)
+        readout = engine.readout(base, metric, per_example)
+        out = torch.empty(len(cells), *readout.value_shape, dtype=torch.float32)
         rows, where, unchanged = [], [], []
         for idx, cell in enumerate(cells):
             value = cell.source if cell.source is not None else values[cell.site.name]

@@ -21,7 +21,11 @@ Example::
     a.kind                    # "sdpa": pattern and scores need the expand-attention rewrite
 
 Gotchas: under SDPA the pattern is never materialised; ``kind == "sdpa"`` tells the site table to
-ask for the rewrite in ``passes/expand_attention.py``.
+ask for the rewrite in ``passes/expand_attention.py``. Families that compute attention as
+``bmm`` over [batch*heads, q, k] (XGLM, MVP, TrOCR) get an ``unflatten_heads`` layout, checked to be
+batch-major; a flat axis that is not batch x query heads leaves pattern and scores out with the reason.
+Where the block's residual sum does not isolate attention (Gemma-3n's stacked AltUp streams), the
+caller passes a branch built from the attention module's own nodes (``attention_module_branch``).
 """
 
 from __future__ import annotations
@@ -293,7 +297,7 @@ def find_attention(dg: DataGraph, block, branch, syms, norms: dict | None = None
         pattern = View(pattern_node)
         scores = View(scores_node) if scores_node is not None else None
     else:
-        raise AttentionError(f"no attention op in {branch.module}")
+        raise AttentionError("no softmax or scaled_dot_product_attention in what the block adds to its residual stream")
 
     d_head = int(sym_dims(dg.node(z_heads), *syms)[-1])
     d_qk = int(sym_dims(dg.node(q_in), *syms)[-1])

@@ -12,6 +12,16 @@ and metadata-assert nodes dropped, higher-order no-grad wrappers inlined, and th
 ``{"outputs": {field: node}}`` keyed by the model output's field names. Parameters stay shared with
 the user's model (no copy); the user's model object is left exactly as it was found.
 
+Sequence lengths: the sequence dimension is declared ``Dim("seq", min=1, max=max_positions)``. When
+torch refuses that range, ``graphs.bounds`` reads its error and capture retries with torch's suggested
+range, or lets torch narrow the range itself (``Dim.DYNAMIC``); the range exported is recorded
+(``min_seq``/``max_seq``) and inputs outside it are refused before they run. A model whose code fixes
+the length (state-space models) is captured at one length with a dynamic batch (``static_seq``,
+``static_reason``; ``seq_len=L`` captures at ``L``); ``graphs.lengths`` explains how such captures are
+used per input length and keep their axis labels sound. A failed export is explained by
+``graphs.explain``: torch's message trimmed, the fix named, and a model whose own forward fails on
+the example input refused as a config problem.
+
 Example::
 
     cg = capture(hf_model)
@@ -34,7 +44,9 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.fx.graph import CodeGen
 
+from .bounds import REFINE, STATIC, next_bounds
 from .causality import Probe, probe
+from .explain import explain
 from .functional import functionalize, is_mutation
 from .nodes import is_assert, tensor_meta
 from .selfcheck import compare
@@ -60,6 +72,10 @@ class CapturedGraph:
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     is_causal: bool = False  # no position reads a later token (probed on the graph: ``causality``)
+    min_seq: int = 1  # the shortest input the graph takes
+    max_seq: int | None = None  # the longest (the model's positions, or the bound torch.export needed)
+    static_seq: int | None = None  # the one length the graph takes, when the model fixes it (else None)
+    static_reason: str | None = None  # why a dynamic length could not be captured (set on such captures)
 
     @property
     def logits(self) -> str | None:
@@ -70,12 +86,18 @@ class CapturedGraph:
         return next((name for name in self.outputs if name.endswith("logits")), None)
 
     @property
-    def logits_dtype(self) -> torch.dtype:
-        """The dtype of the logits output (some models cast them to float32 whatever their own dtype)."""
+    def logits_meta(self) -> torch.Tensor | None:
+        """The logits output's fake tensor (its dtype: some models cast logits to float32; its rank: a
+        sequence-classification head gives [batch, labels]), or None."""
         out = next(n for n in self.module.graph.nodes if n.op == "output").args[0]["outputs"]
         node = out.get(self.logits) if self.logits is not None else None
         meta = tensor_meta(node) if node is not None else None
-        return meta.dtype if isinstance(meta, torch.Tensor) else self.dtype
+        return meta if isinstance(meta, torch.Tensor) else None
+
+    @property
+    def logits_dtype(self) -> torch.dtype:
+        meta = self.logits_meta
+        return meta.dtype if meta is not None else self.dtype
 
 
 @contextlib.contextmanager
@@ -125,20 +147,35 @@ def _flag(config) -> tuple[str, object]:
     return name, config.__dict__.get(name, _MISSING)
 
 
-def _example_inputs(model, accepts: set[str]):
+EXAMPLE_LENGTH = 5
+MAX_RETRIES = 4  # narrower sequence ranges tried after a "Constraints violated (seq)" error
+
+
+def _max_positions(model) -> int | None:
+    config = getattr(model, "config", None)
+    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(value) if isinstance(value, int) else None
+
+
+def _example_inputs(model, accepts: set[str], length: int = EXAMPLE_LENGTH, bounds: tuple[int, int] | None = None,
+                    refine: bool = False):
+    """Example kwargs, their dynamic shapes (sequence range ``bounds``; None: the length is static;
+    ``refine``: a range torch may narrow, ``bounds.REFINE``) and the fixed flags."""
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None) or 2
-    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 4096
     # Batch 2 and length 5: neither is 0 or 1 (torch.export specialises those) and they differ.
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    ids = torch.randint(0, vocab, (2, 5), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(0)).to(device)
     kwargs = {"input_ids": ids}
     batch = torch.export.Dim("batch", min=1)
-    seq = torch.export.Dim("seq", min=1, max=max(int(max_pos), 6))
-    dynamic = {"input_ids": {0: batch, 1: seq}}
+    axes = {0: batch}
+    if bounds is not None:
+        axes[1] = (torch.export.Dim.DYNAMIC(min=bounds[0], max=bounds[1]) if refine
+                   else torch.export.Dim("seq", min=bounds[0], max=bounds[1]))
+    dynamic = {"input_ids": axes}
     if "attention_mask" in accepts:
         kwargs["attention_mask"] = torch.ones_like(ids)
-        dynamic["attention_mask"] = {0: batch, 1: seq}
+        dynamic["attention_mask"] = dict(axes)
     extra = {}
     if "use_cache" in accepts:
         extra["use_cache"] = False
@@ -171,18 +208,80 @@ def _export(model, kwargs, dynamic, extra):
     return torch.export.export(bound, args, dynamic_shapes=shapes, strict=False)
 
 
-def _explain(model, err: Exception) -> CaptureError:
-    name = type(model).__name__
-    text = str(err).strip().splitlines()
-    head = text[0] if text else type(err).__name__
-    hint = (
-        "fxlens needs torch.export(strict=False) to trace the model's forward. What you can do: "
-        "pass attn_implementation='eager' (or 'sdpa') to Model.from_pretrained/from_hf; check that the "
-        "forward runs with use_cache=False on input_ids of shape [2, 5]; or capture a sub-module that "
-        "exports. The failing construct is named above (data-dependent control flow and Python-side "
-        "caches are the usual causes)."
-    )
-    return CaptureError(f"could not capture {name} with torch.export: {type(err).__name__}: {head}\n{hint}")
+def _explain(model, err: Exception, seq_bounds: tuple[int, int] | None = None) -> CaptureError:
+    return CaptureError(explain(model, err, seq_bounds=seq_bounds, own_error=_own_error(model)))
+
+
+def _own_error(model) -> Exception | None:
+    """What the model's own forward raises on the example input (None when it runs): an export error
+    is then the model's or its config's, not the capture's."""
+    accepts = _accepted_kwargs(model)
+    if "decoder_input_ids" in accepts:  # an encoder-decoder: a call with input_ids alone proves nothing
+        return None
+    kwargs, _, extra = _example_inputs(model, accepts, EXAMPLE_LENGTH, None)
+    try:
+        with torch.no_grad():
+            model(**kwargs, **extra)
+    except Exception as err:  # noqa: BLE001 - reported, not raised
+        return err
+    return None
+
+
+def _export_with_bounds(model, accepts: set[str], seq_len: int | None):
+    """(exported program, extra flags, (min_seq, max_seq) or None for a static length, why static).
+
+    ``seq_len=None``: a dynamic sequence dimension over the model's positions, narrowed as torch's
+    errors ask (``bounds``); when the model fixes the length, None is returned for the program and the
+    reason, so that the caller captures per length. ``seq_len=L``: the length is static at L.
+    """
+    if seq_len is not None:
+        kwargs, dynamic, extra = _example_inputs(model, accepts, seq_len, None)
+        try:
+            return _export(model, kwargs, dynamic, extra), extra, None, None
+        except Exception as err:  # noqa: BLE001 - re-raised with an explanation
+            raise _explain(model, err) from err
+    max_pos = _max_positions(model)
+    lo, hi = 1, max(max_pos or 4096, EXAMPLE_LENGTH + 1)
+    refine, tried, last = False, [], None
+    for _ in range(MAX_RETRIES + 1):
+        kwargs, dynamic, extra = _example_inputs(model, accepts, EXAMPLE_LENGTH, (lo, hi), refine)
+        try:
+            ep = _export(model, kwargs, dynamic, extra)
+        except Exception as err:  # noqa: BLE001 - narrowed and retried, or re-raised with an explanation
+            tried.append(REFINE if refine else (lo, hi))
+            step = next_bounds(str(err), lo, hi, tried)
+            if step == STATIC:
+                return None, extra, None, _static_reason(str(err))
+            if step is None or (step != REFINE and not step[0] <= EXAMPLE_LENGTH <= step[1]):
+                raise _explain(model, err, (lo, hi)) from err
+            if step == REFINE:
+                refine = True
+            else:
+                lo, hi = step
+            last = err
+            continue
+        return ep, extra, _seq_range(ep, lo, hi), None
+    raise _explain(model, last, (lo, hi)) from last
+
+
+def _seq_range(ep, lo: int, hi: int) -> tuple[int, int]:
+    """The sequence lengths the exported program takes: its range constraint on the sequence symbol."""
+    ids = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name.endswith("input_ids"))
+    size = ids.meta["val"].shape[1]
+    expr = size.node.expr if isinstance(size, torch.SymInt) else None
+    vr = ep.range_constraints.get(expr) if expr is not None else None
+    if vr is None:
+        return lo, hi
+    lower = int(vr.lower) if vr.lower.is_finite else lo
+    upper = int(vr.upper) if vr.upper.is_finite else hi
+    return max(lo, lower), min(hi, upper)
+
+
+def _static_reason(text: str) -> str:
+    """torch's line saying that the code fixed the sequence length, with the model code it names."""
+    line = next((ln.strip(" -") for ln in text.splitlines() if "specialized" in ln), "")
+    line = line.split(". If you")[0]  # torch's advice on mark_dynamic is not the user's to follow
+    return f"its code fixes the sequence length (torch.export: {line})" if line else "its code fixes the sequence length"
 
 
 def _strip_inner(name: str) -> str:
@@ -270,21 +369,27 @@ def _output_names(ep) -> list[str]:
     return [f"output_{i}" for i in range(spec.num_leaves)]
 
 
-def capture(model: torch.nn.Module, *, attn_implementation: str | None = None) -> CapturedGraph:
-    """Export ``model`` and return its rebuilt graph (see the module docstring)."""
+def capture(model: torch.nn.Module, *, attn_implementation: str | None = None, seq_len: int | None = None) -> CapturedGraph:
+    """Export ``model`` and return its rebuilt graph (see the module docstring).
+
+    ``seq_len``: None captures every sequence length at once (a dynamic dimension); an int captures that
+    length only (what ``fxlens.graphs.lengths`` does for models that fix the length). A model that
+    fixes the length is captured at ``EXAMPLE_LENGTH`` with ``static_reason`` set.
+    """
     accepts = _accepted_kwargs(model)
     if "input_ids" not in accepts:
         raise CaptureError(
             f"{type(model).__name__}.forward takes no input_ids; fxlens captures token-in models. "
             "Wrap the model so that its forward takes input_ids (and attention_mask)."
         )
+    if seq_len is not None and seq_len < 1:
+        raise ValueError(f"seq_len must be a positive length; got {seq_len}")
     with _borrowed(model, attn_implementation):
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
-        kwargs, dynamic, extra = _example_inputs(model, accepts)
-        try:
-            ep = _export(model, kwargs, dynamic, extra)
-        except Exception as err:  # noqa: BLE001 - re-raised with an explanation
-            raise _explain(model, err) from err
+        ep, extra, bounds, why = _export_with_bounds(model, accepts, seq_len)
+        if ep is None:  # the model's code fixes the sequence length: capture at the example length
+            seq_len = EXAMPLE_LENGTH
+            ep, extra, _, _ = _export_with_bounds(model, accepts, seq_len)
         gm = ep.module()
         names = _output_names(ep)
         graph, inputs = _rebuild(gm, names)
@@ -300,8 +405,11 @@ def capture(model: torch.nn.Module, *, attn_implementation: str | None = None) -
         device = param.device if param is not None else torch.device("cpu")
         config = getattr(model, "config", None)
         vocab = input_vocab(module.graph) or getattr(config, "vocab_size", None)
-        max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        seen = probe(module, seq_sym, vocab, max_len=max_pos, device=device)
+        max_pos = _max_positions(model)
+        if bounds is not None:
+            max_pos = bounds[1] if max_pos is None else min(max_pos, bounds[1])
+        seen = probe(module, seq_sym, vocab, max_len=max_pos, device=device, length=seq_len,
+                     min_len=bounds[0] if bounds else 1)
         _self_check(model, seen, inputs, extra, names)
     return CapturedGraph(
         module=module,
@@ -313,6 +421,10 @@ def capture(model: torch.nn.Module, *, attn_implementation: str | None = None) -
         dtype=param.dtype if param is not None else torch.float32,
         device=device,
         is_causal=seen.causal,
+        min_seq=bounds[0] if bounds else 1,
+        max_seq=max_pos,
+        static_seq=seq_len,
+        static_reason=why,
     )
 
 

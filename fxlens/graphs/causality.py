@@ -78,9 +78,12 @@ def _watching(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
 
 
 def _relative(a, b) -> float:
+    if a.shape == b.shape and a.numel() == 0:
+        return 0.0  # nothing before the last position (a node whose sequence axis is cut to nothing)
     if a.shape != b.shape or not a.is_floating_point():
         return 0.0 if torch.equal(a, b) else float("inf")
-    return float((a.double() - b.double()).abs().max() / a.double().abs().max().clamp_min(1e-30))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
 
 
 def _noise(dtype: torch.dtype) -> float:
@@ -100,10 +103,16 @@ class Probe:
     causal: bool
 
 
-def probe(gm: fx.GraphModule, seq_symbol, vocab: int | None, *, max_len: int | None = None, device=None) -> Probe:
-    """Run the graph on a small probe input (twice when causality can be probed; see the module docstring)."""
-    length = PROBE_LENGTH if max_len is None else min(PROBE_LENGTH, int(max_len))
-    length = max(length, 1)
+def probe(gm: fx.GraphModule, seq_symbol, vocab: int | None, *, max_len: int | None = None, device=None,
+          length: int | None = None, min_len: int = 1) -> Probe:
+    """Run the graph on a small probe input (twice when causality can be probed; see the module docstring).
+
+    ``length``: the probe's length for a graph that takes one length only; else ``PROBE_LENGTH`` within
+    ``min_len..max_len``.
+    """
+    if length is None:
+        length = PROBE_LENGTH if max_len is None else min(PROBE_LENGTH, int(max_len))
+        length = max(length, 1, int(min_len))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, max(int(vocab or 1), 1), (1, length), generator=g)
     changed = ids.clone()

@@ -58,7 +58,8 @@ def find_norm(dg: DataGraph, path: str, nodes: list[fx.Node], syms) -> Norm | No
         return Norm(path, inp, out, "layernorm", None, None, fused.name)
     centred = any(is_op(n, "sub") for n in nodes)
     kind = "layernorm" if centred else "rms"
-    rsqrt = next((n for n in nodes if is_op(n, "rsqrt")), None)
+    # pow(v, -0.5) is rsqrt written as a power (Gemma-3n)
+    rsqrt = next((n for n in nodes if is_op(n, "rsqrt") or (is_op(n, "pow") and n.args[1:2] == (-0.5,))), None)
     if rsqrt is not None:
         width = sym_dims(dg.node(inp), *syms)[-1:]
         mul = next(

@@ -10,6 +10,11 @@ canonical sites. A site that the fast graph lacks (the pattern under SDPA, per-h
 LayerNorm's scale) carries ``rewrite=(kind, node)``; the pass named by ``kind`` creates the node named
 ``site.node``.
 
+A canonical site is offered only where its layout turns the node's shape into the site's axes; the
+rest go to ``SiteTable.left_out`` with the reason in the user's terms (one grouped warning at capture,
+and the unknown-site error repeats it). Gemma-3n keeps four residual streams stacked [4, batch, pos,
+d_model] (AltUp): its residual, attn_out and MLP sites are left out, its attention is found in its module.
+
 Example::
 
     mg = analyse(captured, table)
@@ -33,9 +38,10 @@ from .dataflow import DataGraph
 from .layout import IDENTITY, Layout
 from .mlp import Mlp, find_mlp
 from .moe import Moe, find_moe
-from .nodes import is_tensor, op_name, scope, sym_dims
+from .nodes import ATTENTION_OPS, is_tensor, op_name, scope, sym_dims
 from .norms import Norm, find_norm
-from .structure import Structure, StructureError, _escaping, _module_nodes, _norm_modules, find_structure
+from .structure import (Structure, StructureError, _escaping, _module_nodes, _norm_modules, attention_module_branch,
+                        find_structure)
 from .vocab import input_vocab, token_embedding
 
 __all__ = ["Site", "SiteTable", "ModelGraph", "analyse", "rewritten", "SiteError"]
@@ -86,6 +92,7 @@ _SHORT = {
     "resid_mid": "hook_resid_mid",
     "resid_post": "hook_resid_post",
     "attn_out": "hook_attn_out",
+    "mixer_out": "hook_mixer_out",
     "mlp_out": "hook_mlp_out",
     "normalized_resid_post": "hook_normalized_resid_post",
     "q": "attn.hook_q",
@@ -220,7 +227,9 @@ class ModelGraph:
             elif isinstance(d, int):
                 out.append(d)
             else:  # a product of the symbols (a flattened batch*pos axis)
-                out.append(int(d.subs({self.captured.batch_symbol: batch, self.captured.seq_symbol: seq})))
+                syms = {self.captured.batch_symbol: batch, self.captured.seq_symbol: seq}
+                # a length-fixing model's sequence "symbol" is an int: never substitute a number
+                out.append(int(d.subs({k: v for k, v in syms.items() if isinstance(k, sympy.Basic) and k.is_Symbol})))
         return tuple(out)
 
 
@@ -253,7 +262,11 @@ def analyse(cg: CapturedGraph, table=None) -> ModelGraph:
             except AttentionError as err:
                 if table is not None:
                     raise StructureError(f"block {block.index} of a {table.model_types[0]} model: {err}") from err
-                unfound[block.index] = f"attention not recognised ({_plain(err)})"
+                # stacked residual streams (AltUp) hide attention from the residual sum: find it in its module.
+                # Only there: elsewhere a branch the sum does not isolate would feed circuits a wrong entry.
+                a = _attention_by_module(dg, block, by_scope, syms, norms) if _stacked(dg, syms, block.resid_pre) else None
+                if a is None:
+                    unfound[block.index] = f"attention not recognised ({_plain(err)})"
         if block.mlp is not None:
             moe = find_moe(dg, block.mlp, syms)
             # a mixture of experts has no per-position hidden layer: its sites are the router's and experts'
@@ -268,6 +281,9 @@ def analyse(cg: CapturedGraph, table=None) -> ModelGraph:
     builder = _Builder(dg, syms, st, attns, mlps, norms, table, moes)
     sites = builder.build(by_scope)
     for i, why in unfound.items():
+        if is_mixer(dg, st.blocks[i].attn):
+            why = (f"block {i} mixes positions without attention (a state-space or convolution layer); its output "
+                   f"is blocks.{i}.hook_mixer_out")
         for suffix in ATTN_SUFFIXES:
             builder.left_out[f"blocks.{i}.attn.{suffix}"] = why
     if builder.left_out:
@@ -276,8 +292,39 @@ def analyse(cg: CapturedGraph, table=None) -> ModelGraph:
     return ModelGraph(cg, dg, st, attns, mlps, norms, SiteTable(sites, len(st.blocks), builder.left_out), dims, moes)
 
 
+def is_mixer(dg: DataGraph, branch) -> bool:
+    """Whether a branch that mixes positions holds no attention op (softmax or fused attention): a
+    state-space or convolution mixer (Mamba, Mamba2, the SSM layers of hybrids, LFM2's convolutions)."""
+    if branch is None:
+        return False
+    ops = {op_name(dg.node(n)) for n in branch.nodes}
+    return not (ops & set(ATTENTION_OPS)) and not ops & {"softmax", "_softmax", "_safe_softmax"}
+
+
+def _stacked(dg, syms, name: str) -> int | None:
+    """The number of residual streams a [n, batch, pos, d_model] node stacks (Gemma-3n's AltUp), else None."""
+    dims = sym_dims(dg.node(name), *syms)
+    if len(dims) == 4 and isinstance(dims[0], int) and dims[1:3] == ("B", "S"):
+        return dims[0]
+    return None
+
+
+def _attention_by_module(dg, block, by_scope, syms, norms) -> Attention | None:
+    """Attention found inside its own module, where the block's residual sum does not isolate it (AltUp)."""
+    branch = attention_module_branch(dg, block, by_scope)
+    if branch is None:
+        return None
+    try:
+        return find_attention(dg, block, branch, syms, norms)
+    except AttentionError:
+        return None
+
+
 # the output projections passes/split_heads.py can split per head (graphs/ must not import passes/)
 SPLITTABLE_PROJECTIONS = ("linear", "addmm")
+STACKED_SUFFIXES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+                    "mlp.hook_pre", "mlp.hook_post", "ln1.hook_scale", "ln1.hook_normalized", "ln2.hook_scale",
+                    "ln2.hook_normalized")
 ATTN_SUFFIXES = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_attn_scores", "hook_pattern", "hook_result")
 
 
@@ -287,16 +334,21 @@ def _plain(err: Exception) -> str:
 
 
 def _left_out_message(left_out: dict) -> str:
-    """One line per (site kind, reason): ``blocks.{0,1}.attn.hook_k: reason``."""
+    """One line per reason and layers: ``blocks.{0,1}.attn.hook_k: reason``, ``blocks.{0,1}.{hook_a, hook_b}: reason``."""
     groups: dict = {}
     for name, why in left_out.items():
         m = re.match(r"blocks\.(\d+)\.(.+)$", name)
         key = (m.group(2) if m else name, why)
         groups.setdefault(key, []).append(m.group(1) if m else None)
-    lines = []
+    # then the sites left out for one reason in the same layers share a line
+    lines_by: dict = {}
     for (suffix, why), layers in groups.items():
+        lines_by.setdefault((tuple(layers), why), []).append(suffix)
+    lines = []
+    for (layers, why), suffixes in lines_by.items():
         where = f"blocks.{{{','.join(layers)}}}." if layers[0] is not None else ""
-        lines.append(f"  {where}{suffix}: {why}")
+        what = suffixes[0] if len(suffixes) == 1 else "{" + ", ".join(suffixes) + "}"
+        lines.append(f"  {where}{what}: {why}")
     return (f"{len(left_out)} TransformerLens sites are not offered for this model (raw module sites still work):\n"
             + "\n".join(lines))
 
@@ -387,7 +439,7 @@ class _Builder:
         return f"the graph holds it as [{self._describe(dims)}], which does not lay out as [{', '.join(axes)}]"
 
     def _describe(self, dims: tuple) -> str:
-        named = {self.syms[0]: "batch", self.syms[1]: "pos"}
+        named = {k: v for k, v in zip(self.syms, ("batch", "pos")) if isinstance(k, sympy.Basic) and k.is_Symbol}
         out = []
         for d in dims:
             if d in ("B", "S"):
@@ -434,6 +486,13 @@ class _Builder:
         self._embeddings()
         for i, block in enumerate(st.blocks):
             p = f"blocks.{i}."
+            stacked = self._stacked_reason(block.resid_pre)
+            if stacked is not None:
+                # the residual sum is over stacked streams: its terms are not the attention and MLP outputs
+                for suffix in STACKED_SUFFIXES:
+                    self.left_out[p + suffix] = stacked
+                self._attention(i, p, self.attns[i])
+                continue
             resid_mid, resid_post = block.resid_mid, block.resid_post
             if t is not None and t.post_ln and block.attn and block.mlp:
                 resid_mid, resid_post = block.attn.junction, block.mlp.junction
@@ -442,7 +501,10 @@ class _Builder:
             if resid_mid is not None:
                 self.add(p + "hook_resid_mid", resid_mid, RESID_AXES, i, "resid_mid")
             self.add(p + "hook_resid_post", resid_post, RESID_AXES, i, "resid_post")
-            if block.attn is not None:
+            if block.attn is not None and self.attns[i] is None and is_mixer(self.dg, block.attn):
+                # a state-space (or convolution) token mixer: not attention, so not hook_attn_out
+                self.add(p + "hook_mixer_out", block.attn.output, RESID_AXES, i, "mixer_out")
+            elif block.attn is not None:
                 self.add(p + "hook_attn_out", block.attn.output, RESID_AXES, i, "attn_out")
             if block.mlp is not None:
                 self.add(p + "hook_mlp_out", self._unflat(block.mlp.output), RESID_AXES, i, "mlp_out")
@@ -452,6 +514,15 @@ class _Builder:
             self._block_norms(i, p, block)
         if st.final_norm is not None and st.final_norm in self.norms:
             self._norm("ln_final.", self.norms[st.final_norm], None)
+
+    def _stacked_reason(self, name: str) -> str | None:
+        """Why a block has no single residual stream, when it keeps several stacked (Gemma-3n's AltUp)."""
+        if _stacked(self.dg, self.syms, name) is not None:
+            dims = sym_dims(self.dg.node(name), *self.syms)
+            return (f"the model keeps {dims[0]} residual streams stacked as [{self._describe(dims)}] and mixes them "
+                    "in every layer (AltUp): there is no single residual stream, nor an attention or MLP output added "
+                    "to one; read modules by their HF paths")
+        return None
 
     def _unflat(self, name: str) -> View:
         """A [batch*pos, d] node (OPT flattens before its MLP) seen as [batch, pos, d]."""
@@ -483,6 +554,9 @@ class _Builder:
             if name is None:
                 continue
             dims = sym_dims(self.dg.node(node), *self.syms)
+            if self._stacked_reason(node) is not None:
+                self.left_out[name] = self._stacked_reason(node)
+                continue
             layout = Layout((("expand_batch",),)) if dims and dims[0] == 1 else IDENTITY
             self.add(name, View(node, layout), RESID_AXES, None, name[5:], sizes={"d_model": None})
 

@@ -23,7 +23,10 @@ Example::
 
 Gotchas: a float32 graph may route the residual through a no-op ``.to(float32)`` inside a norm's
 scope (the spine then contains that alias); resid sites always name the block's input, the first
-junction and the block's output, never such aliases.
+junction and the block's output, never such aliases. Gemma-3n keeps four residual streams stacked as
+[4, batch, pos, d_model] and mixes them (AltUp), so its residual sum does not isolate attention;
+``attention_module_branch`` then reads the attention branch from the attention module's own nodes.
+RMSNorm written as ``x * pow(mean(x^2) + eps, -0.5)`` (Gemma-3n) counts as a norm (``is_norm_op``).
 """
 
 from __future__ import annotations
@@ -37,13 +40,19 @@ import torch.fx as fx
 from .dataflow import DataGraph
 from .nodes import ATTENTION_OPS, MATMUL_OPS, LAYOUT_OPS, is_op, is_tensor, op_name, scope, scopes, tensor_meta
 
-__all__ = ["Branch", "Block", "Structure", "find_structure", "StructureError", "NORM_OPS"]
+__all__ = ["Branch", "Block", "Structure", "find_structure", "attention_module_branch", "is_norm_op", "StructureError", "NORM_OPS"]
 
 NORM_OPS = frozenset({"layer_norm", "native_layer_norm", "rsqrt", "rms_norm", "_fused_rms_norm", "group_norm"})
 
 
 class StructureError(RuntimeError):
     pass
+
+
+def is_norm_op(node: fx.Node) -> bool:
+    """A normalisation op; ``pow(v, -0.5)`` is an rsqrt written as a power (Gemma-3n's RMSNorm)."""
+    name = op_name(node)
+    return name in NORM_OPS or (name == "pow" and len(node.args) > 1 and node.args[1] == -0.5)
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,7 @@ class Block:
     spine_norms: tuple = ()  # (module path, output node) of norms on the spine, in order
     context: tuple = ()  # external non-residual inputs (mask, rotary cos/sin, position ids)
     nodes: frozenset = frozenset()
+    branches: tuple = ()  # every branch, in graph order (a decoder block's cross-attention is the second "attn")
 
 
 @dataclass(frozen=True)
@@ -92,7 +102,7 @@ def _module_nodes(graph: fx.Graph) -> dict[str, list[fx.Node]]:
     return by_scope
 
 
-def _find_block_list(graph: fx.Graph) -> tuple[str, list[str]]:
+def _find_block_list(graph: fx.Graph, within: str | None = None) -> tuple[str, list[str]]:
     coverage: dict[str, set] = defaultdict(set)
     indices: dict[str, set] = defaultdict(set)
     for node in graph.nodes:
@@ -100,7 +110,7 @@ def _find_block_list(graph: fx.Graph) -> tuple[str, list[str]]:
             continue
         for path in scopes(node):
             m = re.fullmatch(r"(.+)\.(\d+)", path)
-            if m:
+            if m and (within is None or m.group(1).startswith(within + ".")):
                 coverage[m.group(1)].add(node.name)
                 indices[m.group(1)].add(int(m.group(2)))
     if not coverage:
@@ -153,10 +163,10 @@ def _passes_value(node: fx.Node) -> bool:
 def _norm_modules(by_scope: dict[str, list[fx.Node]]) -> set[str]:
     out = set()
     for path, nodes in by_scope.items():
-        if any(op_name(n) in NORM_OPS for n in nodes):
+        if any(is_norm_op(n) for n in nodes):
             # the innermost module holding the op is the norm; parents also hold it, so keep only
             # paths whose own (direct) nodes contain the op
-            if any(op_name(n) in NORM_OPS and scope(n) == path for n in nodes):
+            if any(is_norm_op(n) and scope(n) == path for n in nodes):
                 out.add(path)
     return out
 
@@ -183,11 +193,13 @@ def _escaping(nodes: set[str], dg: DataGraph) -> list[str]:
     return dg.sorted(out)
 
 
-def find_structure(graph: fx.Graph, dg: DataGraph | None = None) -> Structure:
+def find_structure(graph: fx.Graph, dg: DataGraph | None = None, within: str | None = None) -> Structure:
+    """``within``: a module path (``model.decoder``); only block lists under it are considered (one
+    stack of an encoder-decoder)."""
     dg = dg or DataGraph(graph)
     by_scope = _module_nodes(graph)
     norm_modules = _norm_modules(by_scope)
-    prefix, paths = _find_block_list(graph)
+    prefix, paths = _find_block_list(graph, within)
 
     blocks = []
     prev_out: str | None = None
@@ -239,7 +251,7 @@ def _analyse_block(dg, index, path, resid_pre, resid_post, block_nodes, external
         interior = dg.between(a, b, region)
         if not any(op_name(dg.node(n)) in MATMUL_OPS | ATTENTION_OPS for n in interior):
             norm_path = scope(dg.node(b))
-            normalises = any(op_name(dg.node(n)) in NORM_OPS for n in interior | {b})
+            normalises = any(is_norm_op(dg.node(n)) for n in interior | {b})
             if normalises and norm_path in norm_modules and b in _escaping({n.name for n in by_scope[norm_path]}, dg):
                 spine_norms.append((norm_path, b))
             continue
@@ -285,6 +297,7 @@ def _analyse_block(dg, index, path, resid_pre, resid_post, block_nodes, external
         spine_norms=tuple(spine_norms),
         context=context,
         nodes=frozenset(block_nodes),
+        branches=tuple(branches),
     )
 
 
@@ -307,6 +320,33 @@ def _mixes_positions(dg, nodes) -> bool:
             if len(operands) >= 2 and all(dg.upstream([a]) & inputs for a in operands[:2]):
                 return True
     return False
+
+
+def attention_module_branch(dg: DataGraph, block: Block, by_scope) -> Branch | None:
+    """The attention branch of a block whose residual sum does not separate it (Gemma-3n's AltUp mixes
+    stacked residual streams around it): the innermost module under the block that holds an attention op,
+    read from its own nodes. Its entry is the one input it reads that is neither the block's positional
+    context (mask, rotary cos/sin) nor derived from it; its output, the value leaving the module. None
+    when no such module or no single entry exists."""
+    ops = [n for n in dg.sorted(block.nodes) if op_name(dg.node(n)) in ATTENTION_OPS | {"softmax", "_softmax"}]
+    ctx = dg.downstream_within(block.context, set(block.nodes)) | set(block.context)
+    for op in ops:
+        path = scope(dg.node(op))
+        if not path.startswith(block.path + "."):
+            continue
+        nodes = {n.name for n in by_scope.get(path, ())}
+        if not _mixes_positions(dg, nodes):
+            continue  # a router's softmax over experts
+        inputs = {src.name for n in nodes for src in dg.node(n).all_input_nodes
+                  if src.op != "get_attr" and src.name not in nodes and is_tensor(src)
+                  and len(tensor_meta(src).shape) > 0 and src.name not in ctx}
+        outputs = _escaping(nodes, dg)
+        if len(inputs) != 1 or not outputs:
+            continue
+        (entry,) = inputs
+        return Branch(kind="attn", output=outputs[-1], entry=entry, junction=outputs[-1], nodes=frozenset(nodes),
+                      module=path)
+    return None
 
 
 def _entry_norm(dg, entry, first_matmul, region, norm_modules, block_path) -> str | None:

@@ -60,10 +60,19 @@ def test_value_dependent_metrics_are_not_traced(fn, why):
 @pytest.mark.parametrize("fn", [
     lambda l: l.log_softmax(-1)[:, -1, 3].mean(),  # a reduction over every position first
     lambda l: l.view(-1, V)[-1, 3],  # a view the coordinates cannot take: reads everything
-    lambda l: l[:, -1, 2],  # not a scalar: full logits, where the sweep says what it returned
+    lambda l: l[:, -1, 2:4],  # neither a scalar nor one value per prompt: full logits, where the sweep says so
+    lambda l: "not a tensor",
 ])
 def test_metrics_reading_everything_keep_full_logits(fn):
     assert traced(fn, (B, S, V), torch.float32) is None
+
+
+def test_a_metric_with_one_value_per_prompt_is_traced_as_such():
+    fn = lambda l: l[:, -1, 2] - l[:, 0, 4]  # noqa: E731
+    reads = traced(fn, (B, S, V), torch.float32)
+    assert reads.per_prompt and reads.positions == (0, 5) and reads.tokens == (2, 4)
+    logits = torch.randn(B, S, V)
+    assert torch.equal(from_selected_on(reads, logits), fn(logits))
 
 
 @settings(max_examples=40, deadline=None)
@@ -77,9 +86,12 @@ def test_property_random_index_metrics_equal_themselves_on_full_logits(batch, se
     weights = torch.tensor(data.draw(st.lists(st.floats(-2, 2), min_size=len(p), max_size=len(p))))
 
     def fn(logits):
-        return sum(w * logits[:, pi, vi].mean() for w, pi, vi in zip(weights, p, v + v[: len(p)]))
+        return sum(w * logits[:, pi, vi].mean() for w, pi, vi in zip(weights, p, (v + v)[: len(p)]))
 
     reads = traced(fn, (batch, seq, vocab), torch.float32)
+    if reads is None:  # it reads every logit: nothing to select
+        assert {pi % seq for pi in p} == set(range(seq)) and set((v + v)[: len(p)]) == set(range(vocab))
+        return
     assert isinstance(reads, TracedMetric)
     logits = torch.randn(batch, seq, vocab, generator=torch.Generator().manual_seed(batch * seq))
     pos, tok = reads.select(seq, batch)

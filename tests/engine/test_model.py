@@ -167,7 +167,7 @@ def test_accumulated_resid_and_stack_activation_shapes():
     assert labels == [f"{i}_pre" for i in range(n)] + ["final_post"]
     assert max_diff(acc[-1], cache["resid_post", n - 1]) == 0 and max_diff(acc[1], cache["resid_pre", 1]) == 0
     assert cache.accumulated_resid(incl_mid=True).shape == (2 * n + 1, 2, 5, d)
-    assert cache.accumulated_resid(layer=1).shape == (1, 2, 5, d)
+    assert cache.accumulated_resid(layer=1).shape == (2, 2, 5, d)  # resid_pre 0 and 1, as TransformerLens
     assert cache.stack_activation("pattern").shape == (n, 2, h, 5, 5)
     assert cache.stack_activation("resid_pre", layer=1).shape == (1, 2, 5, d)
 

@@ -72,3 +72,25 @@ def test_a_user_error_is_not_taken_for_an_engine_failure():
         warnings.simplefilter("error")
         with pytest.raises(patching.SweepError, match="must return a number or a scalar tensor"):
             patching.get_act_patch_resid_pre(model, tokens(1, 5, seed=2), cache, lambda logits: "oops")
+
+
+@pytest.mark.parametrize("how", ["split", "block_call"])
+def test_per_prompt_results_on_whole_model_rows_equal_the_layered_ones(monkeypatch, how):
+    clean, corrupted = tokens(3, 6, seed=4), tokens(3, 6, seed=5)
+    metric = metrics.logit_diff(torch.tensor([5, 6, 7]), torch.tensor([8, 9, 10]))
+    layered = fresh()
+    _, cache = layered.run_with_cache(clean)
+    want = patching.get_act_patch_resid_pre(layered, corrupted, cache, metric, reduce="none")
+    plain_want = patching.get_act_patch_resid_pre(layered, corrupted, cache, lambda l: l[:, -1, 5], reduce="none")
+    model = fresh()
+    if how == "split":
+        monkeypatch.setattr(segments, "split", failing_split)
+    else:
+        monkeypatch.setattr(engine_module.RowEngine, "_run", lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = patching.get_act_patch_resid_pre(model, corrupted, cache, metric, reduce="none")
+        plain = patching.get_act_patch_resid_pre(model, corrupted, cache, lambda l: l[:, -1, 5], reduce="none")
+    assert got.shape == (3, 2, 6)
+    assert (got - want).abs().max() <= TOL
+    assert (plain - plain_want).abs().max() <= TOL

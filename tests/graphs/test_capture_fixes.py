@@ -7,6 +7,8 @@
 - The capture-time self-check: a graph corrupted on purpose (``torch.export.export`` patched inside
   the test) is refused with a message that names the output, the position and what to do; float16
   and bfloat16 captures pass it.
+- Phi-3 with rotary over the whole head (an empty pass-through slice the causality probe must skip)
+  captures exactly.
 - Capture failures with a fixable cause: the sequence-length bound, ``use_cache`` read from the
   config (set for the capture, restored exactly), a minimum example length, and torch's explanation
   kept in the error.
@@ -184,3 +186,14 @@ def test_half_precision_captures_pass_the_self_check(dtype):
     with torch.no_grad():
         ref = hf(input_ids=ids).logits
     assert torch.equal(model(ids), ref)
+
+
+def test_phi3_with_full_rotary_captures_exactly():
+    # rotary over the whole head leaves an empty pass-through slice, which the causality probe must skip
+    torch.manual_seed(0)
+    hf = _perturbed(T.Phi3ForCausalLM(T.Phi3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)))
+    model = fxlens.Model.from_hf(hf)
+    ids = tokens(2, 9, vocab=VOCAB)
+    assert (model(ids) - _hf_logits(hf, ids)).abs().max().item() <= 1e-5

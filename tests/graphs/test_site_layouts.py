@@ -12,13 +12,15 @@ eager attention returns, HF's own head-splitting functions):
   add them inside one in-place sum);
 - ``Ablate(hook_pattern, head=h)`` changes exactly head h, and the logits equal an HF run whose head h
   attends nowhere (its attention weights zeroed by a hook where HF has a module holding them, else its
-  z zeroed at the output projection: the same thing, since z = pattern @ v).
+  z zeroed at the output projection: the same thing, since z = pattern @ v); ``Ablate(hook_z, head=h)``
+  equals an HF run whose output projection reads zeros for head h;
+- the capture warning and every reason a site is left out speak of the model, never of graph nodes.
 
 Families: Falcon (7B-style parallel multi-query, 40B-style ``new_decoder_architecture``, ALiBi), Bloom,
 MPT (ALiBi; Bloom's scores come from ``baddbmm``), DeBERTa and DeBERTa-v2 with relative attention (the
 key scaled after its transpose), DeepSeek-V2/V3 (latent attention: q/k and v head sizes differ, and no
 per-head key exists before rotary), GPT-OSS (attention sinks), Gemma-3n (AltUp's stacked residual
-streams), XGLM and MVP (patterns computed as [batch*heads, q, k]).
+streams), XGLM, MVP and TrOCR (patterns computed as [batch*heads, q, k], Bloom's too).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import importlib.util
+import re
 import warnings
 
 import pytest
@@ -37,13 +39,6 @@ import fxlens
 
 TOL = 1e-5
 B, P = 3, 7
-
-# The capture helper's functionalisation (issue 10, "capture drops operations that matter") makes
-# in-place ops (Falcon's `mlp_output += attention_output`, DeepSeek's key written into `new_empty`,
-# Gemma-3n's `x[1:] += y`) ordinary dataflow; until it is merged these families read wrong values.
-FUNCTIONAL = importlib.util.find_spec("fxlens.graphs.functional") is not None
-needs_functional = pytest.mark.xfail(not FUNCTIONAL, strict=True,
-                                     reason="issue 10: capture must functionalise in-place ops (capture helper)")
 
 _C = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
 
@@ -82,6 +77,8 @@ BUILD = {
         activation_sparsity_pattern=[0.0, 0.0], sliding_window=4)),
     "xglm": lambda: T.XGLMForCausalLM(T.XGLMConfig(vocab_size=100, d_model=64, num_layers=2, attention_heads=4, ffn_dim=128,
                                                    max_position_embeddings=64)),
+    "trocr": lambda: T.TrOCRForCausalLM(T.TrOCRConfig(vocab_size=100, d_model=64, decoder_layers=2, decoder_attention_heads=4,
+                                                      decoder_ffn_dim=128, max_position_embeddings=64)),
     "mvp": lambda: T.MvpForCausalLM(T.MvpConfig(vocab_size=100, d_model=64, decoder_layers=2, encoder_layers=2,
                                                 decoder_attention_heads=4, encoder_attention_heads=4, decoder_ffn_dim=128,
                                                 encoder_ffn_dim=128, max_position_embeddings=64)),
@@ -144,15 +141,16 @@ SPEC = {
     "mvp": dict(layers="model.decoder.layers", attn="self_attn", attn_out="self_attn", mlp_out="fc2",
                 o="self_attn.out_proj", qkv=tuple(f"self_attn.{p}" for p in _SEPARATE)),
 }
+SPEC["trocr"] = SPEC["mvp"]
 SPEC["falcon_40b"] = SPEC["falcon_alibi"] = SPEC["falcon"]
 SPEC["deepseek_v3"] = SPEC["deepseek_v2"]
 FAMILIES = tuple(BUILD)
-# families whose capture is exact only once in-place ops are functionalised
-IN_PLACE = ("falcon", "falcon_40b", "deepseek_v2", "deepseek_v3", "gemma3n")
+# Falcon, DeepSeek and Gemma-3n are exact because capture functionalises their in-place ops
+# (Falcon's `mlp_output += attention_output`, DeepSeek's key written into `new_empty`, Gemma-3n's `x[1:] += y`)
 
 
 def family_params(names=FAMILIES):
-    return [pytest.param(f, marks=needs_functional) if f in IN_PLACE else f for f in names]
+    return list(names)
 
 
 @functools.cache
@@ -219,8 +217,12 @@ def recording(hf, outputs=(), inputs=()):
     outs, ins, handles = {}, {}, []
     try:
         for path in outputs:
-            # cloned: Falcon adds the attention output into the MLP's output in place after the hook runs
-            handles.append(modules[path].register_forward_hook(lambda m, a, o, path=path: outs.setdefault(path, _clone(o))))
+            # cloned: Falcon adds the attention output into the MLP's output in place after the hook runs.
+            # The hooks return None: a forward hook's return value would replace the module's output.
+            def post(m, args, out, path=path):
+                outs.setdefault(path, _clone(out))
+
+            handles.append(modules[path].register_forward_hook(post))
         for path in inputs:
             def pre(m, args, kwargs, path=path):
                 ins.setdefault(path, args[0] if args else next(iter(kwargs.values())))
@@ -349,6 +351,16 @@ def test_left_out_sites_are_warned_about_and_named_in_errors(family):
             assert name.split(".")[-1] in message
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_warnings_and_reasons_never_name_graph_nodes(family):
+    _, model, caught = models(family)
+    nodes = {n.name for n in model.graph.captured.module.graph.nodes}
+    texts = list(caught) + list(model.site_table.left_out.values())
+    for text in texts:
+        named = {w for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text) if w in nodes and re.search(r"_\d+$", w)}
+        assert not named, f"{text!r} names graph nodes {named}"
+
+
 def test_latent_attention_offers_no_pre_rotary_key():
     _, model, _ = models("deepseek_v3")
     assert "blocks.0.attn.hook_k" in model.site_table.left_out
@@ -365,7 +377,8 @@ def test_stacked_residual_streams_are_not_offered_as_one_residual():
     for name in ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_post"):
         assert name not in model.sites
         assert "[4, batch, pos, 64]" in model.site_table.left_out[name]
-    assert any("blocks.{0,1}.hook_resid_pre" in w for w in caught)
+    lines = [line for w in caught for line in w.splitlines() if line.strip().startswith("blocks.{0,1}.")]
+    assert any("hook_resid_pre" in line and "AltUp" in line for line in lines)
 
 
 # ---- values against HF --------------------------------------------------------------------------
@@ -419,7 +432,8 @@ def test_pattern_rows_sum_to_one_over_real_keys_and_softmax_of_scores_is_the_pat
 
 
 @pytest.mark.parametrize("family", family_params(("falcon", "falcon_40b", "falcon_alibi", "bloom", "mpt", "deberta",
-                                                  "deberta_v2", "deepseek_v2", "deepseek_v3", "gpt_oss", "xglm", "mvp")))
+                                                  "deberta_v2", "deepseek_v2", "deepseek_v3", "gpt_oss", "xglm", "mvp",
+                                                  "trocr")))
 def test_attn_out_and_mlp_out_equal_the_hf_modules(family):
     _, model, _ = models(family)
     ref = hf_reference(family)
@@ -492,3 +506,33 @@ def test_ablating_one_head_of_the_pattern_changes_exactly_that_head(family, head
         handle.remove()
     assert maxdiff(logits, want, mask.bool()[..., None]) <= TOL
     assert (logits - fx_cache(family)[0]).abs().max().item() > 1e-4  # the ablation did something
+
+
+@pytest.mark.parametrize("family", family_params())
+def test_ablating_one_head_of_z_equals_hf_with_that_heads_output_projection_input_zeroed(family):
+    hf, model, _ = models(family)
+    s = SPEC[family]
+    ids, mask = padded()
+    layer, head = 1, 1
+    name = f"blocks.{layer}.attn.hook_z"
+    logits, cache = model.run_with_interventions(ids, [fxlens.Ablate(name, head=head)], mask, names_filter=[name])
+    _, clean = fx_cache(family)
+    others = [h for h in range(model.cfg.n_heads) if h != head]
+    assert cache[name][:, :, head].abs().max().item() == 0
+    assert maxdiff(cache[name][:, :, others], clean[name][:, :, others]) == 0
+
+    o_proj = dict(hf.named_modules())[f"{s['layers']}.{layer}.{s['o']}"]
+
+    def zero_z(mod, args):
+        z = args[0].clone()
+        z.view(*z.shape[:-1], model.cfg.n_heads, -1)[..., head, :] = 0
+        return (z, *args[1:])
+
+    handle = o_proj.register_forward_pre_hook(zero_z)
+    try:
+        with torch.no_grad():
+            want = hf(input_ids=ids, attention_mask=mask).logits
+    finally:
+        handle.remove()
+    assert maxdiff(logits, want, mask.bool()[..., None]) <= TOL
+    assert (logits - fx_cache(family)[0]).abs().max().item() > 1e-4

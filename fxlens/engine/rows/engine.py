@@ -40,6 +40,7 @@ from .base import Base, run_base
 from .blocks import Blocks
 from .layouts import Packed, Padded
 from .readout import Readout
+from ..distributed import Shard
 from .whole import base_values, run_whole
 from .rows import RowError
 from .schedule import CostModel, schedule
@@ -97,35 +98,45 @@ class RowEngine:
         batch, seq = feed["input_ids"].shape
         return Base([], [], {}, None, batch, seq, base_values(self.model, feed, sites), feed=feed)
 
-    def readout(self, base: Base, metric) -> Readout:
-        return Readout(self.blocks if not self.whole else None, base, metric, model=self.model)
+    def readout(self, base: Base, metric, per_example: bool = False) -> Readout:
+        return Readout(self.blocks if not self.whole else None, base, metric, model=self.model, per_example=per_example)
 
     # ---- running rows ------------------------------------------------------------------------------
     def run(self, rows: list, base: Base, metric, *, memory_budget: float = 1.0, progress: bool = False,
             readout: Readout | None = None) -> torch.Tensor:
-        """The metric of each row, [len(rows)] (float32, on the CPU)."""
+        """The metric of each row, [len(rows), *readout.value_shape] (float32, on the CPU)."""
+        if self.model.persistent_hooks:
+            raise RowError(
+                f"this model has {len(self.model.persistent_hooks)} hook(s) kept with add_hook; sweeps, path patching and "
+                "edge runs build their own programs and would run without them: call model.reset_hooks() first, or "
+                "express the edit as an intervention (fxlens.Patch, Ablate, Steer, ...)"
+            )
         readout = readout or self.readout(base, metric)
         self.stats["metric_reads"] = readout.reads
-        out = torch.empty(len(rows), dtype=torch.float32)
-        if not rows:
-            self.model.last_sweep_stats = dict(self.stats)
-            return out
         for r in rows:
             if not 0 <= r.layer < self.graph.n_layers:
                 raise RowError(f"a row joins at layer {r.layer}; this model has layers 0..{self.graph.n_layers - 1}")
             if r.start and not self.causal:
                 raise RowError("rows start after position 0 only in a causal model")
+        shard = Shard.of(len(rows))  # under torchrun: this rank's rows, then every rank's values
         try:
-            if not self.whole:
-                try:
-                    return self._run(rows, base, readout, out, memory_budget, progress)
-                except RowError:
-                    raise
-                except Exception as err:  # noqa: BLE001 - a structural failure: told once, then the exact path
-                    self.fall_back(err)
-            return run_whole(self.model, rows, base.feed, readout.metric)
+            mine = self._rows([rows[i] for i in shard.indices(len(rows))], base, readout, memory_budget, progress)
         finally:
             self.model.last_sweep_stats = dict(self.stats)  # what the last run of rows did (Model docs)
+        return shard.gather(mine, len(rows))
+
+    def _rows(self, rows: list, base: Base, readout: Readout, memory_budget: float, progress: bool) -> torch.Tensor:
+        out = torch.empty(len(rows), *readout.value_shape, dtype=torch.float32)
+        if not rows:
+            return out
+        if not self.whole:
+            try:
+                return self._run(rows, base, readout, out, memory_budget, progress)
+            except RowError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a structural failure: told once, then the exact path
+                self.fall_back(err)
+        return run_whole(self.model, rows, base.feed, readout)
 
     def _run(self, rows, base, readout, out, memory_budget, progress):
         cost = CostModel(self.blocks, base, readout.declared)

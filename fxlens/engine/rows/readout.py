@@ -38,7 +38,7 @@ class MetricError(RowError):
 
 
 class Readout:
-    def __init__(self, blocks, base, metric, *, model):
+    def __init__(self, blocks, base, metric, *, model, per_example: bool = False):
         if not callable(metric):
             raise MetricError(f"the metric must be a callable on logits (or from fxlens.metrics); got {type(metric).__name__}")
         derived = model.derived
@@ -51,13 +51,41 @@ class Readout:
         self.metric = metric
         if not isinstance(metric, Metric):  # a plain callable: what it reads, when tracing can prove it
             vocab = derived.graph.dims.get("d_vocab_out") or derived.graph.dims.get("d_vocab")
-            shape = (base.batch, base.seq, int(vocab)) if vocab else None
+            meta = derived.captured.logits_meta
+            # [batch, pos, vocab] logits only (a sequence-classification head's [batch, labels] is read whole)
+            shape = (base.batch, base.seq, int(vocab)) if vocab and meta is not None and meta.dim() == 3 else None
             reads = reads_of(metric, shape, derived.captured.logits_dtype, derived.captured.device) if shape else None
             self.metric = reads if reads is not None else metric
         self.declared = isinstance(self.metric, Metric)
+        self.per_example = per_example
+        self.value_shape = (base.batch,) if per_example else ()  # of each row's metric value
+        if self.declared:
+            self._check_shape()
         if self.declared:
             vocab = derived.graph.dims.get("d_vocab_out") or derived.graph.dims.get("d_vocab")
             self.pos, self.tok = _checked_select(self.metric, base.seq, base.batch, vocab)
+
+    def _check_shape(self) -> None:
+        """A declared or traced metric gives what was asked: one number per row, or one per prompt."""
+        per_prompt = getattr(self.metric, "per_prompt", None)
+        if per_prompt is None:  # fxlens.metrics: both are available
+            return
+        if self.per_example and not per_prompt:
+            raise MetricError(
+                "reduce='none' needs one value per prompt: return a [batch] tensor from the metric (leave out "
+                "the .mean()), or use fxlens.metrics, whose metrics give per-prompt values"
+            )
+        if not self.per_example and per_prompt and self.base.batch != 1:
+            raise MetricError(
+                f"the metric must return a scalar; it returns shape ({self.base.batch},), one value per prompt "
+                "(reduce over the batch, e.g. .mean(), or pass reduce='none' for per-prompt results)"
+            )
+
+    def values(self, selected: torch.Tensor) -> torch.Tensor:
+        """A declared metric's value of each row from selected logits [rows, batch, n_pos, n_tok]."""
+        if self.per_example:
+            return self.metric.per_example(selected)
+        return self.metric.from_selected(selected).reshape(selected.shape[0])
 
     # ---- what the metric reads ---------------------------------------------------------------------
     @property
@@ -73,15 +101,16 @@ class Readout:
             return start
         return max(start, int(self.pos.min()))
 
-    def base_value(self) -> float:
+    def base_value(self) -> torch.Tensor:
+        """The metric of the base run itself, of shape ``value_shape``."""
         if self.blocks is None:  # rows run on the whole model: so does the base run
             from .rows import Row
             from .whole import run_whole
 
-            return float(run_whole(self.model, [Row(0)], self.base.feed, self.metric)[0])
+            return run_whole(self.model, [Row(0)], self.base.feed, self, max_rows=1)[0]
         if self.declared:
-            return float(self.metric.from_selected(self._base_selected()[None])[0])
-        return float(self.per_row(self._base_logits()[None])[0])
+            return self.values(self._base_selected()[None])[0].float().cpu()
+        return self.per_row(self._base_logits()[None])[0].float().cpu()
 
     # ---- rows ----------------------------------------------------------------------------------
     def padded(self, h: torch.Tensor, start: int, n_rows: int) -> torch.Tensor:
@@ -144,7 +173,7 @@ class Readout:
         if early.any():
             base = self._base_selected().repeat(n_rows, 1, 1)
             sel = torch.where(early[..., None].to(sel.device), base.to(sel.dtype), sel)
-        return self.metric.from_selected(sel.view(n_rows, self.base.batch, *sel.shape[1:]))
+        return self.values(sel.view(n_rows, self.base.batch, *sel.shape[1:]))
 
     def _base_logits(self) -> torch.Tensor:
         if self.base.full_logits is None:
@@ -165,6 +194,8 @@ class Readout:
 
     def per_row(self, logits: torch.Tensor) -> torch.Tensor:
         """A plain callable metric on each row's full logits [rows, B0, S, vocab]."""
+        if self.per_example:
+            return torch.stack([per_prompt(self.metric(rows_logits), self.base.batch) for rows_logits in logits])
         return torch.stack([scalar(self.metric(rows_logits)) for rows_logits in logits])
 
 
@@ -176,9 +207,21 @@ def scalar(value) -> torch.Tensor:
         raise MetricError(f"the metric must return a number or a scalar tensor; it returned {type(value).__name__} {value!r:.60}")
     if value.numel() != 1:
         raise MetricError(
-            f"the metric must return a scalar; it returned shape {tuple(value.shape)} (reduce over the batch, e.g. .mean())"
+            f"the metric must return a scalar; it returned shape {tuple(value.shape)} (reduce over the batch, e.g. .mean(), "
+            "or pass reduce='none' for per-prompt results)"
         )
     return value.reshape(())
+
+
+def per_prompt(value, batch: int) -> torch.Tensor:
+    """A metric's per-prompt values as a [batch] tensor (``reduce="none"``), or a MetricError."""
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) not in ((batch,), (batch, 1)):
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise MetricError(
+            f"reduce='none' needs one value per prompt, a tensor of shape ({batch},); the metric returned {shape} "
+            "(leave out the reduction over the batch)"
+        )
+    return value.reshape(batch)
 
 
 def _checked_select(metric: Metric, seq: int, batch: int, vocab: int | None):

@@ -14,18 +14,16 @@ to this path when the layered one fails for a structural reason, and says so onc
 
 Example::
 
-    values = run_whole(model, rows, feed, metric)          # [len(rows)], each row a full forward
+    values = run_whole(model, rows, feed, readout)         # [len(rows), *readout.value_shape], each row a full forward
 """
 
 from __future__ import annotations
 
 import torch
 
-from ...metrics import Metric
 from ...passes.intervene import set_to
 from ..plan import PlanBuilder
 from .layouts import Padded
-from .readout import _checked_select, scalar
 
 __all__ = ["run_whole", "base_values"]
 
@@ -39,14 +37,14 @@ def base_values(model, feed: dict, sites) -> dict:
         return dict(model.programs.get(plan)(**feed, **inputs)["cache"])
 
 
-def run_whole(model, rows: list, feed: dict, metric, max_rows: int = 32) -> torch.Tensor:
-    """The metric of each row, each run as a whole-model forward of the tiled input: [len(rows)]."""
+def run_whole(model, rows: list, feed: dict, readout, max_rows: int = 32) -> torch.Tensor:
+    """The metric of each row (``readout``'s metric, checked), each run as a whole-model forward of the
+    tiled input: [len(rows), *readout.value_shape]."""
     batch, seq = feed["input_ids"].shape
     device = model.captured.device
-    declared = isinstance(metric, Metric)
+    declared = readout.declared
     if declared:
-        vocab_out = model.graph.dims.get("d_vocab_out") or model.graph.dims.get("d_vocab")
-        pos, tok = _checked_select(metric, seq, batch, vocab_out)
+        pos, tok = readout.pos, readout.tok
         vocab, inverse = torch.unique(tok.flatten(), return_inverse=True)
     out = []
     for first in range(0, len(rows), max_rows):
@@ -74,10 +72,10 @@ def run_whole(model, rows: list, feed: dict, metric, max_rows: int = 32) -> torc
         if declared:
             rows_idx = torch.arange(n * batch)[:, None, None]
             sel = logits[rows_idx, pos.repeat(n, 1)[:, :, None].to(logits.device), inverse.view(batch, 1, -1).repeat(n, 1, 1).to(logits.device)]
-            out += list(metric.from_selected(sel.view(n, batch, *sel.shape[1:])).float().cpu())
+            out += list(readout.values(sel.view(n, batch, *sel.shape[1:])).float().cpu())
         else:
-            out += [scalar(metric(logits[k * batch : (k + 1) * batch])).float().cpu() for k in range(n)]
-    return torch.stack(out) if out else torch.empty(0)
+            out += list(readout.per_row(logits.view(n, batch, *logits.shape[1:])).float().cpu())
+    return torch.stack(out) if out else torch.empty(0, *readout.value_shape)
 
 
 def _receivers(b, inputs, layout, batch: int, seq: int, model) -> None:
