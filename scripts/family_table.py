@@ -27,7 +27,7 @@ EXPECTED = ROOT / "tests" / "coverage_expected.json"
 README = ROOT / "README.md"
 START, END = "<!-- families:start -->", "<!-- families:end -->"
 ORDER = ("works", "refuses", "fails", "cannot build", "skipped")
-FALLBACK = re.compile(r"fall(s|ing)? back|fallback", re.I)
+FALLBACK = re.compile(r"fall(s|ing)? back|fallback|captured per sequence length|whole-model forwards", re.I)
 MATCH_LEN = 100
 
 
