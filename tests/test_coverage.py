@@ -265,6 +265,8 @@ def observe(family: str) -> dict:
     fxlens call, so that fxlens never sees hooks come and go.
     """
     hf = A.build(family)
+    if getattr(hf.config, "is_encoder_decoder", False):
+        return observe_seq2seq(hf)
     record = {"head": type(hf).__name__, "warnings": [], "notes": []}
     problems: list[str] = []
     start = time.perf_counter()
@@ -311,6 +313,55 @@ def observe(family: str) -> dict:
     record["total_s"] = round(time.perf_counter() - start, 2)
     record["warnings"] = sorted({str(w.message).splitlines()[0][:200] for w in caught
                                  if "site-packages" not in (w.filename or "")})
+    if problems:
+        return dict(record, status="fails", detail="; ".join(problems))
+    return dict(record, status="works", detail="")
+
+
+def observe_seq2seq(hf) -> dict:
+    """An encoder-decoder: wrapped, its logits (decoder input = the same tokens) under right and left
+    padding of the source, and the decoder's residual sites against HF's decoder hidden states. Its
+    sweeps and patterns are checked against hooked HF in tests/test_encoder_decoder.py."""
+    record = {"head": type(hf).__name__, "warnings": [], "notes": ["encoder-decoder: logits and decoder residual sites checked"]}
+    problems: list[str] = []
+    with warnings.catch_warnings(record=True) as caught, time_limit(TIME_LIMIT_S):
+        warnings.simplefilter("always")
+        references = {}
+        for side in ("right", "left"):
+            ids, mask = padded_batch(side)
+            try:
+                with torch.no_grad():
+                    references[side] = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=ids, output_hidden_states=True)
+            except Exception as err:  # noqa: BLE001
+                record["notes"].append(f"HF's own forward with a {side}-padded mask raises {_first_line(err, 150)}")
+        start = time.perf_counter()
+        try:
+            model = fxlens.Model.from_hf(hf)
+        except TimeoutError as err:
+            return dict(record, status="fails", detail=f"from_hf {err}", capture_s=round(time.perf_counter() - start, 2))
+        except Exception as err:  # noqa: BLE001
+            return dict(record, status="refuses", detail=_first_line(err), message=str(err),
+                        capture_s=round(time.perf_counter() - start, 2))
+        record["capture_s"] = round(time.perf_counter() - start, 2)
+        try:
+            for side, out in references.items():
+                ids, mask = padded_batch(side)
+                n = model.cfg.n_layers
+                sites = [f"decoder.{i}.hook_resid_pre" for i in range(n)]
+                logits, cache = model.run_with_cache(ids, ids, attention_mask=mask, names_filter=sites)
+                d = maxdiff(logits, out.logits)
+                if not d <= TOL:
+                    problems.append(f"{side}-padded logits differ by {d:.3g}")
+                for i in range(n):
+                    d = maxdiff(cache[sites[i]], out.decoder_hidden_states[i])
+                    if not d <= TOL:
+                        problems.append(f"{side}-padded {sites[i]} differs by {d:.3g}")
+        except FamilyFails as err:
+            problems.append(str(err))
+        except Exception as err:  # noqa: BLE001
+            problems.append(f"raises {_first_line(err)}")
+    record["total_s"] = round(time.perf_counter() - start, 2)
+    record["warnings"] = sorted({str(w.message).splitlines()[0][:200] for w in caught if "site-packages" not in (w.filename or "")})
     if problems:
         return dict(record, status="fails", detail="; ".join(problems))
     return dict(record, status="works", detail="")
