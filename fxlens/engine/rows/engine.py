@@ -66,8 +66,19 @@ class RowEngine:
 
     @property
     def whole(self) -> bool:
-        """Whether this capture runs rows on the whole model (the layered engine failed on it)."""
-        return bool(self.derived.item("whole_model_rows", list))
+        """Whether this capture runs rows on the whole model: the layered engine failed on it, or a block
+        mixes positions outside attention (a state-space or linear-attention layer keeps a running state,
+        which rows that start late or read a key/value prefix would not have)."""
+        told = self.derived.item("whole_model_rows", list)
+        if not told and any(s.kind == "mixer_out" for s in self.derived.graph.sites.values()):
+            told.append("a block mixes positions outside attention")
+            warnings.warn(
+                "this model mixes positions outside attention (state-space or linear-attention layers, "
+                "blocks.{i}.hook_mixer_out): its sweeps run as whole-model forwards, exact and slower",
+                UserWarning,
+                stacklevel=4,
+            )
+        return bool(told)
 
     def fall_back(self, err: Exception) -> None:
         """Run rows on the whole model from now on for this capture, and say so once, with the reason."""
