@@ -135,9 +135,7 @@ def _reads(gm: fx.GraphModule, shape: tuple, metric) -> TracedMetric | Untraceab
             continue
         ins = node.all_input_nodes
         if node.op == "output":
-            uses += [(node, n) for n in ins if n in coords]
-            if any(n in tainted and n not in coords for n in ins):
-                pass  # an output computed from values read earlier
+            uses += [(node, n) for n in ins if n in coords]  # outputs computed from values were counted where read
             continue
         if not any(n in tainted for n in ins):
             values[node] = node.target(*arg_value(node.args), **arg_value(node.kwargs))

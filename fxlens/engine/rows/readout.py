@@ -61,7 +61,6 @@ class Readout:
         self.value_shape = (base.batch,) if per_example else ()  # of each row's metric value
         if self.declared:
             self._check_shape()
-        if self.declared:
             vocab = derived.graph.dims.get("d_vocab_out") or derived.graph.dims.get("d_vocab")
             self.pos, self.tok = _checked_select(self.metric, base.seq, base.batch, vocab)
 
