@@ -30,8 +30,6 @@ import warnings
 
 import torch
 
-from .interventions import prepare
-from .plan import PlanBuilder
 
 __all__ = ["generate"]
 
@@ -126,14 +124,8 @@ def generate(
 
 def _step(model, ids: torch.Tensor, mask, interventions: list, fwd_hooks) -> torch.Tensor:
     """Logits of one forward of the sequence so far, with every intervention and hook."""
-    batch, seq = ids.shape
-    b = model._hooked(PlanBuilder(model.graph), fwd_hooks)
-    if interventions:
-        prepare(interventions, model, batch, seq, mask).add_to(b)
-    plan, inputs = b.build()
     feed = {"input_ids": ids}
     if "attention_mask" in model.captured.inputs:
         feed["attention_mask"] = mask if mask is not None else torch.ones_like(ids)
     with torch.no_grad():
-        out = model.programs.get(plan)(**feed, **inputs)
-    return model._logits(out)
+        return model._intervened(feed, interventions, ids.shape[0], ids.shape[1], None, "logits", False, fwd_hooks)

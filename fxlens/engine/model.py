@@ -604,11 +604,12 @@ class Model:
         batch, seq = feed["input_ids"].shape
         return self._intervened(feed, interventions, batch, seq, names_filter, return_type, compile)
 
-    def _intervened(self, feed: dict, interventions, batch: int, lengths, names_filter, return_type, compile: bool):
+    def _intervened(self, feed: dict, interventions, batch: int, lengths, names_filter, return_type, compile: bool,
+                    fwd_hooks=()):
         """One run of ``feed`` with the interventions (checked against ``batch`` and ``lengths``), the kept
-        hooks, and a cache of ``names_filter``'s sites when given."""
+        hooks and ``fwd_hooks``, and a cache of ``names_filter``'s sites when given."""
         prep = prepare(list(interventions), self, batch, lengths, feed.get("attention_mask"))
-        b = self._with_persistent(PlanBuilder(self.graph))
+        b = self._hooked(PlanBuilder(self.graph), fwd_hooks)
         prep.add_to(b)
         if names_filter is not None:
             b.cache(self._resolve(names_filter))
