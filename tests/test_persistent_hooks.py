@@ -126,8 +126,8 @@ def test_sweeps_refuse_while_hooks_are_kept_and_bad_hooks_are_refused():
             patching.get_act_patch_resid_pre(model, ids, cache, lambda logits: logits[:, -1, 3].mean())
     finally:
         model.reset_hooks()
-    with pytest.raises(ValueError, match="only forward hooks"):
-        model.add_hook("blocks.0.hook_resid_post", steer(vector), dir="bwd")
+    with pytest.raises(ValueError, match="dir='both'"):
+        model.add_hook("blocks.0.hook_resid_post", steer(vector), dir="both")
     with pytest.raises(fxlens.SiteError, match="unknown site"):
         model.add_hook("blocks.0.hook_resid_pots", steer(vector))
     with pytest.raises(ValueError, match="add_hook"):

@@ -133,7 +133,7 @@ class Model:
         self._derived = Derived.capture(hf_model, attn_implementation, table)
         self._length: int | None = None  # the last input's length: which capture a length-fixing model uses
         self._told: set = set()
-        self._persistent: list = []  # (site name, fn, permanent) added with add_hook, applied to every forward call
+        self._persistent: list = []  # (site name, fn, permanent, dir) added with add_hook, applied to every forward call
         self.last_sweep_stats: dict = {}  # what the last run of rows (a sweep, path patching, an edge sweep) did
         self.cfg = _config(self._derived, hf_model, table)
         self._tok = Tokens(tokenizer, self._derived.captured.device)
@@ -423,6 +423,7 @@ class Model:
         padding_side: str = "right",
         canonical_only: bool = False,
         fwd_hooks=(),
+        incl_bwd: bool = False,
     ):
         """Run once and return ``(logits, ActivationCache)`` of the sites ``names_filter`` selects.
 
@@ -434,9 +435,19 @@ class Model:
         name, raw HF module paths (``model.layers.0.mlp``) as well as TransformerLens names;
         ``canonical_only=True`` keeps raw paths out of None and of predicates (TransformerLens' set).
         With ``return_logits=False`` or ``stop_at_layer=L`` nothing after the last needed node runs; ``stop_at_layer=L`` returns ``blocks.L.hook_resid_pre`` in place of logits.
+
+        ``incl_bwd=True`` also differentiates the output (which must be a scalar: ``return_type="loss"``)
+        and caches each site's gradient as ``name + "_grad"``, as TransformerLens does. Gradients are taken
+        with ``torch.autograd.grad`` down to the earliest cached site only: no parameter's ``.grad`` is
+        touched, and it works with gradients disabled around the call.
         """
         feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
         sites = self._resolve(names_filter, canonical_only)
+        if incl_bwd:
+            if stop_at_layer is not None or not return_logits or return_type is None:
+                raise ValueError("incl_bwd=True differentiates the model's output: it cannot be combined with "
+                                 "stop_at_layer, return_logits=False or return_type=None")
+            return self._cache_with_grads(feed, sites, fwd_hooks, canonical_only, return_type, remove_batch_dim)
         stop = None
         if stop_at_layer is not None:
             if not 0 <= stop_at_layer <= self.cfg.n_layers:
@@ -464,6 +475,36 @@ class Model:
             return stopped, cache
         return (self._outputs(out, feed, return_type) if keep_outputs else None), cache
 
+    def _cache_with_grads(self, feed, sites, fwd_hooks, canonical_only, return_type, remove_batch_dim):
+        """``run_with_cache(incl_bwd=True)``: one run caching ``sites`` with a backward hook on each that keeps
+        its gradient, then ``torch.autograd.grad`` of the scalar output with respect to the hooks' anchor."""
+        grads: dict = {}
+
+        def keep(grad, point):
+            grads[point.name + "_grad"] = grad.detach()
+
+        anchor = torch.zeros((), device=self.cfg.device, requires_grad=True)
+        b = self._hooked(PlanBuilder(self.graph), fwd_hooks, canonical_only)
+        for site in sites:
+            b.hook(site, keep, HookPoint(site.name, site.layer), "bwd", anchor=anchor)
+        plan, inputs = b.cache(sites).build()
+        with torch.enable_grad():
+            out = self.programs.get(plan)(**feed, **inputs)
+            result = self._outputs(out, feed, return_type)
+            scalar = result[1] if isinstance(result, tuple) else result
+            if not (isinstance(scalar, torch.Tensor) and scalar.numel() == 1):
+                shape = tuple(scalar.shape) if isinstance(scalar, torch.Tensor) else type(scalar).__name__
+                raise ValueError(f"incl_bwd=True differentiates the output, which must be a scalar, but return_type="
+                                 f"{return_type!r} gives {shape}: use return_type='loss'")
+            torch.autograd.grad(scalar, [anchor], allow_unused=True)
+        values = {k: v.detach() for k, v in out["cache"].items()}
+        values.update(grads)
+        cache = ActivationCache(values, self.site_table, self)
+        if remove_batch_dim:
+            cache = cache.remove_batch_dim()
+        detached = tuple(r.detach() for r in result) if isinstance(result, tuple) else result.detach()
+        return detached, cache
+
     def _cache_plan(self, sites, stop: str | None, keep_outputs: bool) -> tuple:
         """The plan that caches ``sites`` (and the residual at node ``stop`` as ``fxl_stop``): the same
         object for the same request, so that looking its program up hashes it once (a cache of every
@@ -485,39 +526,40 @@ class Model:
             return matched
         return [self.site_table[name]]
 
-    def _hooked(self, b: PlanBuilder, fwd_hooks, canonical_only: bool = False) -> PlanBuilder:
-        """``b`` with the persistent hooks, then ``fwd_hooks = [(name or predicate, fn)]``, in that order."""
+    def _hooked(self, b: PlanBuilder, fwd_hooks, canonical_only: bool = False, bwd_hooks=()) -> PlanBuilder:
+        """``b`` with the persistent hooks, then ``fwd_hooks`` and ``bwd_hooks`` = [(name or predicate, fn)],
+        in that order."""
         self._with_persistent(b)
-        for entry in fwd_hooks:
-            if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and callable(entry[1])):
-                raise TypeError("fwd_hooks must be a list of (site name or predicate, function) pairs")
-            name, fn = entry
-            for site in self._hook_sites(name, canonical_only):
-                b.hook(site, fn, HookPoint(site.name, site.layer))
+        for hooks, dir in ((fwd_hooks, "fwd"), (bwd_hooks, "bwd")):
+            for name, fn in _hook_pairs(hooks, f"{dir}_hooks"):
+                for site in self._hook_sites(name, canonical_only):
+                    b.hook(site, fn, HookPoint(site.name, site.layer), dir)
         return b
 
     def _with_persistent(self, b: PlanBuilder) -> PlanBuilder:
-        for name, fn, _ in self._persistent:
+        for name, fn, _, dir in self._persistent:
             site = self.site_table[name]
-            b.hook(site, fn, HookPoint(site.name, site.layer))
+            b.hook(site, fn, HookPoint(site.name, site.layer), dir)
         return b
 
     def add_hook(self, name, hook, dir: str = "fwd", is_permanent: bool = False, *, canonical_only: bool = False) -> None:
         """Keep ``hook(value, hook_point)`` at the site ``name`` (or every site a predicate accepts) for every
         forward call (``model(...)``, ``run_with_cache``, ``run_with_hooks``, ``run_with_interventions``)
         until ``reset_hooks()``; it is part of each call's program, not a Python hook on the HF model.
+        ``dir="bwd"``: ``hook(grad, hook_point)`` is called on the site's gradient when a backward pass runs
+        through an output of such a call (a returned tensor replaces the gradient).
         ``is_permanent=True`` keeps it through ``reset_hooks()`` (``including_permanent=True`` removes it).
         Sweeps, path patching and other runs of rows refuse while hooks are set (they build their own
-        programs): pass the edit as an intervention there."""
-        if dir != "fwd":
-            raise ValueError(
-                f"dir={dir!r}: only forward hooks can be kept on the model; for gradients use "
-                "run_with_cache with gradients enabled and torch.autograd (see fxlens.attribution)"
-            )
+        programs): pass the edit as an intervention there.
+
+        Unlike TransformerLens, a backward hook belongs to the forward call that ran with it: resetting the
+        hooks between the forward and the backward does not stop it from firing on that call's gradients."""
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"dir={dir!r}: use 'fwd' (forward hooks) or 'bwd' (hooks on gradients)")
         if not callable(hook):
             raise TypeError(f"hook must be a function (value, hook_point) -> value or None; got {type(hook).__name__}")
         for site in self._hook_sites(name, canonical_only):
-            self._persistent.append((site.name, hook, bool(is_permanent)))
+            self._persistent.append((site.name, hook, bool(is_permanent), dir))
 
     def reset_hooks(self, including_permanent: bool = False) -> None:
         """Remove the hooks ``add_hook`` kept (the permanent ones too with ``including_permanent``)."""
@@ -525,16 +567,14 @@ class Model:
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True):
-        """``with model.hooks(fwd_hooks=[(name, fn)]):`` every forward call inside runs with these hooks;
-        they are removed on exit, errors included (``reset_hooks_end=False`` keeps them)."""
-        if bwd_hooks:
-            raise ValueError("backward hooks are not supported: use torch.autograd on cached activations (fxlens.attribution)")
+        """``with model.hooks(fwd_hooks=[(name, fn)], bwd_hooks=[(name, fn)]):`` every forward call inside
+        runs with these hooks (backward hooks fire on the gradients of those calls' outputs); they are
+        removed on exit, errors included (``reset_hooks_end=False`` keeps them)."""
         before = list(self._persistent)
         try:
-            for entry in fwd_hooks:
-                if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and callable(entry[1])):
-                    raise TypeError("fwd_hooks must be a list of (site name or predicate, function) pairs")
-                self.add_hook(*entry)
+            for hooks, dir in ((fwd_hooks, "fwd"), (bwd_hooks, "bwd")):
+                for name, fn in _hook_pairs(hooks, f"{dir}_hooks"):
+                    self.add_hook(name, fn, dir)
             yield self
         finally:
             if reset_hooks_end:
@@ -542,8 +582,9 @@ class Model:
 
     @property
     def persistent_hooks(self) -> list:
-        """[(site name, function)] of the hooks every forward call runs with (``add_hook``)."""
-        return [(name, fn) for name, fn, _ in self._persistent]
+        """[(site name, function)] of the hooks every forward call runs with (``add_hook``), forward and
+        backward."""
+        return [(name, fn) for name, fn, _, _ in self._persistent]
 
     def run_with_hooks(
         self,
@@ -565,19 +606,20 @@ class Model:
 
         ``value`` is the site in TransformerLens layout; returning a tensor replaces it (same shape
         and dtype), returning None keeps it (in-place edits are kept). Nothing persists after the call.
+
+        ``bwd_hooks = [(name or predicate, fn)]``: ``fn(grad, hook)`` is called on the gradient of the site
+        (in TransformerLens layout) when a backward pass runs through this call's output, e.g.
+        ``model.run_with_hooks(ids, return_type="loss", bwd_hooks=[...]).backward()``; a returned tensor
+        replaces the gradient. (In TransformerLens these need ``reset_hooks_end=False``; here they belong
+        to the call's own autograd graph, so nothing has to stay on the model.)
         """
-        if bwd_hooks:
-            raise ValueError(
-                "backward hooks are not supported: run with gradients enabled and use torch.autograd on the "
-                "cached activations instead (see fxlens.attribution)"
-            )
         if not reset_hooks_end:
             raise ValueError(
                 "reset_hooks_end=False would keep these hooks after the call: add them with model.add_hook(name, fn) "
                 "(or `with model.hooks(fwd_hooks=...):`) to keep them"
             )
         feed = self._inputs(input, attention_mask, prepend_bos, padding_side)
-        plan, inputs = self._hooked(PlanBuilder(self.graph), fwd_hooks, canonical_only).build()
+        plan, inputs = self._hooked(PlanBuilder(self.graph), fwd_hooks, canonical_only, bwd_hooks).build()
         out = self.programs.get(plan)(**feed, **inputs)
         return self._outputs(out, feed, return_type)
 
@@ -728,6 +770,14 @@ class Model:
             f"fxlens.Model({type(self.hf_model).__name__}: {c.n_layers} layers, d_model={c.d_model}, "
             f"heads={c.n_heads}, {len(self.site_table)} sites, attention={c.attn_implementation})"
         )
+
+
+def _hook_pairs(hooks, what: str) -> list:
+    """``hooks`` checked as a list of (site name or predicate, function) pairs."""
+    for entry in hooks:
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and callable(entry[1])):
+            raise TypeError(f"{what} must be a list of (site name or predicate, function) pairs")
+    return list(hooks)
 
 
 def _auto_classes(name_or_path, hf_kwargs) -> tuple:

@@ -133,11 +133,15 @@ class PlanBuilder:
         self._edits.append(Edit(site.name, site.node, site.layout, fn_name, names, mask_name))
         return self
 
-    def hook(self, site: Site, fn, point) -> "PlanBuilder":
-        """Call ``fn(value, point)`` at ``site``; a returned tensor replaces the value."""
+    def hook(self, site: Site, fn, point, dir: str = "fwd", anchor=None) -> "PlanBuilder":
+        """Call ``fn(value, point)`` at ``site``; a returned tensor replaces the value. ``dir="bwd"``:
+        call ``fn(grad, point)`` on the site's gradient in the backward pass (a returned tensor replaces it).
+        Either way the site is materialised in its replacing form, so the model computes through it.
+        ``anchor``: a scalar leaf requiring grad that a backward hook's node takes as an input (see
+        ``passes.hooks``)."""
         self._touch([site], write=True)
-        self._hooks.append(HookAt(site.name, site.node, site.layout, len(self._hook_fns)))
-        self._hook_fns.append((fn, point))
+        self._hooks.append(HookAt(site.name, site.node, site.layout, len(self._hook_fns), dir))
+        self._hook_fns.append((fn, point) if anchor is None else (fn, point, anchor))
         return self
 
     def edges(self, senders: tuple, receivers: tuple, mode: str = "edges", *, mask=None, alt=None, deltas=None,
