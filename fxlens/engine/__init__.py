@@ -9,6 +9,7 @@ vocabulary), ``rows/`` (the layered-row engine), ``sweep.py`` (activation sweeps
 
 from .activation_cache import ActivationCache
 from .derived import StaleModelError
+from .generate import During
 from .interventions import Ablate, Apply, Intervention, InterventionError, Lowered, Patch, Scale, Steer
 from .model import Config, HookPoint, Model
 from .seq2seq import Seq2SeqModel
@@ -26,6 +27,7 @@ __all__ = [
     "Steer",
     "Scale",
     "Apply",
+    "During",
     "InterventionError",
     "StaleModelError",
 ]

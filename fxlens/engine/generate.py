@@ -4,34 +4,48 @@ Problem: steering a model while it generates (steering vectors, refusal directio
 one of the most common things researchers do. The intervention must apply to the prompt and to every
 generated token, batched prompts must be left-padded, and greedy generation must give HF's tokens.
 
-Mechanism: every step runs the captured program of the whole sequence so far, with the same plan
-(the interventions, hooks kept with ``add_hook`` and ``fwd_hooks``), fed as graph inputs, so the
-program is built once and reused at every length (the capture has a dynamic sequence axis). The next
-token comes from the last position's logits: argmax, or sampling with temperature, top-k and top-p
-from a ``torch.Generator`` when one is given (reproducible). Rows that produced ``eos_token_id`` keep
-producing it; generation stops when every row has.
+Mechanism: the prompt runs once and each new token runs alone, attending to the keys and values of
+every earlier position kept from earlier steps (``engine.decode``: the blocks as separate programs with
+a key/value prefix, each block's program built once and reused at every step, compiled with
+``compile=True``). The interventions (lowered for the whole sequence so far, so ``pos`` is an absolute
+position) and hooks (``add_hook`` and ``fwd_hooks``) join each block call; a hook sees the positions that
+call computes (all of the prompt, then one token), as with TransformerLens' key/value cache. Where the
+cache cannot be used (``decode.cache_reason``: a state-space layer, an edit outside the blocks, ...) or
+``use_past_kv_cache=False``, every step recomputes the whole sequence (exact), and the reason is said
+once. The next token comes from the last position's logits: argmax, or sampling with temperature, top-k
+and top-p from a ``torch.Generator`` when one is given (reproducible). Rows that produced
+``eos_token_id`` keep producing it; generation stops when every row has. ``During(spec, "prompt")`` or
+``During(spec, "generated")`` limits an intervention to the prompt's positions or to generated tokens.
+``names_filter=`` also returns an ActivationCache of those sites over every position of the result
+(the last token's activations are computed once more at the end).
 
 Example::
 
     text = model.generate("The Eiffel Tower is in", max_new_tokens=10,
                           interventions=[fxlens.Steer("blocks.6.hook_resid_post", direction, scale=4.0)])
+    ids = model.generate(ids, 5, interventions=[fxlens.During(fxlens.Steer(...), "generated")])
 
-Gotchas: each step recomputes the whole sequence (no key/value cache yet: ``use_past_kv_cache`` is
-accepted and ignored, said once), so a step costs a forward of the sequence so far; exact, and fine
-for the short continuations interpretability work inspects. An intervention's ``pos`` is an absolute
-position of the padded sequence. Learned absolute positions (GPT-2) count padding slots as HF's own
-forward does; HF's ``generate`` derives positions from the mask instead, so left-padded batches of
+Gotchas: cached decoding and the full recompute agree to float rounding (different matrix shapes), so
+greedy choices between near-tied tokens may differ between them. An intervention's ``pos`` is an
+absolute position of the padded sequence. Learned absolute positions (GPT-2) count padding slots as HF's
+own forward does; HF's ``generate`` derives positions from the mask instead, so left-padded batches of
 such models differ from HF's ``generate`` (rotary models do not).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from .decode import Decoder, NoCache, cache_reason
+from .interventions import _indices
 
-__all__ = ["generate"]
+
+__all__ = ["generate", "During"]
 
 
 def _next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k, top_p, generator) -> torch.Tensor:
@@ -57,6 +71,40 @@ def _next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
+@dataclass(frozen=True)
+class During:
+    """An intervention that acts on the prompt's positions only (``part="prompt"``) or on the generated
+    tokens only (``part="generated"``) while generating; ``pos`` of the spec, if any, still applies
+    (absolute positions, intersected with the part)."""
+
+    spec: Any
+    part: str = "generated"
+
+    def __post_init__(self):
+        if self.part not in ("prompt", "generated", "all"):
+            raise ValueError(f"During(part={self.part!r}): part is 'prompt', 'generated' or 'all'")
+
+
+def _at_step(interventions, prompt_len: int, full: int) -> list:
+    """The plain specs of one step over ``full`` positions: each ``During`` narrowed to its part's positions."""
+    out = []
+    for item in interventions:
+        if not isinstance(item, During):
+            out.append(item)
+            continue
+        spec = item.spec
+        if item.part == "all":
+            out.append(spec)
+            continue
+        part = range(0, prompt_len) if item.part == "prompt" else range(prompt_len, full)
+        if spec.pos is not None:
+            chosen = set(_indices(spec.pos, full, "position", spec, "pos").tolist())
+            part = [p for p in part if p in chosen]
+        if len(part):
+            out.append(dataclasses.replace(spec, pos=list(part)))
+    return out
+
+
 def generate(
     model,
     input,
@@ -76,16 +124,16 @@ def generate(
     generator: torch.Generator | None = None,
     prepend_bos: bool | None = None,
     attention_mask=None,
+    names_filter=None,
+    compile: bool = False,
 ):
     """See the module docstring; the arguments are TransformerLens' ``generate``'s plus ``interventions``,
-    ``generator`` and ``attention_mask`` (for a left-padded batch of token ids)."""
+    ``generator``, ``attention_mask`` (for a left-padded batch of token ids), ``names_filter`` (also
+    return an ActivationCache of those sites over every position of the result) and ``compile``."""
     if return_type not in ("input", "str", "tokens"):
         raise ValueError(f"return_type must be 'input', 'str' or 'tokens'; got {return_type!r}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be 0 or more; got {max_new_tokens}")
-    if use_past_kv_cache:
-        warnings.warn("generate recomputes the whole sequence at each step (no key/value cache yet); results are exact",
-                      UserWarning, stacklevel=3)
     as_text = isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str))
     feed = model._inputs(input, attention_mask, prepend_bos, padding_side="left")
     ids = feed["input_ids"]
@@ -98,34 +146,105 @@ def generate(
     if stop_at_eos and eos_token_id is None:
         raise ValueError("stop_at_eos=True needs an eos_token_id (the model has no tokenizer to take it from); "
                          "pass eos_token_id=... or stop_at_eos=False")
+    interventions = list(interventions)
+    kept = [(name, fn) for name, fn, _, dir in model._persistent if dir == "fwd"]
+    hooks = [(site, fn) for name, fn in kept + list(fwd_hooks) for site in model._hook_sites(name)]
+    cache_sites = model._resolve(names_filter) if names_filter is not None else []
+    step = _stepper(model, interventions, hooks, fwd_hooks, use_past_kv_cache, compile, cache_sites)
+    prompt_len = ids.shape[1]
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     steps = range(max_new_tokens)
     if verbose:
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="generating")
-    for _ in steps:
-        logits = _step(model, ids, mask, list(interventions), fwd_hooks)
-        token = _next_token(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
-        if stop_at_eos:
-            token = torch.where(done, torch.as_tensor(eos_token_id, device=token.device), token)
-            done |= token == eos_token_id
-        ids = torch.cat([ids, token[:, None].to(ids.dtype)], dim=1)
-        if mask is not None:
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        if stop_at_eos and bool(done.all()):
-            break
+    with torch.no_grad():
+        for _ in steps:
+            logits = step(ids, mask, _at_step(interventions, prompt_len, ids.shape[1]))
+            token = _next_token(logits, do_sample, temperature, top_k, top_p, generator)
+            if stop_at_eos:
+                token = torch.where(done, torch.as_tensor(eos_token_id, device=token.device), token)
+                done |= token == eos_token_id
+            ids = torch.cat([ids, token[:, None].to(ids.dtype)], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            if stop_at_eos and bool(done.all()):
+                break
+        cache = step.cache(ids, mask, _at_step(interventions, prompt_len, ids.shape[1])) if cache_sites else None
     if return_type == "str" or (return_type == "input" and as_text):
         rows = [row.tolist() if mask is None else row[m.bool()].tolist() for row, m in zip(ids, mask if mask is not None else ids)]
         text = model.to_string(rows)
-        return text[0] if isinstance(input, str) else text
-    return ids
+        result = text[0] if isinstance(input, str) else text
+    else:
+        result = ids
+    return result if cache is None else (result, cache)
 
 
-def _step(model, ids: torch.Tensor, mask, interventions: list, fwd_hooks) -> torch.Tensor:
-    """Logits of one forward of the sequence so far, with every intervention and hook."""
-    feed = {"input_ids": ids}
-    if "attention_mask" in model.captured.inputs:
-        feed["attention_mask"] = mask if mask is not None else torch.ones_like(ids)
-    with torch.no_grad():
-        return model._intervened(feed, interventions, ids.shape[0], ids.shape[1], None, "logits", False, fwd_hooks)
+class _Recompute:
+    """Each step a forward of the whole sequence so far (exact; no cache)."""
+
+    def __init__(self, model, fwd_hooks, compile: bool, cache_sites):
+        self.model, self.fwd_hooks, self.compile, self.cache_sites = model, fwd_hooks, compile, cache_sites
+
+    def _run(self, ids, mask, specs, names_filter):
+        feed = {"input_ids": ids}
+        if "attention_mask" in self.model.captured.inputs:
+            feed["attention_mask"] = mask if mask is not None else torch.ones_like(ids)
+        return self.model._intervened(feed, specs, ids.shape[0], ids.shape[1], names_filter, "logits", self.compile,
+                                      self.fwd_hooks)
+
+    def __call__(self, ids, mask, specs) -> torch.Tensor:
+        return self._run(ids, mask, specs, None)[:, -1]
+
+    def cache(self, ids, mask, specs):
+        return self._run(ids, mask, specs, [s.name for s in self.cache_sites])[1]
+
+
+class _Cached:
+    """The prompt once, then one token per step from the key/value cache (``engine.decode``)."""
+
+    def __init__(self, model, interventions, hooks, compile: bool, cache_sites, fallback):
+        self.model, self.fallback = model, fallback
+        self.decoder = Decoder(model, interventions, hooks, compile, cache_sites)
+
+    def __call__(self, ids, mask, specs) -> torch.Tensor:
+        if self.decoder is None:
+            return self.fallback(ids, mask, specs)
+        self.decoder.interventions = specs
+        try:
+            return self.decoder.step(ids, mask)
+        except NoCache as err:
+            if self.decoder.seen:
+                raise
+            _tell(self.model, str(err))
+            self.decoder = None
+            return self.fallback(ids, mask, specs)
+
+    def cache(self, ids, mask, specs):
+        from .activation_cache import ActivationCache
+
+        if self.decoder is None:
+            return self.fallback.cache(ids, mask, specs)
+        self.decoder.interventions = specs
+        self.decoder.step(ids, mask)  # the last token's own activations
+        return ActivationCache(self.decoder.cached(), self.model.site_table, self.model)
+
+
+def _stepper(model, interventions, hooks, fwd_hooks, use_cache: bool, compile: bool, cache_sites):
+    fallback = _Recompute(model, fwd_hooks, compile, cache_sites)
+    if not use_cache:
+        return fallback
+    specs = [i.spec if isinstance(i, During) else i for i in interventions]
+    reason = cache_reason(model, specs, hooks)
+    if reason is not None:
+        _tell(model, reason)
+        return fallback
+    return _Cached(model, specs, hooks, compile, cache_sites, fallback)
+
+
+def _tell(model, reason: str) -> None:
+    told = model._active.item("generate_without_cache", set)
+    if reason not in told:
+        told.add(reason)
+        warnings.warn(f"generate recomputes the whole sequence at each step (exact, slower): {reason}",
+                      UserWarning, stacklevel=4)
