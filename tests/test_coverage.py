@@ -100,6 +100,15 @@ def _first_line(err: BaseException, limit: int = 300) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:limit]
 
 
+def _timed_out(err: BaseException):
+    """The TimeoutError of ``time_limit`` in ``err``'s chain of causes, or None."""
+    while err is not None:
+        if isinstance(err, TimeoutError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 @contextlib.contextmanager
 def time_limit(seconds: int):
     def handler(signum, frame):
@@ -285,9 +294,9 @@ def observe(family: str) -> dict:
         start = time.perf_counter()
         try:
             model = fxlens.Model.from_hf(hf)
-        except TimeoutError as err:
-            return dict(record, status="fails", detail=f"from_hf {err}", capture_s=round(time.perf_counter() - start, 2))
         except Exception as err:  # noqa: BLE001 - a refusal is an outcome, its message is the detail
+            if _timed_out(err):  # the time limit fired inside capture, which reports torch's errors as its own
+                return dict(record, status="fails", detail=f"from_hf {_timed_out(err)}", capture_s=round(time.perf_counter() - start, 2))
             return dict(record, status="refuses", detail=_first_line(err), message=str(err),
                         capture_s=round(time.perf_counter() - start, 2))
         record["capture_s"] = round(time.perf_counter() - start, 2)
@@ -337,9 +346,9 @@ def observe_seq2seq(hf) -> dict:
         start = time.perf_counter()
         try:
             model = fxlens.Model.from_hf(hf)
-        except TimeoutError as err:
-            return dict(record, status="fails", detail=f"from_hf {err}", capture_s=round(time.perf_counter() - start, 2))
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:  # noqa: BLE001 - a refusal is an outcome, its message is the detail
+            if _timed_out(err):  # the time limit fired inside capture, which reports torch's errors as its own
+                return dict(record, status="fails", detail=f"from_hf {_timed_out(err)}", capture_s=round(time.perf_counter() - start, 2))
             return dict(record, status="refuses", detail=_first_line(err), message=str(err),
                         capture_s=round(time.perf_counter() - start, 2))
         record["capture_s"] = round(time.perf_counter() - start, 2)
