@@ -65,3 +65,28 @@ def test_token_helpers_and_test_prompt(tiny_tokenizer, capsys):
     token = int(ids[0, -1])
     assert abs(out["answer"][0]["prob"] - float(probs[token])) <= 1e-6
     assert out["answer"][0]["rank"] == int((probs > probs[token]).sum())
+
+
+def test_to_casts_and_recaptures_said_once():
+    """``model.to(dtype)`` acts on the wrapped HF model in place, as TransformerLens' ``to`` does; the
+    recaptured program agrees with HF's own float64 forward."""
+    import warnings
+
+    import fxlens
+    from families import make, tokens
+
+    hf = make("llama", n_kv_heads=2)
+    model = fxlens.Model.from_hf(hf)
+    ids = tokens(2, 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert model.to(torch.float64) is model
+        model.to(torch.float64)
+    said = [w for w in caught if "model.to moved" in str(w.message)]
+    assert len(said) == 1 and not [w for w in caught if "changed after wrapping" in str(w.message)]
+    assert next(hf.parameters()).dtype == torch.float64 and model.cfg.dtype == torch.float64
+    got = model(ids)
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits
+    assert got.dtype == torch.float64 and (got - want).abs().max().item() < 1e-12
+    assert model.cpu() is model

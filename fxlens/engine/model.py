@@ -756,6 +756,29 @@ class Model:
 
         return generate(self, input, max_new_tokens, **kwargs)
 
+    def to(self, *args, **kwargs) -> "Model":
+        """Move or cast the model as ``torch.nn.Module.to`` does (``model.to("cuda")``, ``model.to(torch.bfloat16)``)
+        and return it. Like TransformerLens' ``to``, this acts on the model itself: the HF model this Model
+        wraps is moved in place (it is the same model), and captured again for its new device or dtype (said
+        once). To keep the original where it is, wrap a copy: ``fxlens.Model(copy.deepcopy(hf).to(...))``."""
+        self.hf_model.to(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="the HF model changed after wrapping")
+            self.derived  # noqa: B018 - follows the move now: captured again if the model's tensors changed
+        if "to" not in self._told:
+            self._told.add("to")
+            warnings.warn("model.to moved the HF model it wraps in place (as torch.nn.Module.to does) and captured it again "
+                          "for its new device or dtype", UserWarning, stacklevel=2)
+        return self
+
+    def cuda(self, device=None) -> "Model":
+        """``model.to("cuda")`` (or the given CUDA device)."""
+        return self.to(torch.device("cuda") if device is None else torch.device("cuda", device) if isinstance(device, int) else device)
+
+    def cpu(self) -> "Model":
+        """``model.to("cpu")``."""
+        return self.to("cpu")
+
     def with_weight_edits(self, edit) -> "Model":
         """A new Model with ``edit(w)`` applied to copies of the touched tensors; this model is unchanged."""
         from .weights import WeightEdits
