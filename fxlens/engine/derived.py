@@ -350,10 +350,8 @@ class Derived:
     @property
     def components(self):
         """Circuit senders and receivers (``graphs.components``)."""
-        from ..graphs.components import components
-
         self._one_stack("circuits (senders and receivers)")
-        return self.item("components", lambda: components(self.graph))
+        return self.graph.components
 
     def _one_stack(self, what: str) -> None:
         if getattr(self.graph, "stacks", None) is not None:  # an encoder-decoder (graphs/seq2seq.py)

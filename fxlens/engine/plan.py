@@ -48,12 +48,13 @@ from ..passes import (
     check_order,
 )
 from ..passes.split_experts import Experts
+from ..passes.split_inputs import InputSplit, SplitInputs
 from ..passes.split_heads import Head
 
 __all__ = ["PlanBuilder", "rewrites_for"]
 
 _REWRITES = (("expand_attention", ExpandAttention), ("decompose_norm", DecomposeNorm), ("split_heads", SplitHeads),
-             ("split_experts", SplitExperts))
+             ("split_experts", SplitExperts), ("split_inputs", SplitInputs))
 
 
 def rewrites_for(mg: ModelGraph, sites, write=()) -> tuple:
@@ -79,6 +80,8 @@ def rewrites_for(mg: ModelGraph, sites, write=()) -> tuple:
         elif kind == "split_experts":
             m = mg.moe[site.layer]
             entry = Experts(m.contributions, m.indices.node, m.combine, m.n_experts)
+        elif kind == "split_inputs":
+            entry = input_split(mg, site.layer, site.kind, target)
         found[kind][entry] = found[kind].get(entry, False) or site.name in write
     specs = []
     for kind, cls in _REWRITES:
@@ -87,6 +90,24 @@ def rewrites_for(mg: ModelGraph, sites, write=()) -> tuple:
             if entries:
                 specs.append(cls(entries, replace=replace))
     return tuple(specs)
+
+
+def input_split(mg: ModelGraph, layer: int, kind: str, entry: str) -> InputSplit:
+    """What ``passes.split_inputs`` needs for the input copies ``kind`` of ``layer``: the circuit receivers
+    (``graphs.components``) that read them, with the copy each reads."""
+    from ..circuits.edges import receiver_specs
+
+    comp = mg.components
+    mine = [r for r in comp.receivers if r.layer == layer]
+    if kind == "mlp_in":
+        chosen, n = [r for r in mine if r.kind == "mlp"], 0
+    else:
+        kinds = ("q", "k", "v") if kind == "attn_in" else (kind[0],)
+        chosen = [r for r in mine if r.kind in kinds]
+        n = mg.attn[layer].n_kv_heads if kind in ("k_input", "v_input") else mg.attn[layer].n_heads
+    specs = receiver_specs(comp, [r.name for r in chosen])
+    columns = tuple(0 if r.head is None else r.head for r in specs)
+    return InputSplit(kind, entry, specs, columns, n)
 
 
 class PlanBuilder:

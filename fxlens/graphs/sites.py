@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import difflib
+import functools
 import warnings
 import re
 from collections import OrderedDict
@@ -208,13 +209,22 @@ class ModelGraph:
     def n_layers(self) -> int:
         return len(self.structure.blocks)
 
+    @functools.cached_property
+    def components(self):
+        """Circuit senders and receivers (``graphs.components``), found once per graph; raises
+        ``CircuitError`` where the blocks cannot be decomposed."""
+        from .components import components
+
+        return components(self)
+
     def shape(self, site: Site, batch: int, seq: int) -> tuple:
         """The site's shape, in the user's layout, for an input of ``batch`` x ``seq`` tokens."""
         if site.rewrite is not None:
             d = self.dims
+            kv = site.kind in ("k_input", "v_input")
             sizes = {"batch": batch, "pos": seq, "query_pos": seq, "key_pos": seq, "one": 1,
-                     "head": d.get("n_heads"), "d_model": d.get("d_model"), "d_head": d.get("d_head"),
-                     "expert": d.get("n_experts")}
+                     "head": d.get("n_key_value_heads" if kv else "n_heads"), "d_model": d.get("d_model"),
+                     "d_head": d.get("d_head"), "expert": d.get("n_experts")}
             return tuple(sizes[a] for a in site.axes)
         dims = sym_dims(self.dg.node(site.node), *(self.captured.batch_symbol, self.captured.seq_symbol))
         user = site.layout.shape(dims)
@@ -509,6 +519,7 @@ class _Builder:
             if block.mlp is not None:
                 self.add(p + "hook_mlp_out", self._unflat(block.mlp.output), RESID_AXES, i, "mlp_out")
             self._attention(i, p, self.attns[i])
+            self._inputs(i, p, block, self.attns[i])
             self._mlp(i, p, self.mlps[i])
             self._moe(i, p, self.moes[i])
             self._block_norms(i, p, block)
@@ -599,6 +610,26 @@ class _Builder:
             unfit = f"the output projection is a {o_op}, which the per-head split handles only as linear or addmm"
         add("hook_result", rewritten(*rw, "result"), ("batch", "pos", "head", "d_model"), "result", rewrite=rw,
             unfit=unfit, expensive=True)
+
+    def _inputs(self, i: int, p: str, block, a: Attention | None) -> None:
+        """TransformerLens' input copies (``passes.split_inputs``): each head's copy of the residual it reads
+        (``attn.hook_q_input``/``k_input``/``v_input``; ``hook_attn_in`` for q, k and v together where every
+        head has its own key and value) and the MLP's own copy (``hook_mlp_in``). Expensive: made only when
+        asked for by name."""
+        entry_axes = ("batch", "pos", "head", "d_model")
+        if a is not None and block.attn is not None and block.attn.entry is not None:
+            unfit = self._misfit(View(block.attn.entry), RESID_AXES, {})
+            for kind in ("q_input", "k_input", "v_input"):
+                rw = ("split_inputs", block.attn.entry)
+                self.add(f"{p}hook_{kind}", rewritten(*rw, kind), entry_axes, i, kind, rw, expensive=True, unfit=unfit)
+            if a.n_kv_heads == a.n_heads:
+                rw = ("split_inputs", block.attn.entry)
+                self.add(f"{p}hook_attn_in", rewritten(*rw, "attn_in"), entry_axes, i, "attn_in", rw, expensive=True,
+                         unfit=unfit)
+        if block.mlp is not None and block.mlp.entry is not None and self.mlps[i] is not None:
+            rw = ("split_inputs", block.mlp.entry)
+            unfit = self._misfit(View(block.mlp.entry), RESID_AXES, {})
+            self.add(f"{p}hook_mlp_in", rewritten(*rw, "mlp_in"), RESID_AXES, i, "mlp_in", rw, expensive=True, unfit=unfit)
 
     def _moe(self, i: int, p: str, m: Moe | None) -> None:
         if m is None:

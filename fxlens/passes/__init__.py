@@ -29,6 +29,7 @@ from .pack_rows import PackRows, pack_rows
 from .select_vocab import SelectVocab, select_vocab
 from .split_experts import SplitExperts, split_experts
 from .split_heads import SplitHeads, split_heads
+from .split_inputs import SplitInputs, split_inputs
 
 STAGES = ("kernels", "layout", "materialise", "edit", "read", "output")
 
@@ -37,6 +38,7 @@ _PASSES = {
     DecomposeNorm: decompose_norm,
     SplitHeads: split_heads,
     SplitExperts: split_experts,
+    SplitInputs: split_inputs,
     Cache: cache,
     Hooks: hooks,
     Intervene: intervene,

@@ -1,0 +1,161 @@
+"""TransformerLens' input sites (hook_q_input, hook_k_input, hook_v_input, hook_attn_in, hook_mlp_in)
+against plain hooks on the HF model.
+
+Reference: replacing head h's query input with x' means head h's query is computed from x' (through
+the layer's norm and projection) and nothing else changes. On the HF model that is a forward hook on
+the projection that overwrites head h's slice of its output with the projection of the norm of x'
+(GPT-2: the q, k or v third of the fused ``c_attn``); for ``hook_mlp_in`` a forward-pre-hook on the
+MLP that gives it the norm of x'. These hooks know nothing of fxlens' graph.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxlens
+import hf_hooks as H
+from families import make, tokens
+
+D = 64
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def pair(request):
+    hf = make(request.param, **({"n_kv_heads": 2} if request.param == "llama" else {}))
+    return request.param, hf, fxlens.Model.from_hf(hf)
+
+
+def _inputs():
+    ids = tokens(3, 6)
+    return ids, H.padding_mask(ids, "left")
+
+
+def _new_input(shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _hf_with_head_input(family, hf, ids, mask, layer, kind, head, x_new):
+    """HF logits with head ``head``'s ``kind`` ("q", "k" or "v") computed from ``x_new`` [b, p, d]."""
+    h_q, h_kv, dh = H.dims(hf)
+    if family == "llama":
+        blk = hf.model.layers[layer]
+        proj = getattr(blk.self_attn, f"{kind}_proj")
+
+        def hook(module, args, out):
+            new = proj.forward.__wrapped__(blk.input_layernorm(x_new)) if hasattr(proj.forward, "__wrapped__") else \
+                torch.nn.functional.linear(blk.input_layernorm(x_new), proj.weight, proj.bias)
+            out = out.clone()
+            out[..., head * dh:(head + 1) * dh] = new[..., head * dh:(head + 1) * dh]
+            return out
+    else:
+        blk = hf.transformer.h[layer]
+        proj = blk.attn.c_attn
+        third = "qkv".index(kind) * D
+
+        def hook(module, args, out):
+            new = torch.addmm(proj.bias, blk.ln_1(x_new).reshape(-1, D), proj.weight).view(out.shape)
+            out = out.clone()
+            sl = slice(third + head * dh, third + (head + 1) * dh)
+            out[..., sl] = new[..., sl]
+            return out
+
+    handle = proj.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return hf(input_ids=ids, attention_mask=mask).logits
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("kind", ["q", "k", "v"])
+def test_a_head_input_patch_equals_hf_with_that_head_recomputed(pair, kind):
+    family, hf, model = pair
+    ids, mask = _inputs()
+    n = model.cfg.n_heads if kind == "q" else model.cfg.n_key_value_heads or model.cfg.n_heads
+    head, layer = n - 1, 1
+    x_new = _new_input((3, 6, D))
+    site = f"blocks.{layer}.hook_{kind}_input"
+    want = _hf_with_head_input(family, hf, ids, mask, layer, kind, head, x_new)
+    got = model.run_with_interventions(ids, [fxlens.Patch(site, source=x_new[:, :, None].expand(3, 6, n, D), head=head)], mask)
+    real = mask.bool()
+    assert H.maxdiff(got[real], want[real]) < 1e-5 * want.abs().max().item()
+    hooked = model.run_with_hooks(ids, mask, fwd_hooks=[(site, lambda v, hook: v.index_copy(2, torch.tensor([head]), x_new[:, :, None]))])
+    assert H.maxdiff(hooked[real], want[real]) < 1e-5 * want.abs().max().item()
+    # the other heads' q (k, v) are untouched; this head's changed
+    name = f"blocks.{layer}.attn.hook_{kind}"
+    _, before = model.run_with_cache(ids, mask, names_filter=[name])
+    _, after = model.run_with_interventions(ids, [fxlens.Patch(site, source=x_new[:, :, None].expand(3, 6, n, D), head=head)],
+                                            mask, names_filter=[name])
+    others = [h for h in range(n) if h != head]
+    assert torch.equal(after[name][:, :, others], before[name][:, :, others])
+    assert not torch.allclose(after[name][:, :, head], before[name][:, :, head])
+
+
+def test_attn_in_drives_a_heads_query_key_and_value(pair):
+    family, hf, model = pair
+    if family == "llama":
+        assert "blocks.1.hook_attn_in" not in model.sites  # grouped keys and values: no per-head k/v input
+        return
+    ids, mask = _inputs()
+    x_new = _new_input((3, 6, D), seed=1)
+    head = 2
+    blk = hf.transformer.h[1]
+    dh = D // 4
+
+    def hook(module, args, out):
+        new = torch.addmm(blk.attn.c_attn.bias, blk.ln_1(x_new).reshape(-1, D), blk.attn.c_attn.weight).view(out.shape)
+        out = out.clone()
+        for third in range(3):
+            sl = slice(third * D + head * dh, third * D + (head + 1) * dh)
+            out[..., sl] = new[..., sl]
+        return out
+
+    handle = blk.attn.c_attn.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            want = hf(input_ids=ids, attention_mask=mask).logits
+    finally:
+        handle.remove()
+    got = model.run_with_interventions(ids, [fxlens.Patch("blocks.1.hook_attn_in", source=x_new[:, :, None].expand(3, 6, 4, D), head=head)], mask)
+    real = mask.bool()
+    assert H.maxdiff(got[real], want[real]) < 1e-5 * want.abs().max().item()
+
+
+def test_mlp_in_changes_the_mlp_input_and_not_the_skip_path(pair):
+    family, hf, model = pair
+    ids, mask = _inputs()
+    x_new = _new_input((3, 6, D), seed=2)
+    blk = hf.model.layers[0] if family == "llama" else hf.transformer.h[0]
+    norm = blk.post_attention_layernorm if family == "llama" else blk.ln_2
+
+    def pre(module, args):
+        return (norm(x_new),) + tuple(args[1:])
+
+    handle = blk.mlp.register_forward_pre_hook(pre)
+    try:
+        with torch.no_grad():
+            want = hf(input_ids=ids, attention_mask=mask).logits
+    finally:
+        handle.remove()
+    got = model.run_with_interventions(ids, [fxlens.Patch("blocks.0.hook_mlp_in", source=x_new)], mask)
+    real = mask.bool()
+    assert H.maxdiff(got[real], want[real]) < 1e-5 * want.abs().max().item()
+
+
+def test_input_sites_read_the_residual_and_are_made_only_on_request(pair):
+    _, _, model = pair
+    ids, mask = _inputs()
+    _, every = model.run_with_cache(ids, mask)
+    assert not any(k.endswith(("_input", "attn_in", "mlp_in")) for k in every.keys())
+    names = ["blocks.1.hook_q_input", "blocks.1.hook_k_input", "blocks.0.hook_mlp_in"]
+    _, cache = model.run_with_cache(ids, mask, names_filter=names + ["blocks.1.hook_resid_pre", "blocks.0.hook_resid_mid"])
+    resid = cache["blocks.1.hook_resid_pre"]
+    assert cache["blocks.1.hook_q_input"].shape == (3, 6, model.cfg.n_heads, D)
+    assert torch.equal(cache["blocks.1.hook_q_input"], resid[:, :, None].expand_as(cache["blocks.1.hook_q_input"]))
+    assert cache["blocks.1.hook_k_input"].shape[2] == (model.cfg.n_key_value_heads or model.cfg.n_heads)
+    assert torch.equal(cache["blocks.0.hook_mlp_in"], cache["blocks.0.hook_resid_mid"])
+    # an identity hook on every input site leaves the logits as they are
+    same = model.run_with_hooks(ids, mask, fwd_hooks=[(n, lambda v, hook: v) for n in names])
+    base = model(ids, mask)
+    assert H.maxdiff(same, base) < 1e-5 * base.abs().max().item()
