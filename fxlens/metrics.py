@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Metric", "logit_diff", "logit", "normalized"]
+__all__ = ["Metric", "Several", "logit_diff", "logit", "normalized"]
 
 
 def _as_index(value, batch: int) -> torch.Tensor:
@@ -164,3 +164,58 @@ def normalized(metric: Metric, clean: float, corrupted: float) -> Metric:
             "pick inputs on which the metric differs"
         )
     return _Normalized(metric, float(clean), float(corrupted))
+
+
+class Several:
+    """Several metrics evaluated on the same logits: ``{name: metric}`` in, a [n_metrics] tensor out
+    ([n_metrics, batch] with ``per_prompt``: each metric's per-prompt values). A sweep given a mapping of
+    metrics runs once and reads each row's logits once for all of them: this callable is traced like
+    any plain metric (``engine.metric_reads``), so only the logits some metric reads are computed.
+    Declared metrics give their per-prompt values from their own reads."""
+
+    def __init__(self, metrics: dict, per_prompt: bool = False):
+        if not metrics:
+            raise ValueError("a mapping of metrics must hold at least one metric")
+        bad = [k for k, m in metrics.items() if not callable(m)]
+        if bad:
+            raise TypeError(f"every metric must be a callable on logits; {bad[0]!r} is not")
+        self.metrics = dict(metrics)
+        self.per_prompt = per_prompt
+
+    @property
+    def names(self) -> list:
+        return list(self.metrics)
+
+    @property
+    def lead(self) -> tuple:
+        return (len(self.metrics),)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        out = []
+        for name, m in self.metrics.items():
+            if isinstance(m, Metric):  # through its own reads, so that tracing sees plain indexing
+                b, s, _ = logits.shape
+                pos, tok = _selection(m, s, b)
+                sel = logits[torch.arange(b)[:, None, None], pos.to(logits.device)[:, :, None], tok.to(logits.device)[:, None, :]]
+                value = (m.per_example if self.per_prompt else m.from_selected)(sel[None])[0]
+            else:
+                value = m(logits)
+            value = torch.as_tensor(value, dtype=torch.float32, device=logits.device)
+            want = (logits.shape[0],) if self.per_prompt else ()
+            if value.numel() != (want[0] if want else 1):
+                raise ValueError(
+                    f"metric {name!r} returned shape {tuple(value.shape)}; "
+                    + ("reduce='none' needs one value per prompt" if self.per_prompt else "a sweep metric must return a scalar")
+                )
+            out.append(value.reshape(want).float())
+        return torch.stack(out)
+
+
+def _selection(metric: Metric, seq: int, batch: int):
+    """``metric.select(seq, batch)`` computed eagerly, also while a caller traces (``engine.metric_reads``):
+    the positions and tokens are constants of the metric, and checking them reads their values."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+    with unset_fake_temporarily(), disable_proxy_modes_tracing():
+        return metric.select(seq, batch)

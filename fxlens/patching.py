@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import itertools
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 from .engine.sweep import Cell, Sweep, SweepError
+from .metrics import Several
 
 __all__ = [
     "SweepError",
@@ -64,7 +67,44 @@ __all__ = [
     "get_act_patch_attn_head_all_pos_every",
     "get_act_patch_attn_head_by_pos_every",
     "make_df_from_ranges",
+    "PatchingResult",
 ]
+
+
+@dataclass
+class PatchingResult:
+    """A sweep's values with the unpatched corrupted run's metric (``baseline=True``).
+
+    ``values``: the result (a tensor, or ``{name: tensor}`` for several metrics); ``baseline``: the metric
+    on the corrupted run without any patch (a 0-d tensor, or [prompt] with ``reduce="none"``; a dict for
+    several metrics)."""
+
+    values: object
+    baseline: object
+    per_prompt: bool = False
+
+    def _apply(self, fn):
+        if isinstance(self.values, dict):
+            return {k: fn(v, self.baseline[k]) for k, v in self.values.items()}
+        return fn(self.values, self.baseline)
+
+    def _base(self, v, b):
+        return b.reshape(b.shape + (1,) * (v.dim() - b.dim())) if self.per_prompt else b
+
+    def effect(self):
+        """``values - baseline``: what each patch changes in the corrupted run's metric."""
+        return self._apply(lambda v, b: v - self._base(v, b))
+
+    def normalized(self, clean_baseline):
+        """``(values - baseline) / (clean_baseline - baseline)``: 0 the patch did nothing, 1 it recovered the
+        clean run's metric. ``clean_baseline`` is the metric on the clean run (a dict for several metrics)."""
+        def one(v, b, c):
+            c = torch.as_tensor(c, dtype=v.dtype)
+            return (v - self._base(v, b)) / self._base(v, c - b)
+
+        if isinstance(self.values, dict):
+            return {k: one(v, self.baseline[k], clean_baseline[k]) for k, v in self.values.items()}
+        return one(self.values, self.baseline, clean_baseline)
 
 
 # ---- patch setters: TransformerLens' in-place semantics, plus the axes each one indexes ------------
@@ -200,6 +240,7 @@ def generic_activation_patch(
     decoder_input=None,
     decoder_attention_mask=None,
     stack: str = "decoder",
+    baseline: bool = False,
 ):
     """Patch ``activation_name`` at every index of the grid (or of ``index_df``); see the module docstring.
 
@@ -214,11 +255,36 @@ def generic_activation_patch(
     value per prompt (a ``fxlens.metrics`` metric, or a callable returning a [batch] tensor). Each prompt's
     result equals a sweep of that pair alone (positions in the padded batch's frame).
 
+    Several metrics at once: ``patching_metric={"name": metric, ...}`` runs the sweep once, reading each
+    row's logits once for all of them (``metrics.Several``), and returns ``{"name": result}``.
+    ``baseline=True`` also evaluates the metric(s) on the unpatched corrupted run and returns a
+    ``PatchingResult`` (``values``, ``baseline``, ``effect()``, ``normalized(clean_baseline)``).
+
     Encoder-decoders (``fxlens.Seq2SeqModel``): ``decoder_input`` (and ``decoder_attention_mask``) is the
     decoder's input, ``stack`` ("decoder" or "encoder") the stack whose sites are patched.
     """
     if reduce not in ("mean", "none"):
         raise ValueError(f"reduce must be 'mean' (the metric's own reduction over prompts) or 'none' (one result per prompt); got {reduce!r}")
+    several = isinstance(patching_metric, Mapping)
+    if several or baseline:
+        if getattr(model, "is_encoder_decoder", False):
+            raise ValueError("several metrics and baseline=True are not offered for encoder-decoders yet: pass one metric")
+        if return_index_df:
+            raise ValueError("return_index_df applies to a single tensor result; make the index with make_df_from_ranges")
+        metric = Several(patching_metric if several else {"metric": patching_metric}, per_prompt=reduce == "none")
+        out = generic_activation_patch(model, corrupted_tokens, clean_cache, metric, patch_setter, activation_name,
+                                       index_axis_names, index_df, attention_mask=attention_mask,
+                                       memory_budget=memory_budget, progress=progress, compile=compile, reduce=reduce,
+                                       padding_side=padding_side)
+        # [prompt?, *grid, metric] -> one result per metric
+        values = {name: out.select(-1, k) for k, name in enumerate(metric.names)}
+        values = values if several else values["metric"]
+        if not baseline:
+            return values
+        with torch.no_grad():
+            base = metric(model(corrupted_tokens, attention_mask, padding_side=padding_side).float())
+        base = {name: base[k] for k, name in enumerate(metric.names)} if several else base[0]
+        return PatchingResult(values, base, reduce == "none")
     if getattr(model, "is_encoder_decoder", False):
         if reduce != "mean":
             raise ValueError("reduce='none' is not offered for encoder-decoders yet: run one pair at a time")
@@ -259,8 +325,10 @@ def generic_activation_patch(
             out = sweep.run(cells, feed, clean_cache, patching_metric, memory_budget=memory_budget, progress=progress,
                             per_example=per_example)
     out = out if flat else out.view(*shape, *out.shape[1:])
+    if isinstance(patching_metric, Several):
+        out = out.movedim(len(shape), -1)  # the metric axis last: [*grid, (prompt,) metric]
     if per_example:
-        out = out.movedim(-1, 0)  # [prompt, *grid]
+        out = out.movedim(-2 if isinstance(patching_metric, Several) else -1, 0)  # [prompt, *grid(, metric)]
     if return_index_df:
         df = index_df if index_df is not None else make_df_from_ranges(shape, index_axis_names)
         return out, df
@@ -282,6 +350,9 @@ def _hooked_loop(model, feed, clean_cache, metric, setter, activation_name, rows
         with torch.no_grad():
             logits = model.run_with_hooks(feed["input_ids"], feed.get("attention_mask"), fwd_hooks=[(name, hook)])
         value = metric(logits)
+        if isinstance(metric, Several):  # [n_metrics] or [n_metrics, batch], checked by Several
+            out.append(value.float().cpu())
+            continue
         out.append((per_prompt(value, logits.shape[0]) if per_example else scalar(value)).float().cpu())
     return torch.stack(out)
 
@@ -334,8 +405,14 @@ get_act_patch_expert_out_all_pos = _sweep("get_act_patch_expert_out_all_pos")
 get_act_patch_expert_out_by_pos = _sweep("get_act_patch_expert_out_by_pos")
 
 
-def _stack(parts, kwargs) -> torch.Tensor:
-    """Parts stacked on a new first axis; with reduce="none" after the prompt axis: [prompt, part, ...]."""
+def _stack(parts, kwargs):
+    """Parts stacked on a new first axis; with reduce="none" after the prompt axis: [prompt, part, ...].
+    Several metrics stack per metric; with a baseline (the same corrupted run for every part) the result
+    keeps it."""
+    if isinstance(parts[0], PatchingResult):
+        return PatchingResult(_stack([p.values for p in parts], kwargs), parts[0].baseline, parts[0].per_prompt)
+    if isinstance(parts[0], dict):
+        return {k: _stack([p[k] for p in parts], kwargs) for k in parts[0]}
     return torch.stack(parts, dim=1 if kwargs.get("reduce") == "none" else 0)
 
 
@@ -347,7 +424,11 @@ def _block_every(ns, model, corrupted_tokens, clean_cache, metric, **kwargs):
     ], kwargs)
 
 
-def _pad_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+def _pad_heads(t, n_heads: int):
+    if isinstance(t, PatchingResult):
+        return PatchingResult(_pad_heads(t.values, n_heads), t.baseline, t.per_prompt)
+    if isinstance(t, dict):
+        return {k: _pad_heads(v, n_heads) for k, v in t.items()}
     return torch.nn.functional.pad(t, (0, n_heads - t.shape[-1]))
 
 

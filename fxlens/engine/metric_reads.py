@@ -72,6 +72,7 @@ class TracedMetric(Metric):
     tok_index: torch.Tensor  # [|V|] vocabulary ids
     batch: int
     per_prompt: bool = False  # the callable returns one value per prompt ([batch]), not a scalar
+    lead: tuple = ()  # leading axes of its value before the batch axis ([n_metrics] for metrics.Several)
 
     @property
     def positions(self) -> tuple:
@@ -85,8 +86,9 @@ class TracedMetric(Metric):
         return self.pos_index.expand(batch, -1), self.tok_index.expand(batch, -1)
 
     def from_selected(self, selected: torch.Tensor) -> torch.Tensor:
-        """[rows] for a scalar metric, [rows, batch] for one that returns a value per prompt."""
-        return torch.stack([self.gm(rows).reshape((self.batch,) if self.per_prompt else ()) for rows in selected])
+        """[rows, *lead] for a scalar metric, [rows, *lead, batch] for one that returns a value per prompt."""
+        shape = self.lead + ((self.batch,) if self.per_prompt else ())
+        return torch.stack([self.gm(rows).reshape(shape) for rows in selected])
 
     def per_example(self, selected: torch.Tensor) -> torch.Tensor:
         if not self.per_prompt:
@@ -154,7 +156,11 @@ def _reads(gm: fx.GraphModule, shape: tuple, metric) -> TracedMetric | Untraceab
         return None  # its result does not read the logits (or is no tensor): full logits, where the caller says why
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     val = out.meta.get("val") if isinstance(out, fx.Node) else None
-    if not isinstance(val, torch.Tensor) or (val.numel() != 1 and tuple(val.shape) != (b,)):
+    lead = tuple(getattr(metric, "lead", ()))
+    if lead:
+        if not isinstance(val, torch.Tensor) or tuple(val.shape) not in (lead, lead + (b,)):
+            return None
+    elif not isinstance(val, torch.Tensor) or (val.numel() != 1 and tuple(val.shape) != (b,)):
         return None  # neither a scalar nor one value per prompt: full logits, where the caller says what it returned
     for _, n in uses:
         if coords[n][0].numel() > MAX_READ:
@@ -164,7 +170,8 @@ def _reads(gm: fx.GraphModule, shape: tuple, metric) -> TracedMetric | Untraceab
     if pos.numel() == s and tok.numel() == v:
         return None
     on_selected = _on_selected(gm, logits, uses, coords, pos, tok, s, v)
-    return TracedMetric(metric, on_selected, pos.cpu(), tok.cpu(), b, per_prompt=val.numel() != 1 or val.dim() == 1)
+    per_prompt = val.dim() == len(lead) + 1 if lead else (val.numel() != 1 or val.dim() == 1)
+    return TracedMetric(metric, on_selected, pos.cpu(), tok.cpu(), b, per_prompt=per_prompt, lead=lead)
 
 
 def _replay(node: fx.Node, coordinate: torch.Tensor, values: dict) -> torch.Tensor:

@@ -58,7 +58,8 @@ class Readout:
             self.metric = reads if reads is not None else metric
         self.declared = isinstance(self.metric, Metric)
         self.per_example = per_example
-        self.value_shape = (base.batch,) if per_example else ()  # of each row's metric value
+        self.lead = tuple(getattr(metric, "lead", ()))  # [n_metrics] for several metrics at once
+        self.value_shape = self.lead + ((base.batch,) if per_example else ())  # of each row's metric value
         if self.declared:
             self._check_shape()
             vocab = derived.graph.dims.get("d_vocab_out") or derived.graph.dims.get("d_vocab")
@@ -84,7 +85,7 @@ class Readout:
         """A declared metric's value of each row from selected logits [rows, batch, n_pos, n_tok]."""
         if self.per_example:
             return self.metric.per_example(selected)
-        return self.metric.from_selected(selected).reshape(selected.shape[0])
+        return self.metric.from_selected(selected).reshape(selected.shape[0], *self.value_shape)
 
     # ---- what the metric reads ---------------------------------------------------------------------
     @property
@@ -193,6 +194,8 @@ class Readout:
 
     def per_row(self, logits: torch.Tensor) -> torch.Tensor:
         """A plain callable metric on each row's full logits [rows, B0, S, vocab]."""
+        if self.lead:  # metrics.Several checks each metric's value itself
+            return torch.stack([self.metric(rows_logits).reshape(self.value_shape) for rows_logits in logits])
         if self.per_example:
             return torch.stack([per_prompt(self.metric(rows_logits), self.base.batch) for rows_logits in logits])
         return torch.stack([scalar(self.metric(rows_logits)) for rows_logits in logits])
