@@ -177,13 +177,7 @@ def edges(gm: fx.GraphModule, spec: Edges) -> fx.GraphModule:
             replays: dict = {}
             for r, x in zip(group, inputs):
                 if r.kind in ("mlp", "logits"):
-                    env = {entry: x}
-                    if r.cone:  # nodes shared with the attention branch: replayed for this receiver
-                        with rw.graph.inserting_before(rw.node(r.consumers[0])):
-                            env = _replay(rw, r.cone, entry, x, env=True)
-                    for c in r.consumers:
-                        for old, new in env.items():
-                            rw.node(c).replace_input_with(old, new)
+                    redirect(rw, r, entry, x)
                 else:
                     replays.setdefault((r.target, r.target_layout), []).append((r, x))
             for (target_name, layout), items in replays.items():
@@ -207,6 +201,18 @@ def edges(gm: fx.GraphModule, spec: Edges) -> fx.GraphModule:
                 keep = {read, merged, written}
                 rw.supersede(target, written, keep=keep | _chain(read, target))
     return rw.result
+
+
+def redirect(rw, r: EdgeReceiver, entry: fx.Node, x: fx.Node) -> None:
+    """An MLP or logits receiver reads ``x`` where it read ``entry``: its own reads are redirected, and the
+    nodes it shares with the attention branch (``r.cone``) are replayed for it."""
+    env = {entry: x}
+    if r.cone:
+        with rw.graph.inserting_before(rw.node(r.consumers[0])):
+            env = _replay(rw, r.cone, entry, x, env=True)
+    for c in r.consumers:
+        for old, new in env.items():
+            rw.node(c).replace_input_with(old, new)
 
 
 def _chain(node: fx.Node, stop: fx.Node) -> set:

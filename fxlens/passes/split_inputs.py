@@ -33,7 +33,7 @@ import torch.fx as fx
 
 from ..graphs.sites import rewritten
 from .base import rewrite
-from .edges import _chain, _given, _replay, _set_heads
+from .edges import _chain, _given, _replay, _set_heads, redirect
 
 __all__ = ["InputSplit", "SplitInputs", "split_inputs"]
 
@@ -70,26 +70,19 @@ def split_inputs(gm: fx.GraphModule, spec: SplitInputs) -> fx.GraphModule:
                 continue
             by_target: dict = {}
             for r, j in zip(s.receivers, s.columns):
-                x = copies if not s.n else None
                 if r.kind == "mlp":
-                    env = {entry: copies}
-                    if r.cone:  # nodes shared with the attention branch: replayed for the MLP
-                        with rw.graph.inserting_before(rw.node(r.consumers[0])):
-                            env = _replay(rw, r.cone, entry, copies, env=True)
-                    for c in r.consumers:
-                        for old, new in env.items():
-                            rw.node(c).replace_input_with(old, new)
+                    redirect(rw, r, entry, copies)
                     continue
-                by_target.setdefault((r.target, r.target_layout), []).append((r, j, x))
+                by_target.setdefault((r.target, r.target_layout), []).append((r, j))
             for (target_name, layout), items in by_target.items():
                 target = rw.node(target_name)
                 with rw.after(target):
                     outs = []
-                    for r, j, _ in items:
+                    for r, j in items:
                         xj = rw.create(_given, (copies, j))
                         outs.append(layout.read(rw.graph, _replay(rw, r.cone, entry, xj)))
                     read = layout.read(rw.graph, target)
-                    merged = rw.create(_set_heads, (read, [r.head for r, _, _ in items], [None] * len(items), *outs))
+                    merged = rw.create(_set_heads, (read, [r.head for r, _ in items], [None] * len(items), *outs))
                     written = layout.write(rw.graph, merged)
                 rw.supersede(target, written, keep={read, merged, written} | _chain(read, target))
     return rw.result
