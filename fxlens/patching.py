@@ -424,12 +424,17 @@ def _block_every(ns, model, corrupted_tokens, clean_cache, metric, **kwargs):
     ], kwargs)
 
 
+def _map(result, fn):
+    """``fn`` applied to a sweep's values: a tensor, each metric's tensor, or a PatchingResult's values."""
+    if isinstance(result, PatchingResult):
+        return PatchingResult(_map(result.values, fn), result.baseline, result.per_prompt)
+    if isinstance(result, dict):
+        return {k: fn(v) for k, v in result.items()}
+    return fn(result)
+
+
 def _pad_heads(t, n_heads: int):
-    if isinstance(t, PatchingResult):
-        return PatchingResult(_pad_heads(t.values, n_heads), t.baseline, t.per_prompt)
-    if isinstance(t, dict):
-        return {k: _pad_heads(v, n_heads) for k, v in t.items()}
-    return torch.nn.functional.pad(t, (0, n_heads - t.shape[-1]))
+    return _map(t, lambda v: torch.nn.functional.pad(v, (0, n_heads - v.shape[-1])))
 
 
 def _head_all_pos_every(ns, model, corrupted_tokens, clean_cache, metric, **kwargs):
@@ -450,7 +455,8 @@ def _head_by_pos_every(ns, model, corrupted_tokens, clean_cache, metric, **kwarg
         ns.get_act_patch_attn_head_k_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
         ns.get_act_patch_attn_head_v_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
         # [.., layer, head, dest_pos] -> [.., layer, pos, head]
-        ns.get_act_patch_attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs).transpose(-1, -2),
+        _map(ns.get_act_patch_attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+             lambda t: t.transpose(-1, -2)),
     ]
     return _stack([_pad_heads(p, model.cfg.n_heads) for p in parts], kwargs)
 

@@ -83,6 +83,9 @@ def test_every_with_several_metrics_and_bad_input(setup):
     every = patching.get_act_patch_block_every(model, corrupted, cache, ms)
     alone = patching.get_act_patch_block_every(model, corrupted, cache, ms["plain"])
     assert H.maxdiff(every["plain"], alone) < 1e-5
+    heads = patching.get_act_patch_attn_head_by_pos_every(model, corrupted, cache, ms, baseline=True)
+    alone = patching.get_act_patch_attn_head_by_pos_every(model, corrupted, cache, ms["diff"])
+    assert H.maxdiff(heads.values["diff"], alone) < 1e-5 and heads.effect()["diff"].shape == alone.shape
     with pytest.raises(ValueError, match="at least one"):
         patching.get_act_patch_resid_pre(model, corrupted, cache, {})
     with pytest.raises(ValueError, match="scalar"):
