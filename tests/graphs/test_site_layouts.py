@@ -324,7 +324,7 @@ def test_every_offered_site_has_its_declared_shape(family):
         site = model.site(name)
         declared = model.graph.shape(site, B, P)
         assert tuple(cache[name].shape) == declared, f"{name}: read {tuple(cache[name].shape)}, declared {declared}"
-        kv = name.endswith(("hook_k", "hook_v", "hook_rot_k"))
+        kv = name.endswith(("hook_k", "hook_v", "hook_rot_k", "hook_k_input", "hook_v_input"))
         sizes = {"batch": B, "pos": P, "query_pos": P, "key_pos": P, "one": 1, "d_model": cfg.d_model,
                  "head": cfg.n_key_value_heads if kv else cfg.n_heads}
         if name.endswith(("hook_z", "hook_v")):
