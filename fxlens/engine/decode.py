@@ -9,7 +9,8 @@ and values before ``start``": the prelude computes the positional context (masks
 learned positions) and the embeddings of the whole sequence (cheap: no layer runs), and each block is
 its own program (``rows.Blocks``) fed the new positions' residual, the context sliced to them
 (``rows.Padded``) and a key/value prefix (``passes.kv_prefix``). A ``Decoder`` keeps each attention's
-keys and values, read from the same block call (``passes.Read``), and appends the new ones. The plan of
+keys and values: the joined prefix and new keys the attention read in the same block call
+(``passes.Read`` of ``kv_prefix.joined``) are the next step's cache. The plan of
 a decode step is the same at every step (its tensors are graph inputs), so each block's program is
 built once and reused, compiled when asked (dynamic shapes: the prefix grows).
 
@@ -36,6 +37,7 @@ from types import SimpleNamespace
 import torch
 
 from ..passes import Read
+from ..passes.kv_prefix import joined
 from .interventions import _real_token_mean, prepare
 from .plan import PlanBuilder
 
@@ -136,13 +138,13 @@ class Decoder:
                     b.edit(site, fn, tuple(_narrow(x, site.axes, start, full) for x in inputs),
                            _narrow(m, site.axes, start, full))
             (k_op, _), (v_op, _) = blocks.kv_uses[layer]
+            if self.kv[layer] is not None:  # the attention reads the cache joined with the new keys: the next cache
+                k_op, v_op = joined(k_op), joined(v_op)
             b.cache([s for s in self.cache_sites if s.layer == layer], reads=[Read("fxl_k", k_op), Read("fxl_v", v_op)])
             plan, inputs = b.build()
             out = blocks.call(layer, plan, block_feed, inputs, self.compile)
             cache = out["cache"]
-            k, v = cache.pop("fxl_k"), cache.pop("fxl_v")
-            old = self.kv[layer]
-            self.kv[layer] = (k, v) if old is None else (torch.cat([old[0], k], dim=-2), torch.cat([old[1], v], dim=-2))
+            self.kv[layer] = (cache.pop("fxl_k"), cache.pop("fxl_v"))
             for name, value in cache.items():
                 self.values.setdefault(name, []).append(value)
             h = out["outputs"]["hidden"]

@@ -10,6 +10,8 @@ keys or values for the earlier positions ([batch or 1, heads, p, d_head], as the
 them). Everything else in the block (projections, rotary, MLP) runs on the suffix positions only; the
 engine feeds the block its positional context (mask rows, cos/sin) sliced to those positions.
 
+The joined keys (values) are the node ``joined(operand)``.
+
 Example::
 
     gm = kv_prefix(gm, KVPrefix((("reshape", "scaled_dot_product_attention", "fxl_kpre_3"),
@@ -26,7 +28,13 @@ import torch.fx as fx
 
 from .base import PassError, rewrite
 
-__all__ = ["KVPrefix", "kv_prefix"]
+__all__ = ["KVPrefix", "kv_prefix", "joined"]
+
+
+def joined(operand: str) -> str:
+    """Name of the node holding the prefix and ``operand`` joined (what the attention reads): a caller that
+    keeps a key/value cache reads it as the cache's next state."""
+    return f"{operand}__with_prefix"
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,6 @@ def kv_prefix(gm: fx.GraphModule, spec: KVPrefix) -> fx.GraphModule:
                 raise PassError(f"{spec}: {consumer} does not read {operand}")
             prefix = rw.placeholder(name)
             with rw.graph.inserting_before(user):
-                cat = rw.create(_prepend, (prefix, x))
+                cat = rw.create(_prepend, (prefix, x), name=joined(operand))
             user.replace_input_with(x, cat)
     return rw.result
