@@ -25,6 +25,7 @@ from .engine import (
     StaleModelError,
     Steer,
 )
+from .factored import FactoredMatrix
 from .graphs.capture import CaptureError
 from .graphs.sites import SiteError
 from .passes import HookError, PassError
@@ -37,6 +38,7 @@ __all__ = [
     "ActivationCache",
     "HookPoint",
     "Config",
+    "FactoredMatrix",
     "Patch",
     "Ablate",
     "Steer",
