@@ -177,12 +177,12 @@ def mlp(model, layer: int) -> dict:
     out = {}
     for name, p in (("in", maps.w_in), ("gate", maps.w_gate)):
         if p is None:
-            out[f"W_{name}"] = None
+            out[f"W_{name}"] = out[f"b_{name}"] = None
             continue
         out[f"W_{name}"] = _select(_tensor(model, p.weight), p, "out", 0)
-        if name == "in":
-            bias = _tensor(model, p.bias)
-            out["b_in"] = _select(bias, p, "out", 0) if bias is not None else _zeros(model, len(p.index))
+        bias = _tensor(model, p.bias)
+        # b_gate is not a TransformerLens name (its gated MLPs had none): kept out of MLP_NAMES, used by processing
+        out[f"b_{name}"] = _select(bias, p, "out", 0) if bias is not None else _zeros(model, len(p.index))
     o = maps.w_out
     out["W_out"] = _select(_tensor(model, o.weight), o, "in", 1)
     b_out = _tensor(model, o.bias)
