@@ -208,8 +208,12 @@ def _uncapped(mg, linear) -> bool:
     """Whether the logits output is the unembedding's output through reshapes and casts only."""
     from ..graphs.nodes import op_name
 
-    node = mg.dg.node(mg.structure.unembed)
+    cg = mg.captured
+    out = next(n for n in cg.module.graph.nodes if n.op == "output").args[0]["outputs"]
+    node = out.get(cg.logits) if cg.logits is not None else None
     while node is not linear:
+        if node is None:
+            return False
         if op_name(node) not in _CAP_FREE or len(node.all_input_nodes) != 1:
             return False
         node = node.all_input_nodes[0]
