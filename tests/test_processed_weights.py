@@ -55,8 +55,10 @@ def processed(family):
         hf = scaled(family)
         before = snapshot(hf)
         model = fxlens.Model.from_hf(hf)
-        with _quiet():
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always", UserWarning)
             new = model.with_processed_weights()
+        new.said = [str(w.message) for w in said]
         _MODELS[family] = (hf, before, model, new)
     return _MODELS[family]
 
@@ -134,10 +136,8 @@ def test_processed_weights_equal_transformer_lens_processing(tl_processed, famil
 
 
 def test_rms_models_fold_the_weight_only_and_say_what_they_skip():
-    hf = scaled("llama")
-    model = fxlens.Model.from_hf(hf)
-    with pytest.warns(UserWarning, match="center_writing_weights skipped: the model uses RMSNorm"):
-        new = model.with_processed_weights()
+    hf, _, model, new = processed("llama")
+    assert any("center_writing_weights skipped: the model uses RMSNorm" in w for w in new.said)
     assert new.weight_processing["center_writing_weights"] is False and "RMSNorm" in new.weight_processing["skipped"]["center_writing_weights"]
     assert new.cfg.normalization_type == "RMSPre"
     assert torch.equal(new.W_E, model.W_E)  # not centred
