@@ -216,7 +216,13 @@ def _probe_form(model, path: str, kind: str) -> str:
     dtype = p.dtype if p is not None else model.cfg.dtype
     x = torch.randn(3, d, generator=torch.Generator().manual_seed(0), dtype=torch.float32).to(dtype=dtype, device=model.cfg.device)
     with torch.no_grad():
-        y = module(x).float()
+        try:
+            y = module(x)
+        except Exception as err:  # noqa: BLE001 - a norm that does not take [n, d_model] alone is not one we can fold
+            return f"!{path} ({type(module).__name__}) cannot be probed on its own ({type(err).__name__}: {err})"
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+            return f"!{path} ({type(module).__name__}) does not map [n, d_model] to [n, d_model]"
+        y = y.float()
         xf = x.float()
         if kind == "layernorm":
             xf = xf - xf.mean(-1, keepdim=True)
