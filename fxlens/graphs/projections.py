@@ -30,6 +30,7 @@ scalings the attention analysis undoes (OPT's q scaling, a ``scale`` layout) are
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import sympy
 import torch
@@ -70,7 +71,7 @@ class Projection:
     def in_axis(self) -> int:
         return 1 - self.out_axis
 
-    @property
+    @cached_property
     def affine(self) -> tuple | None:
         """(offset, stride per index axis...) when ``index`` is affine in its coordinates, else None."""
         idx = self.index
