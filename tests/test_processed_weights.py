@@ -183,3 +183,18 @@ def test_models_that_cannot_be_processed_say_why():
                                           pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
     with pytest.raises(ProcessingError, match="MLP weights of block 0 cannot be read"):
         fxlens.Model.from_hf(phi3).with_processed_weights()
+
+
+def test_a_weight_edited_model_is_processed_with_its_edits():
+    hf, before, model, _ = processed("gpt2")
+    edited = model.with_weight_edits(lambda w: w.zero_head(1, 2))
+    new = edited.with_processed_weights()
+    ids = tokens(2, 6, seed=11)
+    want = edited(ids)
+    assert (want - model(ids)).abs().max() > 1e-3  # the edit matters
+    assert (new(ids).log_softmax(-1) - want.log_softmax(-1)).abs().max() <= TOL
+    # an edit to one of two tied tensors (GPT-2's unembedding) reaches both, in the edited Model and in the copy
+    unembed = model.with_weight_edits(lambda w: w.set("lm_head.weight", hf.lm_head.weight * 2))
+    new = unembed.with_processed_weights()
+    assert (new(ids).log_softmax(-1) - unembed(ids).log_softmax(-1)).abs().max() <= TOL
+    assert unchanged(hf, before)

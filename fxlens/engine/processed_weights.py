@@ -34,7 +34,8 @@ Example::
 Gotchas: a model whose attention or MLP weights cannot be read as views (a mixture of experts, an MLP
 fxlens does not recognise), whose branches read the residual without a norm in front (post-norm models
 such as BERT), or whose norm is not ``normalized(x) * w + b`` cannot be processed: ``ProcessingError``
-says which block and why. The copy costs one capture and the model's memory again.
+says which block and why. The copy costs one capture and the model's memory again. A ``with_weight_edits`` Model's edits are
+carried into the copy; hooks kept with ``add_hook`` are not (add them to the new Model).
 """
 
 from __future__ import annotations
@@ -160,6 +161,13 @@ class _Plan:
 
         model = self.model
         hf = copy.deepcopy(model.hf_model)
+        # a with_weight_edits Model computes with its own tensors at some paths: the copy takes them (in place: a path
+        # tied to another is one graph tensor, so the edited Model computes with the edit at both)
+        with torch.no_grad():
+            for path, tensor in model.derived.binding.overrides.items():
+                owner, _, name = path.rpartition(".")
+                module = hf.get_submodule(owner)
+                getattr(module, name).copy_(tensor)
         need_bias = set()
         if self.applied["fold_ln"]:
             for path, (readers, kind) in self.norms.items():
