@@ -209,7 +209,7 @@ def bridges(tiny_tokenizer):
 @pytest.mark.parametrize("family", ["gpt2", "neox", "llama"])
 def test_stacked_weights_equal_transformer_lens(bridges, family):
     model, bridge = bridges[family]
-    names = ["W_Q", "W_O", "W_in", "W_out"]
+    names = ["W_Q", "W_O", "W_in", "W_out", "W_E", "W_U", "b_U"] + (["W_pos"] if family == "gpt2" else [])
     if family != "llama":  # the bridge refuses biases a model lacks; fxlens gives zeros, as HookedTransformer did
         names += ["b_Q", "b_K", "b_V", "b_O", "b_in", "b_out", "W_K", "W_V"]
     else:
