@@ -318,3 +318,21 @@ def test_model_ov_and_qk_are_the_head_circuits():
     kv = attn._W_K[head // 2]  # query head 3 reads key/value head 1
     assert torch.allclose(QK[layer, head].AB, attn.W_Q[head] @ kv.T, atol=1e-6)
     assert torch.allclose(attn.OV.AB, OV[layer].AB, atol=1e-6)
+
+
+def test_strided_view_and_gathered_copy_agree_with_indexing():
+    """``layer_weights._select`` against plain advanced indexing: an affine index map is a view, any other a copy."""
+    from fxlens.engine.layer_weights import _select
+    from fxlens.graphs.projections import Projection
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(24, 5, generator=g)  # Linear [out, in]: q/k/v read along the output features
+    W_o = torch.randn(5, 24, generator=g)  # Linear [out, in]: W_O read along the input features
+    for index in (torch.arange(8, 20).view(3, 4), torch.arange(24).view(3, 2, 4)[:, 1], torch.randperm(24, generator=g)[:12].view(3, 4)):
+        p = Projection("mm", "m", "w", None, 0, index)
+        got = _select(W, p, "out", 1)
+        assert torch.equal(got, W[index].permute(0, 2, 1))
+        assert (p.affine is not None) == (got._base is W)  # affine: a view of W; otherwise a gathered copy
+        conv = Projection("mm", "m", "w", None, 1, index)  # Conv1D keeps [in, out]
+        assert torch.equal(_select(W.t(), conv, "out", 1), W[index].permute(0, 2, 1))
+        assert torch.equal(_select(W_o, p, "in", 2), W_o.t()[index])
