@@ -178,23 +178,29 @@ def test_models_that_cannot_be_processed_say_why():
     with pytest.raises(ProcessingError, match="without a norm in front"):
         bert.with_processed_weights()
     torch.manual_seed(0)
-    phi3 = T.Phi3ForCausalLM(T.Phi3Config(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                          num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
-                                          pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
-    with pytest.raises(ProcessingError, match="MLP weights of block 0 cannot be read"):
-        fxlens.Model.from_hf(phi3).with_processed_weights()
+    moe = T.MixtralForCausalLM(T.MixtralConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                               num_key_value_heads=2, intermediate_size=64, num_local_experts=4,
+                                               num_experts_per_tok=2, max_position_embeddings=64)).eval()
+    with pytest.raises(ProcessingError, match="block 0's MLP is a mixture of experts"):
+        fxlens.Model.from_hf(moe).with_processed_weights()
 
 
-def test_a_weight_edited_model_is_processed_with_its_edits():
-    hf, before, model, _ = processed("gpt2")
-    edited = model.with_weight_edits(lambda w: w.zero_head(1, 2))
-    new = edited.with_processed_weights()
-    ids = tokens(2, 6, seed=11)
-    want = edited(ids)
-    assert (want - model(ids)).abs().max() > 1e-3  # the edit matters
-    assert (new(ids).log_softmax(-1) - want.log_softmax(-1)).abs().max() <= TOL
-    # an edit to one of two tied tensors (GPT-2's unembedding) reaches both, in the edited Model and in the copy
-    unembed = model.with_weight_edits(lambda w: w.set("lm_head.weight", hf.lm_head.weight * 2))
-    new = unembed.with_processed_weights()
-    assert (new(ids).log_softmax(-1) - unembed(ids).log_softmax(-1)).abs().max() <= TOL
+def test_a_fused_gate_and_up_projection_is_processed_in_place():
+    torch.manual_seed(0)
+    hf = T.Phi3ForCausalLM(T.Phi3Config(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
+                                        pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() >= 2:
+                p.mul_(5.0)
+            else:
+                p.add_(torch.randn_like(p) * 0.1)
+    before = snapshot(hf)
+    with _quiet():
+        new = fxlens.Model.from_hf(hf).with_processed_weights()
+    ids = tokens(2, 6, seed=12)
+    assert (new(ids).log_softmax(-1) - hf_logits(hf, ids).log_softmax(-1)).abs().max() <= TOL
+    w = hf.model.layers[0].post_attention_layernorm.weight
+    assert torch.allclose(new.hf_model.model.layers[0].mlp.gate_up_proj.weight, hf.model.layers[0].mlp.gate_up_proj.weight * w, atol=1e-6)
     assert unchanged(hf, before)

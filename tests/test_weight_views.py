@@ -27,7 +27,8 @@ PATHS = {
     "qwen2": ("model.layers", "self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.gate_proj", "mlp.down_proj"),
     "neox": ("gpt_neox.layers", "attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", None, "mlp.dense_4h_to_h"),
     "opt": ("model.decoder.layers", "self_attn.q_proj", "self_attn.out_proj", "fc1", None, "fc2"),
-    "phi3": ("model.layers", "self_attn.qkv_proj", "self_attn.o_proj", None, None, None),
+    # Phi-3 fuses the gate and up projections too: [gate | up] along the output features
+    "phi3": ("model.layers", "self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.gate_up_proj", "mlp.down_proj"),
 }
 KV = {"llama": 2, "qwen2": 2, "phi3": 2}
 
@@ -118,7 +119,7 @@ def test_attention_views_reproduce_the_hf_projections_and_heads(family):
     close(cache["result", layer], result)
 
 
-@pytest.mark.parametrize("family", [f for f in sorted(PATHS) if PATHS[f][3]])
+@pytest.mark.parametrize("family", sorted(PATHS))
 def test_mlp_views_reproduce_the_hf_projections(family):
     hf, model = eager_pair(family)
     layers, _, _, w_in, w_gate, w_out = PATHS[family]
@@ -127,11 +128,18 @@ def test_mlp_views_reproduce_the_hf_projections(family):
     io, _ = hf_io(hf, paths, ids)
     m = model.blocks[1].mlp
     x, pre = io[paths[0]]
+    gate = io[paths[1]][1] if w_gate else None
+    if family == "phi3":
+        d_mlp = model.cfg.d_mlp
+        gate, pre = pre[..., :d_mlp], pre[..., d_mlp:]
     assert m.W_in.shape == (model.cfg.d_model, model.cfg.d_mlp) and m.W_out.shape == (model.cfg.d_mlp, model.cfg.d_model)
     close(x @ m.W_in + m.b_in, pre)
     if w_gate:
-        close(io[paths[1]][0] @ m.W_gate, io[paths[1]][1])
+        close(io[paths[1]][0] @ m.W_gate, gate)
         assert model.cfg.gated_mlp
+        _, cache = model.run_with_cache(ids, names_filter=lambda n: n.startswith("blocks.1.mlp.hook_pre"))
+        close(cache["blocks.1.mlp.hook_pre"], gate)  # TransformerLens' hook_pre is the activation's input
+        close(cache["blocks.1.mlp.hook_pre_linear"], pre)
     else:
         assert m.W_gate is None and model.W_gate is None and not model.cfg.gated_mlp
     post, out = io[paths[-1]]
@@ -187,9 +195,13 @@ def test_positional_embedding_and_refusals():
     assert llama.cfg.positional_embedding_type == "rotary" and llama.cfg.normalization_type == "RMS" and llama.cfg.act_fn == "silu"
     with pytest.raises(AttributeError, match="no learned positional embedding"):
         llama.W_pos
-    phi3 = eager_pair("phi3")[1]
-    with pytest.raises(AttributeError, match="MLP weights of block 0 cannot be read"):
-        phi3.W_in
+    torch.manual_seed(0)
+    moe = fxlens.Model.from_hf(T.MixtralForCausalLM(T.MixtralConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)).eval())
+    with pytest.raises(AttributeError, match="MLP weights of block 0 cannot be read: block 0's MLP is a mixture of experts"):
+        moe.W_in
+    assert moe.blocks[0].attn.W_Q.shape == (4, 32, 8)
     with pytest.raises(IndexError, match="out of range"):
         model.blocks[5]
 
