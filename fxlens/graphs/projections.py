@@ -18,9 +18,9 @@ be read as a strided view (``affine``); otherwise it is gathered (a copy).
 
 Example::
 
-    p = input_projection(mg, mg.attn[0].q, mg.attn[0], mg.structure.blocks[0].attn)
-    p.weight, p.out_axis, p.index.shape     # ('inner_transformer_h_0_attn_c_attn_weight', 1, (12, 64))
-    p.affine                                # (0, 64, 1): feature = 0 + 64 * head + 1 * d
+    p = input_projection(mg.dg, mg.captured, mg.attn[0].v, "W_V")      # GPT-2 small
+    p.weight, p.out_axis, p.index.shape     # ('transformer.h.0.attn.c_attn.weight', 1, (12, 64))
+    p.affine                                # (1536, 64, 1): feature = 1536 + 64 * head + 1 * d
 
 Gotchas: a projection that does not read the branch's normalised input (latent attention's second
 query projection) or a chain through value-changing ops raises ``ProjectionError`` with the reason;
