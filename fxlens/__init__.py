@@ -26,6 +26,7 @@ from .engine import (
     StaleModelError,
     Steer,
 )
+from .factored import FactoredMatrix
 from .graphs.capture import CaptureError
 from .graphs.sites import SiteError
 from .passes import HookError, PassError
@@ -38,6 +39,7 @@ __all__ = [
     "ActivationCache",
     "HookPoint",
     "Config",
+    "FactoredMatrix",
     "Patch",
     "Ablate",
     "Steer",

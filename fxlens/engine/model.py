@@ -44,6 +44,7 @@ from .derived import Derived, StaleModelError
 from .inputs import feed as checked_feed
 from .interventions import prepare
 from .plan import PlanBuilder
+from .surface import TransformerLensSurface, config_fields
 from .tokens import Tokens
 
 __all__ = ["Model", "HookPoint", "Config"]
@@ -78,6 +79,11 @@ class Config:
     model_type: str | None = None
     # what prepend_bos=None means in to_tokens, run_with_cache, ... (TransformerLens' field and default)
     default_prepend_bos: bool = True
+    # read from the graph and the HF config (``surface.config_fields``): "gelu_new", "silu", ...
+    act_fn: str | None = None
+    normalization_type: str | None = None  # "LN", "RMS" (a processed copy: "LNPre", "RMSPre"), None without norms
+    positional_embedding_type: str | None = None  # "standard" (learned), "rotary", "alibi", None when none is found
+    gated_mlp: bool = False
     has_table: bool = False
     attn_implementation: str = "sdpa"
     dtype: torch.dtype = torch.float32
@@ -104,13 +110,14 @@ def _config(derived: Derived, hf_model, table) -> Config:
         experts_per_token=dims.get("experts_per_token"),
         model_type=getattr(config, "model_type", None),
         has_table=table is not None,
+        **config_fields(derived, hf_model),
         attn_implementation=derived.captured.attn_implementation,
         dtype=derived.captured.dtype,
         device=derived.captured.device,
     )
 
 
-class Model:
+class Model(TransformerLensSurface):
     """A HuggingFace model captured as a graph of named sites. See the module docstring."""
 
     def __new__(cls, hf_model=None, *args, **kwargs):

@@ -28,7 +28,7 @@ import torch
 from ..graphs.nodes import op_name
 from ..graphs.vocab import token_embedding
 
-__all__ = ["embedding", "unembedding", "test_prompt"]
+__all__ = ["embedding", "unembedding", "unembedding_node", "test_prompt"]
 
 _PASS_THROUGH = {"mul", "div", "tanh", "add", "to", "_to_copy", "view", "reshape", "contiguous", "clone", "float"}
 
@@ -47,6 +47,16 @@ def embedding(model) -> torch.Tensor:
 
 def unembedding(model) -> tuple[torch.Tensor, torch.Tensor]:
     """(W_U [d_model, d_vocab_out], b_U [d_vocab_out])."""
+    node = unembedding_node(model)
+    weight = _tensor(model, node.args[1])
+    bias = node.args[2] if len(node.args) > 2 else None
+    b = _tensor(model, bias) if getattr(bias, "op", None) == "get_attr" else torch.zeros(
+        weight.shape[0], dtype=weight.dtype, device=weight.device)
+    return weight.t(), b
+
+
+def unembedding_node(model):
+    """The ``linear`` node that computes the logits from the final residual stream (behind elementwise ops)."""
     graph = model.graph
     start = graph.structure.unembed
     name = type(model.hf_model).__name__
@@ -60,11 +70,7 @@ def unembedding(model) -> tuple[torch.Tensor, torch.Tensor]:
                 continue
             seen.add(node)
             if op_name(node) == "linear" and len(node.args) > 1 and getattr(node.args[1], "op", None) == "get_attr":
-                weight = _tensor(model, node.args[1])
-                bias = node.args[2] if len(node.args) > 2 else None
-                b = _tensor(model, bias) if getattr(bias, "op", None) == "get_attr" else torch.zeros(
-                    weight.shape[0], dtype=weight.dtype, device=weight.device)
-                return weight.t(), b
+                return node
             if node is graph.dg.node(start) or op_name(node) in _PASS_THROUGH:
                 nxt += [a for a in node.all_input_nodes if a.op == "call_function"]
         frontier = nxt

@@ -6,8 +6,9 @@ families build these from Linear or Conv1D, with the activation as an aten op (g
 decomposed into a dozen elementwise ops (GPT-2's gelu_new).
 
 Mechanism: ``hook_post`` is what the branch's last matrix product reads (behind reshapes).
-If it is a product of two values that come from *different* matrix products, the MLP is gated:
-the operand that is itself a projection output is ``hook_pre_linear`` and the other is the activation.
+If it is a product of two values that come from *different* matrix products, or from different parts of one
+split projection (Phi-3's fused ``gate_up_proj``), the MLP is gated: the operand that is itself a projection
+output (or a part of one) is ``hook_pre_linear`` and the other is the activation.
 ``hook_pre`` is the nearest projection output behind the activation.
 
 Example::
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+
+import torch.fx as fx
 
 from .attention import View, _is_layout, _walk_back
 from .dataflow import DataGraph
@@ -75,6 +78,17 @@ def find_mlp(dg: DataGraph, branch, syms) -> Mlp | None:
             if lin is not None:
                 pre_linear = View(operands[lin].name)
                 act_root = operands[1 - lin].name
+        elif len(operands) == 2:
+            # one fused projection split in two (Phi-3's gate_up_proj): gated when one operand is a part of it and
+            # the activation reads another part
+            parts = [_selected_root(dg, a.name) for a in operands]
+            for lin in (0, 1):
+                act_part = _nearest_projection(dg, operands[1 - lin].name, set(nodes))
+                other = _selected_root(dg, act_part) if act_part is not None else None
+                if parts[lin] and parts[lin][1] and other and other[0] == parts[lin][0] and other[1] and other[1] != parts[lin][1]:
+                    pre_linear = View(operands[lin].name)
+                    act_root = operands[1 - lin].name
+                    break
     pre = _nearest_projection(dg, act_root, set(nodes))
     if pre is None:
         return None
@@ -83,7 +97,8 @@ def find_mlp(dg: DataGraph, branch, syms) -> Mlp | None:
 
 
 def _nearest_projection(dg: DataGraph, start: str, within: set[str]) -> str | None:
-    """Breadth-first back from ``start``: the first node that is a projection output (behind reshapes)."""
+    """Breadth-first back from ``start``: the first node that is a projection output (behind reshapes), or a part
+    of one (a ``getitem`` of its split or chunk: a fused gate and up projection)."""
     queue = deque([start])
     seen = {start}
     while queue:
@@ -92,8 +107,32 @@ def _nearest_projection(dg: DataGraph, start: str, within: set[str]) -> str | No
         if name != start or not (op_name(node) in MATMUL_OPS or _is_layout(node)):
             if op_name(node) in MATMUL_OPS or (_is_layout(node) and _projection_root(dg, name)):
                 return name
-        for src in dg.data_inputs(name):
-            if src in within and src not in seen:
-                seen.add(src)
-                queue.append(src)
+            if op_name(node) == "getitem" and _selected_root(dg, name):
+                return name
+        # through tuple-valued nodes too (split, chunk): their getitems are the parts
+        for src in node.all_input_nodes:
+            if src.op != "get_attr" and src.name in within and src.name not in seen:
+                seen.add(src.name)
+                queue.append(src.name)
+    return None
+
+
+_SPLITS = frozenset({"split", "split_with_sizes", "chunk", "unbind", "unsafe_split", "unsafe_chunk"})
+
+
+def _selected_root(dg: DataGraph, name: str) -> tuple[str, tuple] | None:
+    """(projection, which part of it) behind ``name`` through reshapes and getitems of splits; the part is () for
+    the whole output, None when ``name`` is not a (part of a) projection output."""
+    node, part = dg.node(name), []
+    for _ in range(16):
+        if op_name(node) in MATMUL_OPS:
+            return node.name, tuple(part)
+        if op_name(node) == "getitem" and isinstance(node.args[0], fx.Node) and op_name(node.args[0]) in _SPLITS:
+            split = node.args[0]
+            part.append((op_name(split), tuple(a for a in split.args[1:] if not isinstance(a, fx.Node)), node.args[1]))
+            node = split.args[0]
+        elif _is_layout(node) and len([n for n in node.all_input_nodes if n.op != "get_attr"]) == 1:
+            node = next(n for n in node.all_input_nodes if n.op != "get_attr")
+        else:
+            return None
     return None
