@@ -68,6 +68,7 @@ __all__ = [
     "get_act_patch_attn_head_by_pos_every",
     "make_df_from_ranges",
     "PatchingResult",
+    "get_act_patch_direct_path",
 ]
 
 
@@ -474,3 +475,56 @@ def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, 
 def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
     """Head output, q, k, v by position and pattern by destination, stacked: [5, n_layers, pos, n_heads]."""
     return _head_by_pos_every(sys.modules[__name__], model, corrupted_tokens, clean_cache, metric, **kwargs)
+
+
+def _head_write(model, cache, layer: int, head: int) -> torch.Tensor:
+    """Head ``layer.head``'s write into the residual stream in a cached run, [batch, pos, d_model], without
+    the output bias (which belongs to no head): its per-head result when cached, else z @ W_O."""
+    result = f"blocks.{layer}.attn.hook_result"
+    if result in cache:
+        return cache[result][:, :, head]
+    z = f"blocks.{layer}.attn.hook_z"
+    if z not in cache:
+        raise ValueError(f"the cache holds neither {result} nor {z}: cache the source head's z (the default cache has it)")
+    return cache[z][:, :, head] @ model.blocks[layer].attn.W_O[head].to(cache[z].dtype)
+
+
+def get_act_patch_direct_path(model, corrupted_tokens, clean_cache, corrupted_cache, patching_metric, src_layer: int,
+                              src_head: int, component: str = "q", verbose: bool = False, *, attention_mask=None):
+    """Direct path patching (TransformerLens 4.3): the path from one source head into each later head's
+    ``component`` ("q", "k" or "v") input alone, on the corrupted run.
+
+    ``results[l, h]`` is the metric with head ``(l, h)``'s ``component`` computed from the residual stream
+    plus the source head's clean-minus-corrupted write (z @ W_O); every other reader still sees the
+    corrupted write. Rows ``l <= src_layer`` are 0, not measurements. Returns [n_layers, n_heads]
+    ([n_layers, n_key_value_heads] for "k"/"v" on a grouped-query model, whose key/value heads are the
+    receivers). Runs as one edge sweep (``circuits.edge_sweep``), not one forward per receiver; the
+    source's corrupted write is the one the corrupted run computes (``corrupted_cache`` is accepted for
+    TransformerLens' signature; its hook_z must be that run's).
+    """
+    from .circuits import edge_sweep
+
+    if component not in ("q", "k", "v"):
+        raise ValueError(f"component must be 'q', 'k' or 'v'; got {component!r}")
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    if not (0 <= src_layer < n_layers and 0 <= src_head < n_heads):
+        raise ValueError(f"no head L{src_layer}H{src_head}: layers 0..{n_layers - 1}, heads 0..{n_heads - 1}")
+    n_dst = n_heads if component == "q" else (model.cfg.n_key_value_heads or n_heads)
+    comp = model.derived.components
+    feed = model._inputs(corrupted_tokens, attention_mask)
+    batch, seq = feed["input_ids"].shape
+    source = f"a{src_layer}.h{src_head}"
+    clean = _head_write(model, clean_cache, src_layer, src_head)
+    if tuple(clean.shape[:2]) != (batch, seq):
+        raise ValueError(f"the clean cache has {tuple(clean.shape[:2])} (batch, pos); the corrupted tokens {(batch, seq)}")
+    # every sender's replacement: only the source's is read (the sweep gathers the senders it uses)
+    alt = torch.zeros(batch, seq, len(comp.senders), model.cfg.d_model, dtype=model.captured.dtype, device=model.captured.device)
+    alt[:, :, [s.name for s in comp.senders].index(source)] = clean.to(alt)
+    receivers = [(layer, h) for layer in range(src_layer + 1, n_layers) for h in range(n_dst)]
+    out = torch.zeros(n_layers, n_dst)
+    if receivers:
+        sets = [[(source, f"a{layer}.h{h}<{component}>")] for layer, h in receivers]
+        values = edge_sweep(model, feed["input_ids"], sets, patching_metric, ablation=alt, attention_mask=feed.get("attention_mask"))
+        for (layer, h), v in zip(receivers, values):
+            out[layer, h] = v
+    return out

@@ -136,3 +136,41 @@ def test_a_predicate_sees_raw_module_paths_unless_canonical_only(pair, caches):
     seen = []
     model.run_with_hooks(ids, fwd_hooks=[(lambda name: True, lambda v, hook: seen.append(hook.name))], canonical_only=True)
     assert set(seen) == {s.name for s in model.site_table.values() if s.canonical}
+
+
+@pytest.fixture(scope="module")
+def scaled_pair(tiny_tokenizer):
+    """GPT-2 with weights large enough that one head's path moves the metric well above rounding
+    (``hf_hooks.pair``), as an fxlens Model and a TransformerLens bridge."""
+    import hf_hooks as H
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf, model = H.pair("gpt2")
+    bridge = TransformerBridge.boot_transformers("gpt2", hf_model=copy.deepcopy(hf), tokenizer=tiny_tokenizer)
+    return model, bridge
+
+
+@pytest.mark.parametrize("component", ["q", "k", "v"])
+def test_direct_path_patching_equals_transformer_lens(scaled_pair, component):
+    """get_act_patch_direct_path against TransformerLens 4.3's (one hooked forward per receiver there)."""
+    from transformer_lens import patching as tl_patching
+
+    from fxlens import patching
+
+    model, bridge = scaled_pair
+    clean, corrupted = tokens(2, 6, seed=5), tokens(2, 6, seed=6)
+    metric = lambda logits: (logits[:, -1, 5] - logits[:, -1, 9]).mean()  # noqa: E731
+    _, clean_mine = model.run_with_cache(clean)
+    _, corrupted_mine = model.run_with_cache(corrupted)
+    with torch.no_grad():
+        _, clean_tl = bridge.run_with_cache(clean)
+        _, corrupted_tl = bridge.run_with_cache(corrupted)
+        want = tl_patching.get_act_patch_direct_path(bridge, corrupted, clean_tl, corrupted_tl, metric, 0, 1,
+                                                     component=component, verbose=False)
+        unpatched = metric(model(corrupted)).item()
+    got = patching.get_act_patch_direct_path(model, corrupted, clean_mine, corrupted_mine, metric, 0, 1, component=component)
+    assert got.shape == want.shape
+    tol = 1e-5 * (want.abs().max().item() + 1)
+    assert (got - want.cpu()).abs().max() <= tol
+    assert (got[1] - unpatched).abs().max() > 20 * tol  # the paths matter: the comparison can tell a wrong patch
+    assert got[0].abs().sum() == 0
