@@ -109,6 +109,7 @@ class Decoder:
         self.kv: list = [None] * self.blocks.n_layers
         self.seen = 0  # positions whose keys and values are cached
         self.values: dict = {}  # site name -> list of per-step values (cache_sites)
+        self._plain: dict = {}  # (layer, with a prefix) -> (plan, names of its prefix inputs) for blocks nothing edits
 
     def step(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Logits [batch, vocab] of the last position of ``ids``, computing only positions not yet seen."""
@@ -126,7 +127,17 @@ class Decoder:
         h = pre["outputs"]["hidden"][:, start:]
         from .rows.layouts import Padded
 
+        busy = {site.layer for site, _ in self.hooks} | {site.layer for site, *_ in items} | {s.layer for s in self.cache_sites}
+
         for layer in range(blocks.n_layers):
+            plain = (layer, bool(start))
+            if plain in self._plain:  # no hook, edit or cache here: the same plan every step, fed the cache
+                plan, names = self._plain[plain]
+                out = blocks.call(layer, plan, blocks.feed(layer, h, context, start, 1), dict(zip(names, self.kv[layer] or ())),
+                                  self.compile)
+                self.kv[layer] = (out["cache"]["fxl_k"], out["cache"]["fxl_v"])
+                h = out["outputs"]["hidden"]
+                continue
             b = PlanBuilder(blocks.graph)
             layout = Padded(start, 1, self.kv[layer])
             block_feed = layout.feed(b, blocks, layer, h, base)
@@ -142,6 +153,8 @@ class Decoder:
                 k_op, v_op = joined(k_op), joined(v_op)
             b.cache([s for s in self.cache_sites if s.layer == layer], reads=[Read("fxl_k", k_op), Read("fxl_v", v_op)])
             plan, inputs = b.build()
+            if layer not in busy:
+                self._plain[plain] = (plan, list(inputs))  # the prefix's keys and values, in that order, or nothing
             out = blocks.call(layer, plan, block_feed, inputs, self.compile)
             cache = out["cache"]
             self.kv[layer] = (cache.pop("fxl_k"), cache.pop("fxl_v"))
