@@ -7,6 +7,8 @@ the norm's bias to the norm's output (1e-5), and logit attributions plus the doc
 HF logit difference (1e-4).
 """
 
+import copy
+
 import pytest
 import torch
 from conftest import cached_model
@@ -35,12 +37,12 @@ def run(request):
     mask = torch.ones_like(ids)
     mask[0, :PADS] = 0
     ids[0, :PADS] = 2
-    outs, handles = {}, []
+    outs, handles, ref = {}, [], copy.deepcopy(hf)  # hooks go on a copy, never on the shared model
     for path in NORMS[family]:
-        handles.append(hf.get_submodule(path).register_forward_hook(lambda m, i, o, p=path: outs.__setitem__(p, o.detach())))
+        handles.append(ref.get_submodule(path).register_forward_hook(lambda m, i, o, p=path: outs.__setitem__(p, o.detach())))
     try:
         with torch.no_grad():
-            logits = hf(input_ids=ids, attention_mask=mask).logits
+            logits = ref(input_ids=ids, attention_mask=mask).logits
     finally:
         for h in handles:
             h.remove()
