@@ -134,11 +134,12 @@ def attention_patterns(cache_or_patterns, heads, str_tokens=None, *, batch: int 
     return _done(fig, save)
 
 
-def logit_lens_grid(model, lens, str_tokens=None, *, target=None, title: str | None = None, save=None):
+def logit_lens_grid(model, lens, str_tokens=None, *, target=None, layer_labels=None, title: str | None = None, save=None):
     """A logit-lens grid: one row per layer, one column per position, each cell the top prediction
     (its string) coloured by its probability. ``lens``: [layer, pos, vocab], one row of
     ``fxlens.lens.logit_lens``. ``target``: token ids [pos] to colour by instead (their probability;
-    the cell still names the top token). ``model`` turns ids into strings (anything with ``to_string``)."""
+    the cell still names the top token). ``model`` turns ids into strings (anything with ``to_string``).
+    ``layer_labels``: one per row (default ``0 .. final``, as ``logit_lens`` stacks them)."""
     logits = _array(lens)
     if logits.ndim != 3:
         raise ValueError(f"logit_lens_grid draws [layer, pos, vocab]; got shape {tuple(logits.shape)} (index one batch row)")
@@ -154,7 +155,11 @@ def logit_lens_grid(model, lens, str_tokens=None, *, target=None, title: str | N
         for j in range(n_pos):
             text = model.to_string(int(top[i, j])).replace("\n", "\\n")[:8]
             ax.text(j, i, text, ha="center", va="center", fontsize=6, color="white" if shade[i, j] < 0.5 else "black")
-    ax.set_yticks(range(layers), [f"{i}" if i < layers - 1 else "final" for i in range(layers)], fontsize=7)
+    if layer_labels is None:
+        layer_labels = [f"{i}" if i < layers - 1 else "final" for i in range(layers)]
+    if len(layer_labels) != layers:
+        raise ValueError(f"{len(layer_labels)} layer labels for a lens over {layers} layers")
+    ax.set_yticks(range(layers), [str(x) for x in layer_labels], fontsize=7)
     ax.set_ylabel("layer (residual stream entering it)")
     if str_tokens is not None:
         if len(str_tokens) != n_pos:
