@@ -153,7 +153,8 @@ def logit_lens_grid(model, lens, str_tokens=None, *, target=None, layer_labels=N
     fig.colorbar(image, ax=ax, label="probability" if target is None else "probability of target")
     for i in range(layers):
         for j in range(n_pos):
-            text = model.to_string(int(top[i, j])).replace("\n", "\\n")[:8]
+            text = model.to_string(int(top[i, j]))
+            text = (text if text.strip() else repr(text))[:8].replace("\n", "\\n")  # whitespace tokens stay visible
             ax.text(j, i, text, ha="center", va="center", fontsize=6, color="white" if shade[i, j] < 0.5 else "black")
     if layer_labels is None:
         layer_labels = [f"{i}" if i < layers - 1 else "final" for i in range(layers)]

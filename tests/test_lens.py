@@ -15,10 +15,13 @@ TOL = 1e-5
 
 def _norm_and_head(hf, family):
     norm = hf.transformer.ln_f if family == "gpt2" else hf.model.norm
+    cap = getattr(hf.config, "final_logit_softcapping", None)
+    if cap:  # Gemma 2 soft-caps its logits after the unembedding
+        return lambda h: torch.tanh(hf.lm_head(norm(h)) / cap) * cap
     return lambda h: hf.lm_head(norm(h))
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma", "gemma2"])
 def test_logit_lens_equals_hf_hidden_states_through_norm_and_unembed(family):
     hf, model = cached_model(family)
     ids = tokens(2, 6, seed=5)

@@ -190,4 +190,8 @@ def head(model):
     st = model.graph.structure
     if st.unembed is None:
         raise ComponentError(f"{type(model.hf_model).__name__} has no head that computes logits")
-    return subgraph(model, st.blocks[-1].resid_post, st.unembed, "the model's head (final norm and unembedding)")
+    end = model.graph.dg.node(st.unembed)
+    # the unembedding's matmul may be followed by elementwise ops before the output (Gemma 2's soft-capping)
+    while len(end.users) == 1 and next(iter(end.users)).op == "call_function":
+        end = next(iter(end.users))
+    return subgraph(model, st.blocks[-1].resid_post, end.name, "the model's head (final norm and unembedding)")
