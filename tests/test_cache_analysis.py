@@ -193,3 +193,13 @@ def test_remove_batch_dim_keeps_the_helpers_working(run):
     attrs = single.logit_attrs(stack, 11, has_batch_dim=False, pos_slice=-1)
     batched = cache.logit_attrs(cache.get_full_resid_decomposition(expand_neurons=False, pos_slice=-1), 11, pos_slice=-1)
     assert (attrs - batched[:, 1]).abs().max() <= 1e-4
+
+
+def test_apply_slice_to_batch_dim_selects_rows(run):
+    family, hf, model, ids, mask, cache, _, _ = run
+    one = cache.apply_slice_to_batch_dim(1)
+    assert one.has_batch_dim is False and torch.equal(one["resid_post", 1], cache["resid_post", 1][1])
+    assert (one.decompose_resid(pos_slice=-1).sum(0) - cache["resid_post", 1][1, -1]).abs().max() <= TOL
+    some = cache.apply_slice_to_batch_dim([1, 0])
+    # a left-padded row's padding queries attend to nothing: NaN in both
+    torch.testing.assert_close(some["pattern", 0], cache["pattern", 0][[1, 0]], rtol=0, atol=0, equal_nan=True)

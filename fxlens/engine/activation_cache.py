@@ -22,6 +22,7 @@ import torch
 
 from ..graphs.sites import SiteError, SiteTable
 from .cache_analysis import CacheAnalysis
+from .slices import Slice
 
 __all__ = ["ActivationCache"]
 
@@ -96,6 +97,19 @@ class ActivationCache(CacheAnalysis):
                 raise ValueError(f"cannot remove the batch dim of {k}: its batch size is {v.shape[batch_axis]}, not 1")
             out[k] = v.squeeze(batch_axis)
         return ActivationCache(out, self._sites, self.model, has_batch_dim=False)
+
+    def apply_slice_to_batch_dim(self, batch_slice) -> "ActivationCache":
+        """A cache of the batch rows ``batch_slice`` selects (TransformerLens' Slice forms: an int drops the
+        batch dim, as ``remove_batch_dim`` does)."""
+        if not self.has_batch_dim:
+            raise ValueError("this cache has no batch dim to slice (remove_batch_dim was applied)")
+        rows = Slice(batch_slice)
+        out = {}
+        for k, v in self._values.items():
+            site = self._sites._sites.get(k)
+            axis = site.axis("batch") if site is not None else 0
+            out[k] = v if axis is None else rows.apply(v, dim=axis)
+        return ActivationCache(out, self._sites, self.model, has_batch_dim=rows.mode != "int")
 
     def _upto(self, layer: int | None, what: str) -> int:
         """TransformerLens' ``layer=`` argument of the stacking helpers as a count of layers: None and -1
