@@ -203,3 +203,31 @@ def test_apply_slice_to_batch_dim_selects_rows(run):
     some = cache.apply_slice_to_batch_dim([1, 0])
     # a left-padded row's padding queries attend to nothing: NaN in both
     torch.testing.assert_close(some["pattern", 0], cache["pattern", 0][[1, 0]], rtol=0, atol=0, equal_nan=True)
+
+
+def test_head_results_need_z_only_of_the_layers_asked_for(run):
+    family, hf, model, ids, mask, cache, _, _ = run
+    _, partial = model.run_with_cache(ids, mask, names_filter=["blocks.0.attn.hook_z"])
+    assert partial.stack_head_results(1).shape == (4, 2, 6, 64)
+    with pytest.raises(fxlens.SiteError, match=r"needs 'blocks.1.attn.hook_z'.*names_filter"):
+        partial.stack_head_results(2)
+
+
+def test_post_norm_sublayers_refuse_per_head_decomposition():
+    _, model = cached_model("gemma2")
+    _, cache = model.run_with_cache(tokens(1, 4))
+    with pytest.raises(ValueError, match="passes through a norm .*post_attention_layernorm.* do not add up"):
+        cache.get_full_resid_decomposition()
+    parts = cache.decompose_resid()  # the layer outputs still sum to the residual
+    assert (parts.sum(0) - cache["resid_post", -1]).abs().max() <= TOL
+
+
+def test_slices_mean_what_transformer_lens_slices_mean():
+    from transformer_lens.utilities import Slice as TLSlice
+
+    t = torch.arange(24).reshape(2, 12)
+    for s in [None, 3, -1, (4,), (2, 8), (1, 9, 3), slice(2, None), [5, 1, 7], torch.tensor([0, 11])]:
+        assert torch.equal(Slice(s).apply(t, dim=-1), TLSlice(s).apply(t, dim=-1)), s
+        assert torch.equal(Slice(TLSlice(s)).apply(t, dim=1), TLSlice(s).apply(t, dim=1)), s
+    with pytest.raises(TypeError, match="a slice must be"):
+        Slice("last")

@@ -221,8 +221,12 @@ class CacheAnalysis:
         """Cache each layer's per-head outputs ``blocks.{l}.attn.hook_result`` [batch, pos, head, d_model]
         from the cached ``hook_z`` and the output weight ``W_O``, where not cached already (the output
         bias is not in any head's result, as in TransformerLens)."""
+        self._head_results(self._sites.n_layers)
+
+    def _head_results(self, upto: int) -> None:
+        """compute_head_results for the layers before ``upto`` only (a cache may hold z of those alone)."""
         model = self._model("compute_head_results")
-        for layer in range(self._sites.n_layers):
+        for layer in range(upto):
             key = f"blocks.{layer}.attn.hook_result"
             if key in self._values:
                 continue
@@ -240,7 +244,7 @@ class CacheAnalysis:
         ``resid_post`` of layer ``layer - 1`` (embeddings, MLPs, biases) as ``remainder``."""
         n = self._upto(layer, "stack_head_results")
         pos_slice = Slice(pos_slice)
-        self.compute_head_results()
+        self._head_results(n)
         parts, labels = [], []
         for i in range(n):
             result = pos_slice.apply(self[f"blocks.{i}.attn.hook_result"], dim=-3)
