@@ -29,7 +29,8 @@ where the norm's weight lives in ``W_U``/``W_Q`` instead. ``accumulated_resid(ap
 final layer applies ``ln_final`` itself to each stacked residual (its own scale, its weight and its
 bias), as TransformerLens recomputes it there: the logit lens is ``that @ W_U + b_U``. Models whose
 sublayer outputs pass through a norm before the residual add (Gemma 2/3) have no per-head or
-per-neuron decomposition: asking raises.
+per-neuron decomposition: asking raises. ``logit_attrs`` attributes the logit before any soft-capping
+(Gemma 2 caps it afterwards; the lens in ``fxlens.lens`` applies the cap).
 """
 
 from __future__ import annotations
