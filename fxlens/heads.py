@@ -90,7 +90,10 @@ def detect_head(model, seq, detection_pattern, heads=None, cache=None, *, exclud
             raise ValueError("a list of texts needs a named detection_pattern (the pattern depends on each text's tokens)")
         return torch.stack([detect_head(model, s, detection_pattern, heads, exclude_bos=exclude_bos,
                                         exclude_current_token=exclude_current_token, error_measure=error_measure) for s in seq]).mean(0)
-    ids = model.to_tokens(seq) if isinstance(seq, str) else torch.as_tensor(seq).reshape(1, -1)
+    ids = model.to_tokens(seq) if isinstance(seq, str) else torch.as_tensor(seq)
+    if ids.ndim > 2 or (ids.ndim == 2 and ids.shape[0] != 1):
+        raise ValueError(f"detect_head scores one sequence; got token ids of shape {tuple(ids.shape)} (pass a list of texts to average)")
+    ids = ids.reshape(1, -1)
     n_pos = ids.shape[-1]
     if isinstance(detection_pattern, str):
         if detection_pattern not in HEAD_NAMES:

@@ -20,7 +20,8 @@ Example::
     plot.circuit_graph(eap_scores(model, clean, corrupted, metric), top_k=30, save="circuit.png")
 
 Gotchas: in a notebook, display the returned figure (``display(fig)`` or leave it as the cell's last
-value). Long token lists get small labels; pass a position slice of the result for readability.
+value). Long token lists get small labels; pass a position slice of the result for readability. In a
+left-padded batch the padding queries' pattern rows are NaN in the cache and show blank.
 """
 
 from __future__ import annotations

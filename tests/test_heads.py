@@ -65,5 +65,7 @@ def test_a_pattern_of_the_wrong_shape_is_refused(pair):
     model, _ = pair
     with pytest.raises(ValueError, match="lower-triangular"):
         heads.detect_head(model, TEXT, torch.ones(3, 3))
+    with pytest.raises(ValueError, match="scores one sequence"):
+        heads.detect_head(model, torch.ones(2, 5, dtype=torch.long), "induction_head")
     with pytest.raises(ValueError, match="one of previous_token_head"):
         heads.detect_head(model, TEXT, "copy_head")
