@@ -8,7 +8,7 @@ Example::
     cache["pattern", 3]
 """
 
-from . import metrics
+from . import heads, lens, metrics  # fxlens.plot is imported on its own: it needs matplotlib
 from .engine import (
     Ablate,
     ActivationCache,
@@ -50,6 +50,8 @@ __all__ = [
     "Lowered",
     "StaleModelError",
     "metrics",
+    "lens",
+    "heads",
     "CaptureError",
     "SiteError",
     "HookError",

@@ -4,7 +4,8 @@ A map: ``model.py`` (the Model), ``derived.py`` (the one owner of everything der
 ``plan.py`` (the plan builder: intents -> passes and graph inputs), ``programs.py`` (the bounded
 program cache), ``interventions.py`` and ``ablation.py`` (the intervention protocol and the ablation
 vocabulary), ``rows/`` (the layered-row engine), ``sweep.py`` (activation sweeps as rows),
-``activation_cache.py``, ``tokens.py``, ``weights.py``.
+``activation_cache.py`` (with its analysis helpers in ``cache_analysis.py``, the maps they read from the
+graph in ``component_maps.py`` and TransformerLens' ``Slice`` in ``slices.py``), ``tokens.py``, ``weights.py``.
 """
 
 from .activation_cache import ActivationCache

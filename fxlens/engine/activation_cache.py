@@ -9,6 +9,9 @@ Example::
     logits, cache = model.run_with_cache("The Eiffel Tower is in")
     cache["resid_post", 3].shape          # [batch, pos, d_model]
     cache.accumulated_resid().shape       # [n_layers + 1, batch, pos, d_model]
+
+The analysis helpers (``decompose_resid``, ``apply_ln_to_stack``, ``logit_attrs``, ``stack_head_results``,
+``get_full_resid_decomposition``, ...) live in ``cache_analysis.py``.
 """
 
 from __future__ import annotations
@@ -18,15 +21,23 @@ from collections.abc import Iterator
 import torch
 
 from ..graphs.sites import SiteError, SiteTable
+from .cache_analysis import CacheAnalysis
+from .slices import Slice
 
 __all__ = ["ActivationCache"]
 
 
-class ActivationCache:
-    def __init__(self, values: dict, sites: SiteTable, model=None):
+class ActivationCache(CacheAnalysis):
+    def __init__(self, values: dict, sites: SiteTable, model=None, has_batch_dim: bool = True):
         self._values = dict(values)
         self._sites = sites
         self.model = model
+        self.has_batch_dim = has_batch_dim
+
+    @property
+    def cache_dict(self) -> dict:
+        """The cached tensors by site name (the dict itself, as TransformerLens' ``cache.cache_dict``)."""
+        return self._values
 
     # ---- mapping ------------------------------------------------------------------------------
     def _key(self, key) -> str:
@@ -70,9 +81,11 @@ class ActivationCache:
 
     # ---- TransformerLens conveniences ---------------------------------------------------------
     def to(self, device) -> "ActivationCache":
-        return ActivationCache({k: v.to(device) for k, v in self._values.items()}, self._sites, self.model)
+        return ActivationCache({k: v.to(device) for k, v in self._values.items()}, self._sites, self.model, self.has_batch_dim)
 
     def remove_batch_dim(self) -> "ActivationCache":
+        if not self.has_batch_dim:
+            return self
         out = {}
         for k, v in self._values.items():
             site = self._sites._sites.get(k)
@@ -83,7 +96,20 @@ class ActivationCache:
             if v.shape[batch_axis] != 1:
                 raise ValueError(f"cannot remove the batch dim of {k}: its batch size is {v.shape[batch_axis]}, not 1")
             out[k] = v.squeeze(batch_axis)
-        return ActivationCache(out, self._sites, self.model)
+        return ActivationCache(out, self._sites, self.model, has_batch_dim=False)
+
+    def apply_slice_to_batch_dim(self, batch_slice) -> "ActivationCache":
+        """A cache of the batch rows ``batch_slice`` selects (TransformerLens' Slice forms: an int drops the
+        batch dim, as ``remove_batch_dim`` does)."""
+        if not self.has_batch_dim:
+            raise ValueError("this cache has no batch dim to slice (remove_batch_dim was applied)")
+        rows = Slice(batch_slice)
+        out = {}
+        for k, v in self._values.items():
+            site = self._sites._sites.get(k)
+            axis = site.axis("batch") if site is not None else 0
+            out[k] = v if axis is None else rows.apply(v, dim=axis)
+        return ActivationCache(out, self._sites, self.model, has_batch_dim=rows.mode != "int")
 
     def _upto(self, layer: int | None, what: str) -> int:
         """TransformerLens' ``layer=`` argument of the stacking helpers as a count of layers: None and -1
@@ -104,81 +130,3 @@ class ActivationCache:
         if n == 0:
             raise ValueError("stack_activation: layer=0 selects no layer; use layer=1 or more (None: every layer)")
         return torch.stack([self[name, i] for i in range(n)])
-
-    def accumulated_resid(self, layer: int | None = None, incl_mid: bool = False, return_labels: bool = False):
-        """The residual stream up to and including the input of ``layer``: [components, batch, pos, d_model].
-
-        As in TransformerLens: ``resid_pre`` of layers ``0..layer``, where layer ``n_layers`` means the
-        stream after the last block (``final_post``, before the final norm); None and -1 mean ``n_layers``.
-        ``incl_mid`` adds ``resid_mid`` of each layer before ``layer``."""
-        n = self._upto(layer, "accumulated_resid")
-        labels, out = [], []
-        for i in range(min(n + 1, self._sites.n_layers)):
-            labels.append(f"{i}_pre")
-            out.append(self["resid_pre", i])
-            if incl_mid and i < n and self._sites.get_act_name("resid_mid", i) in self._sites:
-                labels.append(f"{i}_mid")
-                out.append(self["resid_mid", i])
-        if n == self._sites.n_layers:
-            labels.append("final_post")
-            out.append(self["resid_post", self._sites.n_layers - 1])
-        stacked = torch.stack(out)
-        return (stacked, labels) if return_labels else stacked
-
-    def decompose_resid(self, layer: int | None = None, mode: str = "all", return_labels: bool = False):
-        """What each component wrote into the residual stream before ``layer``: [components, ...].
-
-        First the embedding terms: one per embedding site (``embed``, ``pos_embed``, ``token_type_embed``)
-        when those sites are every term summed into the first residual; otherwise (a model without a
-        table whose positional embedding has no canonical name) the residual entering layer 0,
-        ``blocks.0.hook_resid_pre``, as one term labelled ``embeddings``. Then ``{i}_attn_out`` and
-        ``{i}_mlp_out`` per layer (and ``{i}_cross_attn_out`` between them in an encoder-decoder's decoder). Every term must have been cached: a missing one raises ``SiteError``
-        naming the sites to add to ``names_filter`` (leaving a term out would make the components
-        silently not sum to the residual).
-        """
-        if mode not in ("all", "attn", "mlp"):
-            raise ValueError(f"mode must be 'all', 'attn' or 'mlp'; got {mode!r}")
-        n = self._upto(layer, "decompose_resid")
-        embeds = self._embedding_terms()
-        wanted = [name for name, _ in embeds]
-        # an encoder-decoder's decoder block writes its cross-attention's output too
-        cross = [i for i in range(n) if self._sites.get_act_name("cross_attn_out", i) in self._sites]
-        for i in range(n):
-            if mode in ("all", "attn"):
-                wanted.append(self._sites.get_act_name("attn_out", i))
-                if i in cross:
-                    wanted.append(self._sites.get_act_name("cross_attn_out", i))
-            if mode in ("all", "mlp"):
-                wanted.append(self._sites.get_act_name("mlp_out", i))
-        missing = [name for name in wanted if name not in self._values]
-        if missing:
-            raise SiteError(
-                f"decompose_resid needs {', '.join(missing)}, which {'was' if len(missing) == 1 else 'were'} not cached; "
-                "add them to names_filter (or run_with_cache with names_filter=None)"
-            )
-        labels, out = [], []
-        for name, label in embeds:
-            labels.append(label)
-            out.append(self._values[name])
-        for i in range(n):
-            if mode in ("all", "attn"):
-                labels.append(f"{i}_attn_out")
-                out.append(self["attn_out", i])
-                if i in cross:
-                    labels.append(f"{i}_cross_attn_out")
-                    out.append(self["cross_attn_out", i])
-            if mode in ("all", "mlp"):
-                labels.append(f"{i}_mlp_out")
-                out.append(self["mlp_out", i])
-        shape = torch.broadcast_shapes(*(t.shape for t in out))
-        stacked = torch.stack([t.expand(shape) for t in out])
-        return (stacked, labels) if return_labels else stacked
-
-    def _embedding_terms(self) -> list[tuple[str, str]]:
-        """(site name, label) of the terms that make the residual entering layer 0 (see decompose_resid)."""
-        named = [(name, name[5:]) for name in ("hook_embed", "hook_pos_embed", "hook_token_type_embed") if name in self._sites]
-        structure = getattr(getattr(self.model, "graph", None), "structure", None)
-        terms = {node for _, node in getattr(structure, "embed_terms", ())}
-        if named and (not terms or terms == {self._sites[name].node for name, _ in named}):
-            return named
-        return [(self._sites.get_act_name("resid_pre", 0), "embeddings")]

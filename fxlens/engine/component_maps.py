@@ -1,0 +1,197 @@
+"""The maps a component applies, read from the captured graph: norms, output projections, the head.
+
+Problem: the cache's analysis helpers (``apply_ln_to_stack``, ``stack_neuron_results``,
+``compute_head_results``, the logit lens) need what a norm does to a vector, each MLP's output weight
+and each attention's output weight, on every family and with the edits of a ``with_weight_edits``
+copy. HF modules spell these differently (``nn.Linear`` [out, in], GPT-2's ``Conv1D`` [in, out],
+Gemma's ``(1 + w)`` RMSNorm, soft-capped logits), and fxlens keeps the HF parameters as they are.
+
+Mechanism: every map is read from the captured program itself. An output projection is the matmul
+node the graph analysis already found (``Mlp.out_matmul``, ``Attention.o_matmul``); its weight and
+bias are its ``get_attr`` operands, turned into TransformerLens' [in, out] orientation. A norm (and
+the head, from the last residual to the logits) is the captured graph's own nodes between the
+module's input and its output, evaluated on a tensor we choose (``subgraph``). A norm's affine part
+``normalized * w + b`` is read by evaluating the norm on ``+c`` and ``-c`` times an alternating-sign
+vector, whose normalised value is exactly ``+-1``: ``w`` and ``b`` are the half-difference and the
+half-sum (for Gemma ``w`` is ``1 + weight``, as the model applies it).
+
+Example::
+
+    w, b = norm_affine(model, model.graph.structure.final_norm)   # [d_model] each
+    W_out, b_out = mlp_out_weight(model, 3)                       # [d_mlp, d_model], [d_model]
+    logits = head(model)(resid)                                   # final norm + unembed, as the model does
+
+Gotchas: a subgraph that reads anything but its input and parameters (a mask, the sequence length)
+cannot be evaluated alone: the error names the module. MLPs that are not one output projection
+(mixtures of experts) have no ``W_out``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import sympy
+import torch
+import torch.fx as fx
+
+from ..graphs.nodes import op_name
+
+__all__ = ["subgraph", "norm_affine", "norm_path", "mlp_out_weight", "attn_out_weight", "head", "ComponentError"]
+
+
+class ComponentError(ValueError):
+    """A component's map cannot be read from this model's graph; the message says which and why."""
+
+
+def _attr(model, node: fx.Node) -> torch.Tensor:
+    return functools.reduce(getattr, node.target.split("."), model.captured.module)
+
+
+def subgraph(model, start: str, end: str, what: str):
+    """A function evaluating the captured nodes from node ``start`` (its value replaced by the argument)
+    to node ``end``, reading parameters from the captured program."""
+    dg, cg = model.graph.dg, model.captured
+    start_node, end_node = dg.node(start), dg.node(end)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        env: dict = {start_node: x}
+        # sizes the graph reads from its inputs: x is laid out [batch, pos, ...]
+        sizes = {s: n for s, n in ((cg.batch_symbol, x.shape[0]), (cg.seq_symbol, x.shape[1]))
+                 if isinstance(s, sympy.Symbol)}
+
+        def ev(node):
+            if node in env:
+                return env[node]
+            val = node.meta.get("val")
+            if isinstance(val, torch.SymInt):
+                value = val.node.expr.subs(sizes)
+                if not value.is_Integer:
+                    raise ComponentError(f"{what} depends on a size of the model's inputs other than batch and positions")
+                env[node] = int(value)
+                return env[node]
+            if node.op == "get_attr":
+                value = _attr(model, node)
+            elif node.op == "call_function":
+                args = fx.node.map_arg(node.args, ev)
+                kwargs = fx.node.map_arg(node.kwargs, ev)
+                value = node.target(*args, **kwargs)
+            else:
+                raise ComponentError(f"{what} reads the model's inputs, not only the residual stream, so it cannot be applied alone")
+            env[node] = value
+            return value
+
+        return ev(end_node)
+
+    return run
+
+
+def norm_path(model, layer: int | None, mlp_input: bool = False) -> str:
+    """The HF path of the norm TransformerLens calls ``ln_final`` (layer None), ``ln1`` or ``ln2``."""
+    st = model.graph.structure
+    if layer is None:
+        path = st.final_norm
+        where = "final norm"
+    else:
+        branch = st.blocks[layer].mlp if mlp_input else st.blocks[layer].attn
+        path = branch.norm if branch is not None else None
+        where = f"{'mlp' if mlp_input else 'attention'} input norm of layer {layer}"
+    if path is None or path not in model.graph.norms:
+        raise ComponentError(f"{type(model.hf_model).__name__} has no {where} fxlens recognises (a post-LN model "
+                             "normalises after the residual add, not at a sublayer's input)")
+    return path
+
+
+def norm_kind(model, path: str) -> str:
+    """"layernorm" (centres its input) or "rms"."""
+    return model.graph.norms[path].kind
+
+
+def apply_norm(model, path: str, x: torch.Tensor) -> torch.Tensor:
+    """The norm at ``path`` applied to ``x`` [..., d_model] exactly as the model applies it."""
+    norm = model.graph.norms[path]
+    rank = len(model.graph.dg.node(norm.input).meta["val"].shape)
+    flat = x.reshape(-1, x.shape[-1]) if rank == 2 else x.reshape(1, -1, x.shape[-1])
+    out = subgraph(model, norm.input, norm.output, f"the norm {path}")(flat)
+    return out.reshape(x.shape)
+
+
+def norm_affine(model, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w, b) [d_model] with ``norm(x) = normalized(x) * w + b``."""
+    d = model.cfg.d_model
+    if d % 2:
+        raise ComponentError(f"reading the weight of {path} needs an even d_model; this model has {d}")
+    # +-1 alternating has mean 0 and root mean square 1: a LayerNorm and an RMSNorm both normalise it to itself
+    sign = torch.ones(d)
+    sign[1::2] = -1
+    param = model.graph.dg.node(model.graph.norms[path].input).meta["val"]
+    probe = torch.stack([sign, -sign]).to(dtype=param.dtype, device=model.captured.device) * 16
+    with torch.no_grad():
+        out = apply_norm(model, path, probe).float()
+    w = (out[0] - out[1]) / 2 * sign.to(out.device)  # exact up to eps / 512 (the norm's epsilon), fp16-safe
+    b = (out[0] + out[1]) / 2
+    return w.to(param.dtype), b.to(param.dtype)
+
+
+def _projection(model, node_name: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W [in, out], b [out]) of a linear, addmm or mm node reading a parameter."""
+    node = model.graph.dg.node(node_name)
+    name = op_name(node)
+    if name == "linear":
+        w, bias = node.args[1], node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    elif name == "addmm":
+        bias, w = node.args[0], node.args[2]
+    elif name in ("mm", "matmul"):
+        w, bias = node.args[1], None
+    else:
+        raise ComponentError(f"{what} is computed by {name}, not one linear map fxlens can read a weight from")
+    if getattr(w, "op", None) != "get_attr":
+        raise ComponentError(f"{what} does not read its weight from a parameter")
+    weight = _attr(model, w)
+    weight = weight.t() if name == "linear" else weight
+    b = _attr(model, bias) if getattr(bias, "op", None) == "get_attr" else torch.zeros(
+        weight.shape[1], dtype=weight.dtype, device=weight.device)
+    return weight, b
+
+
+def mlp_out_weight(model, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_out [d_mlp, d_model], b_out [d_model]) of layer ``layer``'s MLP."""
+    mlps = model.graph.mlp
+    if not 0 <= layer < len(mlps):
+        raise ComponentError(f"layer {layer} is out of range: this model has layers 0..{len(mlps) - 1}")
+    m = mlps[layer]
+    if m is None:
+        raise ComponentError(f"layer {layer} of {type(model.hf_model).__name__} has no MLP with one output projection (W_out)")
+    _post_norm(model, layer, "mlp")
+    return _projection(model, m.out_matmul, f"the MLP output of layer {layer}")
+
+
+def attn_out_weight(model, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_O [n_heads, d_head, d_model], b_O [d_model]) of layer ``layer``'s attention."""
+    attns = model.graph.attn
+    if not 0 <= layer < len(attns) or attns[layer] is None:
+        raise ComponentError(f"layer {layer} of {type(model.hf_model).__name__} has no attention heads fxlens can address")
+    a = attns[layer]
+    _post_norm(model, layer, "attn")
+    w, b = _projection(model, a.o_matmul, f"the attention output of layer {layer}")
+    return w.reshape(a.n_heads, a.d_head, w.shape[-1]), b
+
+
+def _post_norm(model, layer: int, kind: str) -> None:
+    branch = getattr(model.graph.structure.blocks[layer], kind)
+    if branch is not None and branch.post_norm is not None:
+        raise ComponentError(
+            f"layer {layer}'s {kind} output passes through a norm ({branch.post_norm}) before it joins the residual "
+            f"stream, so per-{'head' if kind == 'attn' else 'neuron'} contributions do not add up to it")
+
+
+def head(model):
+    """The function from the residual stream after the last block to the logits, as the model computes it
+    (final norm, unembedding, any scaling or soft-capping)."""
+    st = model.graph.structure
+    if st.unembed is None:
+        raise ComponentError(f"{type(model.hf_model).__name__} has no head that computes logits")
+    end = model.graph.dg.node(st.unembed)
+    # the unembedding's matmul may be followed by elementwise ops before the output (Gemma 2's soft-capping)
+    while len(end.users) == 1 and next(iter(end.users)).op == "call_function":
+        end = next(iter(end.users))
+    return subgraph(model, st.blocks[-1].resid_post, end.name, "the model's head (final norm and unembedding)")
