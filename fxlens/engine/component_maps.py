@@ -34,7 +34,6 @@ import sympy
 import torch
 import torch.fx as fx
 
-from ..graphs.nodes import op_name
 
 __all__ = ["subgraph", "norm_affine", "norm_path", "mlp_out_weight", "attn_out_weight", "head", "ComponentError"]
 
@@ -116,64 +115,45 @@ def apply_norm(model, path: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def norm_affine(model, path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w, b) [d_model] with ``norm(x) = normalized(x) * w + b``."""
-    d = model.cfg.d_model
-    if d % 2:
-        raise ComponentError(f"reading the weight of {path} needs an even d_model; this model has {d}")
-    # +-1 alternating has mean 0 and root mean square 1: a LayerNorm and an RMSNorm both normalise it to itself
-    sign = torch.ones(d)
-    sign[1::2] = -1
-    param = model.graph.dg.node(model.graph.norms[path].input).meta["val"]
-    probe = torch.stack([sign, -sign]).to(dtype=param.dtype, device=model.captured.device) * 16
-    with torch.no_grad():
-        out = apply_norm(model, path, probe).float()
-    w = (out[0] - out[1]) / 2 * sign.to(out.device)  # exact up to eps / 512 (the norm's epsilon), fp16-safe
-    b = (out[0] + out[1]) / 2
-    return w.to(param.dtype), b.to(param.dtype)
+    """(w, b) [d_model] with ``norm(x) = normalized(x) * w + b`` (``handles.norm_affine``: Gemma's ``1 + w``)."""
+    from .handles import NormFormError, norm_affine as affine
 
-
-def _projection(model, node_name: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W [in, out], b [out]) of a linear, addmm or mm node reading a parameter."""
-    node = model.graph.dg.node(node_name)
-    name = op_name(node)
-    if name == "linear":
-        w, bias = node.args[1], node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    elif name == "addmm":
-        bias, w = node.args[0], node.args[2]
-    elif name in ("mm", "matmul"):
-        w, bias = node.args[1], None
-    else:
-        raise ComponentError(f"{what} is computed by {name}, not one linear map fxlens can read a weight from")
-    if getattr(w, "op", None) != "get_attr":
-        raise ComponentError(f"{what} does not read its weight from a parameter")
-    weight = _attr(model, w)
-    weight = weight.t() if name == "linear" else weight
-    b = _attr(model, bias) if getattr(bias, "op", None) == "get_attr" else torch.zeros(
-        weight.shape[1], dtype=weight.dtype, device=weight.device)
-    return weight, b
+    try:
+        w, b, _, _ = affine(model, path)
+    except NormFormError as err:
+        raise ComponentError(str(err)) from None
+    return w, b
 
 
 def mlp_out_weight(model, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W_out [d_mlp, d_model], b_out [d_model]) of layer ``layer``'s MLP."""
+    """(W_out [d_mlp, d_model], b_out [d_model]) of layer ``layer``'s MLP (``layer_weights``: views)."""
+    from . import layer_weights
+
     mlps = model.graph.mlp
     if not 0 <= layer < len(mlps):
         raise ComponentError(f"layer {layer} is out of range: this model has layers 0..{len(mlps) - 1}")
-    m = mlps[layer]
-    if m is None:
-        raise ComponentError(f"layer {layer} of {type(model.hf_model).__name__} has no MLP with one output projection (W_out)")
     _post_norm(model, layer, "mlp")
-    return _projection(model, m.out_matmul, f"the MLP output of layer {layer}")
+    try:
+        w = layer_weights.mlp(model, layer)
+    except AttributeError as err:
+        raise ComponentError(f"layer {layer} of {type(model.hf_model).__name__} has no MLP with one output projection "
+                             f"(W_out): {err}") from None
+    return w["W_out"], w["b_out"]
 
 
 def attn_out_weight(model, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W_O [n_heads, d_head, d_model], b_O [d_model]) of layer ``layer``'s attention."""
+    """(W_O [n_heads, d_head, d_model], b_O [d_model]) of layer ``layer``'s attention (``layer_weights``: views)."""
+    from . import layer_weights
+
     attns = model.graph.attn
     if not 0 <= layer < len(attns) or attns[layer] is None:
         raise ComponentError(f"layer {layer} of {type(model.hf_model).__name__} has no attention heads fxlens can address")
-    a = attns[layer]
     _post_norm(model, layer, "attn")
-    w, b = _projection(model, a.o_matmul, f"the attention output of layer {layer}")
-    return w.reshape(a.n_heads, a.d_head, w.shape[-1]), b
+    try:
+        w = layer_weights.attention(model, layer)
+    except AttributeError as err:
+        raise ComponentError(str(err)) from None
+    return w["W_O"], w["b_O"]
 
 
 def _post_norm(model, layer: int, kind: str) -> None:
