@@ -48,3 +48,26 @@ def test_logit_lens_top_k_and_pos():
     assert torch.equal(indices, top.indices) and (values - top.values).abs().max() <= TOL
     some = lens.logit_lens(model, ids, pos=[1, 4])
     assert (some - full[:, :, [1, 4]]).abs().max() <= TOL
+
+
+def test_tuned_lens_translators_apply_before_the_models_head():
+    """Affine translators (the tuned lens' form) against HF hidden states mapped by hand."""
+    hf, model = cached_model("llama")
+    ids = tokens(2, 6, seed=7)
+    d = model.cfg.d_model
+    g = torch.Generator().manual_seed(0)
+    A, b = torch.randn(d, d, generator=g) * 0.05, torch.randn(d, generator=g) * 0.1
+    module = torch.nn.Linear(d, d)
+    got = lens.logit_lens(model, ids, translators={0: (A, b), 1: module})
+    hf = copy.deepcopy(hf)
+    with torch.no_grad():
+        out = hf(input_ids=ids, output_hidden_states=True)
+        to_logits = _norm_and_head(hf, "llama")
+        h0, h1 = out.hidden_states[0], out.hidden_states[1]
+        assert (got[0] - to_logits(h0 + h0 @ A + b)).abs().max() <= 1e-4
+        assert (got[1] - to_logits(module(h1))).abs().max() <= 1e-4
+        assert (got[2] - out.logits).abs().max() <= TOL  # no translator: the plain lens
+    with pytest.raises(ValueError, match="rows"):
+        lens.logit_lens(model, ids, translators=[None])
+    with pytest.raises(ValueError, match="same shape"):
+        lens.logit_lens(model, ids, translators={0: lambda x: x[..., :3]})
