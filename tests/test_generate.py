@@ -16,7 +16,7 @@ import fxlens
 
 NEW = 8
 FAMILIES = ["llama", "qwen2", "neox", "gpt2"]
-ROTARY = ["llama", "qwen2", "neox"]
+ROTARY = ["llama", "qwen2", "neox", "mistral"]
 
 warnings.filterwarnings("ignore", message="generate recomputes")
 
@@ -91,6 +91,30 @@ def test_steered_generation_equals_hf_generate_with_a_forward_hook(family):
     assert not torch.equal(steered, plain)  # the vector changes the continuation
     hooked = model.generate(ids, NEW, stop_at_eos=False, fwd_hooks=[("blocks.0.hook_resid_post", lambda v, hook: v + vector)])
     assert torch.equal(hooked, want)
+
+
+@pytest.mark.parametrize("family", ROTARY)
+def test_steered_left_padded_batches_equal_hf_generate_with_a_forward_hook(family):
+    hf, model = cached_model(family)
+    ids, mask = prompt(3, 6, seed=21), None
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    mask[2, :4] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    vector = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(5)) * 4
+
+    def add(module, args, output):
+        return (output[0] + vector,) + output[1:] if isinstance(output, tuple) else output + vector
+
+    handle = layers(hf)[0].register_forward_hook(add)
+    try:
+        want = hf_generate(hf, ids, mask)
+    finally:
+        handle.remove()
+    got = model.generate(ids, NEW, stop_at_eos=False, attention_mask=mask,
+                         interventions=[fxlens.Steer("blocks.0.hook_resid_post", vector)])
+    assert torch.equal(got, want)
+    assert not torch.equal(got, model.generate(ids, NEW, stop_at_eos=False, attention_mask=mask))
 
 
 def test_the_recompute_program_is_built_once_and_reused_at_every_length():
