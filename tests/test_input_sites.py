@@ -159,3 +159,27 @@ def test_input_sites_read_the_residual_and_are_made_only_on_request(pair):
     same = model.run_with_hooks(ids, mask, fwd_hooks=[(n, lambda v, hook: v) for n in names])
     base = model(ids, mask)
     assert H.maxdiff(same, base) < 1e-5 * base.abs().max().item()
+
+
+def test_mlp_in_of_a_flattened_mlp_input_opt():
+    """OPT's MLP reads the residual flattened to [batch*pos, d]: the site is still [batch, pos, d]."""
+    hf = make("opt")
+    model = fxlens.Model.from_hf(hf)
+    ids, mask = _inputs()
+    x_new = _new_input((3, 6, D), seed=4)
+    blk = hf.model.decoder.layers[1]
+
+    def pre(module, args):
+        return (blk.final_layer_norm(x_new).reshape(-1, D),) + tuple(args[1:])
+
+    handle = blk.fc1.register_forward_pre_hook(pre)
+    try:
+        with torch.no_grad():
+            want = hf(input_ids=ids, attention_mask=mask).logits
+    finally:
+        handle.remove()
+    got = model.run_with_interventions(ids, [fxlens.Patch("blocks.1.hook_mlp_in", source=x_new)], mask)
+    real = mask.bool()
+    assert H.maxdiff(got[real], want[real]) < 1e-5 * want.abs().max().item()
+    _, cache = model.run_with_cache(ids, mask, names_filter=["blocks.1.hook_mlp_in", "blocks.1.hook_resid_mid"])
+    assert torch.equal(cache["blocks.1.hook_mlp_in"], cache["blocks.1.hook_resid_mid"])

@@ -628,8 +628,10 @@ class _Builder:
                          unfit=unfit)
         if block.mlp is not None and block.mlp.entry is not None and self.mlps[i] is not None:
             rw = ("split_inputs", block.mlp.entry)
-            unfit = self._misfit(View(block.mlp.entry), RESID_AXES, {})
-            self.add(f"{p}hook_mlp_in", rewritten(*rw, "mlp_in"), RESID_AXES, i, "mlp_in", rw, expensive=True, unfit=unfit)
+            entry = self._unflat(block.mlp.entry)  # OPT's MLP reads the residual flattened to [batch*pos, d]
+            unfit = self._misfit(entry, RESID_AXES, {})
+            self.add(f"{p}hook_mlp_in", View(rewritten(*rw, "mlp_in"), entry.layout), RESID_AXES, i, "mlp_in", rw,
+                     expensive=True, unfit=unfit)
 
     def _moe(self, i: int, p: str, m: Moe | None) -> None:
         if m is None:
