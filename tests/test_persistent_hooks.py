@@ -133,3 +133,21 @@ def test_sweeps_refuse_while_hooks_are_kept_and_bad_hooks_are_refused():
     with pytest.raises(ValueError, match="add_hook"):
         model.run_with_hooks(ids, fwd_hooks=[("blocks.0.hook_resid_post", steer(vector))], reset_hooks_end=False)
     assert model.persistent_hooks == []
+
+
+def test_hook_dict_points_add_and_remove_hooks_on_the_model():
+    """TransformerLens code adds hooks through ``model.hook_dict[name].add_hook``; they are the model's."""
+    hf, model, ids, mask, vector = setup("gpt2")
+    point = model.hook_dict["blocks.0.hook_resid_post"]
+    point.add_hook(steer(vector))
+    point.add_hook(lambda g, hook: None, dir="bwd")
+    try:
+        want = H.hf_run(hf, ids, mask, replace={"blocks.0.hook_resid_post": lambda v: v + vector})
+        assert H.maxdiff(model(ids, mask), want) < 1e-4
+        point.remove_hooks(dir="fwd")
+        assert len(model.persistent_hooks) == 1  # the backward hook stays
+        assert H.maxdiff(model(ids, mask), H.hf_run(hf, ids, mask)) < 1e-5
+        point.remove_hooks(dir="both")
+        assert model.persistent_hooks == []
+    finally:
+        model.reset_hooks(including_permanent=True)

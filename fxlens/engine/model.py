@@ -32,6 +32,7 @@ import copy
 import os
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,19 @@ class HookPoint:
 
     def layer(self) -> int | None:
         return self.layer_index
+
+
+@dataclass(frozen=True)
+class BoundHookPoint(HookPoint):
+    """A ``HookPoint`` of ``model.hook_dict``: hooks added to it are kept on its model (``model.add_hook``)."""
+
+    model: Any = field(default=None, compare=False, repr=False)
+
+    def add_hook(self, hook, dir: str = "fwd", is_permanent: bool = False) -> None:
+        self.model.add_hook(self.name, hook, dir=dir, is_permanent=is_permanent)
+
+    def remove_hooks(self, dir: str = "fwd", including_permanent: bool = False) -> None:
+        self.model._drop_hooks(self.name, dir, including_permanent)
 
 
 @dataclass

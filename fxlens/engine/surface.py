@@ -20,8 +20,8 @@ Example::
     model.accumulated_bias(2, mlp_input=True)
 
 Gotchas: the stacked ``model.W_*`` are copies (torch.stack); write through ``model.blocks[i]``'s views.
-``hook_dict`` maps TransformerLens names to ``HookPoint`` descriptions (name and layer); hooks are added
-with ``model.add_hook(name, fn)``, not on the HookPoint. ``all_head_labels`` is a list that can also be
+``hook_dict`` maps TransformerLens names to hook points (name and layer) whose ``add_hook`` and
+``remove_hooks`` keep hooks on the model, as ``model.add_hook(name, fn)`` does. ``all_head_labels`` is a list that can also be
 called (``model.all_head_labels()`` as HookedTransformer, ``model.all_head_labels`` as TransformerBridge).
 """
 
@@ -141,10 +141,19 @@ class TransformerLensSurface:
     # ---- names ------------------------------------------------------------------------------------
     @property
     def hook_dict(self) -> dict:
-        """{TransformerLens site name: HookPoint(name, layer)} for every canonical site, in graph order."""
-        from .model import HookPoint
+        """{TransformerLens site name: hook point} for every canonical site, in graph order. A hook point has
+        TransformerLens' ``add_hook(fn, dir="fwd"|"bwd", is_permanent=False)`` and ``remove_hooks(dir="fwd",
+        including_permanent=False)``, which keep hooks on this model (``model.add_hook``)."""
+        from .model import BoundHookPoint
 
-        return {s.name: HookPoint(s.name, s.layer) for s in self.site_table.values() if s.canonical}
+        return {s.name: BoundHookPoint(s.name, s.layer, self) for s in self.site_table.values() if s.canonical}
+
+    def _drop_hooks(self, name: str, dir: str, including_permanent: bool) -> None:
+        """Remove the kept hooks at site ``name`` in direction ``dir`` ("fwd", "bwd" or "both")."""
+        if dir not in ("fwd", "bwd", "both"):
+            raise ValueError(f"dir={dir!r}: use 'fwd', 'bwd' or 'both'")
+        self._persistent = [h for h in self._persistent
+                            if not (h[0] == name and (dir == "both" or h[3] == dir) and (including_permanent or not h[2]))]
 
     @property
     def all_head_labels(self) -> HeadLabels:
