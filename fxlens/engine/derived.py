@@ -88,6 +88,9 @@ def _few(names) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
+_HF_RECORDING = "transformers.utils.output_capturing"
+
+
 class Binding:
     """The HF model's tensors, modules and hooks as they were when the graph was captured.
 
@@ -124,8 +127,11 @@ class Binding:
         self._hooks = self._hook_count()
 
     def _hook_count(self) -> int:
-        return sum(map(len, (m._forward_hooks for m in self._all_modules))) + sum(
-            map(len, (m._forward_pre_hooks for m in self._all_modules))
+        """The forward hooks on the model, less transformers' own output-capturing hooks (installed on the
+        first call that asks for hidden states or attentions; they record outputs and change nothing)."""
+        return sum(
+            sum(1 for h in hooks.values() if getattr(h, "__module__", None) != _HF_RECORDING)
+            for m in self._all_modules for hooks in (m._forward_hooks, m._forward_pre_hooks)
         )
 
     def change(self) -> Change | None:

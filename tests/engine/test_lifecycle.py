@@ -601,3 +601,28 @@ def test_no_fxlens_call_changes_the_hf_model(family, attn):
     assert after["objects"].keys() == before["objects"].keys()
     assert [k for k in before["objects"] if after["objects"][k] is not before["objects"][k]] == []  # same tensors
     assert [k for k in before["values"] if not torch.equal(after["values"][k], before["values"][k])] == []
+
+
+def test_transformers_own_output_recording_hooks_are_not_user_hooks():
+    """transformers 5 installs output-capturing hooks on the first call with output_hidden_states or
+    output_attentions; they record and change nothing, so wrapping does not warn about them."""
+    import warnings
+
+    import fxlens
+    from families import make, tokens
+
+    hf = make("llama")
+    model = fxlens.Model.from_hf(hf)
+    ids = tokens(1, 4)
+    with torch.no_grad():
+        hf(input_ids=ids, output_hidden_states=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(ids)
+    assert not [w for w in caught if "hooks were added" in str(w.message)]
+    handle = hf.model.layers[0].register_forward_hook(lambda m, a, o: None)
+    try:
+        with pytest.warns(UserWarning, match="hooks were added"):
+            model(ids)
+    finally:
+        handle.remove()
