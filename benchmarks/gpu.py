@@ -240,7 +240,6 @@ def bench_sweeps(name, hf, model, args):
     def plain(logits):
         return (logits[:, -1, a] - logits[:, -1, b]).mean()
 
-    sweep_bench.DEVICE = DEVICE
     per_token_layer, kv_share = sweep_bench.floor_prices(model, hf)
     L, H, S = model.cfg.n_layers, model.cfg.n_heads, clean.shape[1]
     tl = None
@@ -419,6 +418,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     global DEVICE
     DEVICE = torch.device(args.device)
+    sweep_bench.DEVICE = DEVICE  # its inputs() and floor_prices() run there
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device is visible to torch: run with --device cpu (and --quick), or on a GPU machine")
     torch.set_num_threads(args.threads)
