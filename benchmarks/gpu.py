@@ -326,7 +326,7 @@ def bench_long(name, hf, model, args):
     cells = long_cells(model.cfg.n_layers, seq)
     with torch.inference_mode():
         hf(corrupted)
-        _, t_fwd = timed(lambda: hf(corrupted, use_cache=False).logits, 2)
+        fwd = [timed(lambda: hf(corrupted, use_cache=False).logits)[1] for _ in range(2)]  # before the sweep, and after
         _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
 
         def run():
@@ -336,6 +336,8 @@ def bench_long(name, hf, model, args):
         run()  # builds the programs
         (res, peak), t = timed(lambda: peak_memory(run))
         stats = dict(model.last_sweep_stats)
+        fwd += [timed(lambda: hf(corrupted, use_cache=False).logits)[1] for _ in range(2)]
+        t_fwd = statistics.median(fwd)  # a shared machine drifts: the forward is priced on both sides of the sweep
         per_token_layer = t_fwd / (seq * model.cfg.n_layers)
         floor = per_token_layer * (stats["token_layers"] + stats["kv_token_layers"])
         ref = hooked_resid_pre(hf, clean, corrupted, sample(cells, args.ref_cells), lambda l: l[:, -1, A % vocab] - l[:, -1, B % vocab])
