@@ -177,7 +177,7 @@ class RowEngine:
         if kept + one_row > total:
             warnings.warn(
                 f"memory_budget={memory_budget} GiB is less than this sweep needs at the least: the unpatched run of the "
-                f"input keeps {kept / 2**20:.0f} MB (each block's residual, keys and values) and one row takes "
+                f"input keeps {kept / 2**20:.0f} MB (each block's residual, keys and values) and one row takes up to "
                 f"{one_row / 2**20:.0f} MB; running one row per call. Raise memory_budget, or split the prompts "
                 "(a list of prompt pairs streams in chunks of pairs)",
                 RuntimeWarning,
