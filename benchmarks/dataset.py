@@ -55,6 +55,8 @@ def main():
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip", nargs="*", default=[], help="competitors to skip: tl nnsight")
+    parser.add_argument("--stream-budget", type=float, default=None,
+                        help="also run the sweep with this memory_budget (GiB), small enough to stream chunks of pairs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import fxlens
@@ -81,6 +83,13 @@ def main():
         lam, t_lam = timed(lambda: patching.get_act_patch_resid_pre(model, corrupted_b, cache, plain), 3)
     print(f"fxlens             {t_ours:7.2f} s   (reduce='none': {t_each:.2f} s, same mean: "
           f"{(each.mean(0) - ours).abs().max().item():.1e}; plain lambda {t_lam:.2f} s)")
+    if args.stream_budget:
+        with torch.inference_mode():
+            streamed, t_stream = timed(lambda: patching.get_act_patch_resid_pre(model, corrupted_b, cache, declared, reduce="none",
+                                                                               memory_budget=args.stream_budget), 1)
+        print(f"fxlens streamed    {t_stream:7.2f} s   (memory_budget={args.stream_budget} GiB: "
+              f"{model.last_sweep_stats.get('prompt_chunks', 1)} chunks of pairs; max |diff| to one batch "
+              f"{(streamed - each).abs().max().item():.1e})")
 
     if "tl" not in args.skip:
         from transformer_lens import patching as tl_patching

@@ -16,7 +16,15 @@ Two corruptions: "swap" (the corrupted prompt differs from the clean one at posi
 subject swap; earlier positions are identical, so patching them changes nothing) and "all" (two
 unrelated random sequences: the worst case for fxlens' prefix sharing).
 
+Long sequences (``--long 1024``): SmolLM2-135M on 1x1024 tokens, two unrelated prompts, a resid_pre sweep
+over 24 cells (the first, middle and last layer x 8 positions spread over the input; the whole grid of
+30720 cells is hours on one CPU thread): its time against its floor (token-layers priced at a plain
+1x1024 forward's) and against one plain forward, and its peak memory against each ``--memory-budgets``
+value, each in a fresh process with big allocations forced to ``mmap`` so that the resident high-water
+mark follows live tensors (``benchmarks/gpu.py``'s ``long`` task does the work).
+
 Run: python benchmarks/sweep.py [--models gpt2 smollm2] [--corruption swap all] [--threads 1] [--device cuda]
+     python benchmarks/sweep.py --long 1024 [--memory-budgets 1.0 0.5 0.3]
 """
 
 from __future__ import annotations
@@ -223,6 +231,22 @@ def floor_prices(model, hf, rows: int = 64):
     return t / (rows * SEQ * model.cfg.n_layers), t_kv / t_full
 
 
+def long_sequences(args):
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(args.threads))
+    print(f"SmolLM2-135M, 1x{args.long} tokens, resid_pre sweep on 24 cells, {args.device}, {args.threads} thread(s)")
+    for budget in args.memory_budgets:
+        res = subprocess.run([sys.executable, os.path.join(here, "gpu.py"), "--device", args.device, "--models", "smollm2",
+                              "--tasks", "long", "--long-seq", str(args.long), "--memory-budget", str(budget), "--ref-cells", "2",
+                              "--repeats", "1", "--threads", str(args.threads)], capture_output=True, text=True, env=env)
+        rows = [line for line in res.stdout.splitlines() if line.startswith("| smollm2")]
+        print(f"memory_budget {budget} GiB: " + (rows[-1] if rows else f"failed: {res.stderr[-2000:]}"), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["gpt2", "smollm2"])
@@ -231,7 +255,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], help="competitors to skip: tl nnsight")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (every competitor runs there)")
+    parser.add_argument("--long", type=int, default=None, help="only the long-sequence case, at this many tokens")
+    parser.add_argument("--memory-budgets", type=float, nargs="+", default=[1.0, 0.5])
     args = parser.parse_args()
+    if args.long:
+        return long_sequences(args)
     global DEVICE
     DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)

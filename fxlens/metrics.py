@@ -109,8 +109,11 @@ class _LogitDiff(Metric):
         return selected[..., 0, 0] - selected[..., 0, 1]  # [rows, batch]
 
     def from_selected(self, selected: torch.Tensor) -> torch.Tensor:
-        diff = self.per_example(selected)
-        return diff.mean(-1) if self.mean else diff.sum(-1)
+        return self.reduce(self.per_example(selected))
+
+    def reduce(self, values: torch.Tensor) -> torch.Tensor:
+        """The batch reduction of per-prompt values [..., batch] (a sweep streamed in chunks of prompts)."""
+        return values.mean(-1) if self.mean else values.sum(-1)
 
 
 @dataclass
@@ -125,7 +128,10 @@ class _Logit(Metric):
         return selected[..., 0, 0]
 
     def from_selected(self, selected: torch.Tensor) -> torch.Tensor:
-        return self.per_example(selected).mean(-1)
+        return self.reduce(self.per_example(selected))
+
+    def reduce(self, values: torch.Tensor) -> torch.Tensor:
+        return values.mean(-1)
 
 
 @dataclass
@@ -142,6 +148,10 @@ class _Normalized(Metric):
 
     def per_example(self, selected: torch.Tensor) -> torch.Tensor:
         return (self.inner.per_example(selected) - self.corrupted) / (self.clean - self.corrupted)
+
+    def reduce(self, values: torch.Tensor) -> torch.Tensor:
+        span = self.clean - self.corrupted
+        return (self.inner.reduce(values * span + self.corrupted) - self.corrupted) / span
 
 
 def logit_diff(answer, wrong, pos=-1, reduce: str = "mean") -> Metric:

@@ -32,6 +32,7 @@ from functools import partial
 
 import torch
 
+from .engine import pairs
 from .engine.sweep import Cell, Sweep, SweepError
 from .metrics import Several
 
@@ -247,7 +248,10 @@ def generic_activation_patch(
 
     ``index_axis_names`` (e.g. ("layer", "pos", "head")) sweep the full grid and the result has one axis
     per name; ``index_df`` (rows of indices, layer first) gives a flat result with one entry per row.
-    ``memory_budget`` (GiB) bounds the rows batched at once; ``progress`` shows a bar.
+    ``memory_budget`` (GiB) bounds the rows batched at once and, for a dataset of prompts too large for it,
+    the prompts run at once: they stream in chunks of pairs (``engine/pairs.py``; with a metric from
+    ``fxlens.metrics``, whose per-prompt answers can be sliced), and ``model.last_sweep_stats["prompt_chunks"]``
+    says how many. ``progress`` shows a bar (over the pairs too when they stream).
 
     A dataset of prompt pairs: ``corrupted_tokens`` a padded batch with its ``attention_mask``, or a list
     of token tensors of different lengths (padded on ``padding_side``; make ``clean_cache`` with
@@ -322,9 +326,14 @@ def generic_activation_patch(
                     raise IndexError(f"index {v} on axis {a} of {site.name} is out of range 0..{size - 1}")
             cells.append(Cell(site, tuple(zip(axes, row[1:]))))
         sweep = Sweep(model, compile=compile)
+        spans = pairs.plan(model, patching_metric, batch, seq, memory_budget) if batch > 1 else None
         with torch.no_grad():
-            out = sweep.run(cells, feed, clean_cache, patching_metric, memory_budget=memory_budget, progress=progress,
-                            per_example=per_example)
+            if spans is not None:  # more prompts than fit the budget at once: streamed in chunks of pairs
+                out = pairs.run_chunks(sweep, cells, feed, clean_cache, patching_metric, spans, per_example=per_example,
+                                       memory_budget=memory_budget, progress=progress)
+            else:
+                out = sweep.run(cells, feed, clean_cache, patching_metric, memory_budget=memory_budget, progress=progress,
+                                per_example=per_example)
     out = out if flat else out.view(*shape, *out.shape[1:])
     if isinstance(patching_metric, Several):
         out = out.movedim(len(shape), -1)  # the metric axis last: [*grid, (prompt,) metric]

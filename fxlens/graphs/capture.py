@@ -59,6 +59,25 @@ class CaptureError(RuntimeError):
     """The model could not be turned into a graph; the message says what failed and what to do."""
 
 
+def _check_devices(model) -> None:
+    """Refuse weights offloaded to the meta device or spread over several devices (a ``device_map``),
+    naming the fix: the captured program and its rows run on one device."""
+    devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
+    name = type(model).__name__
+    if any(d.type == "meta" for d in devices):
+        raise CaptureError(
+            f"{name} has weights on the meta device (offloaded by a device_map with 'cpu' or 'disk' entries, or not "
+            "loaded yet): fxlens needs every weight in memory. Load it with device_map={'': 'cuda:0'} (or 'cpu'), "
+            "or without a device_map and move it with .to(device)"
+        )
+    if len(devices) > 1:
+        raise CaptureError(
+            f"{name}'s weights live on several devices ({', '.join(sorted(map(str, devices)))}), as a device_map "
+            "spreading layers over devices leaves them; fxlens runs a model on one device for now. Load it with "
+            "device_map={'': 'cuda:0'}, or move it with .to(device)"
+        )
+
+
 @dataclass
 class CapturedGraph:
     """A captured model: the graph module and what its inputs and outputs mean."""
@@ -384,6 +403,7 @@ def capture(model: torch.nn.Module, *, attn_implementation: str | None = None, s
         )
     if seq_len is not None and seq_len < 1:
         raise ValueError(f"seq_len must be a positive length; got {seq_len}")
+    _check_devices(model)
     with _borrowed(model, attn_implementation):
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
         ep, extra, bounds, why = _export_with_bounds(model, accepts, seq_len)

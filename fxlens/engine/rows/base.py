@@ -40,6 +40,18 @@ class Base:
     selected: dict = field(default_factory=dict)  # metric -> logits it reads [B0, n_pos, n_tok]
     feed: dict | None = None  # the inputs it ran on (rows on the whole model run them again)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the base run keeps for rows (residuals, keys and values, context, site values)."""
+        seen, total = set(), 0
+        tensors = list(self.hidden) + [t for kv in self.kv if kv is not None for t in kv]
+        tensors += [self.final] + list(self.context.values()) + list(self.values.values())
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                total += t.untyped_storage().nbytes()
+        return total
+
 
 def run_base(blocks, feed: dict, keep_kv: bool = True, sites=()) -> Base:
     """The unpatched run of ``feed`` (see the module docstring)."""

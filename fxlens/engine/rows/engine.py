@@ -152,7 +152,7 @@ class RowEngine:
     def _run(self, rows, base, readout, out, memory_budget, progress):
         cost = CostModel(self.blocks, base, readout.declared)
         packable = self.causal and self.blocks.packing() is not None
-        sch = schedule(rows, cost, int(memory_budget * 2**30), packable)
+        sch = schedule(rows, cost, self._row_budget(memory_budget, base, cost, rows), packable)
         if sch.packed:
             steps = sum(self.blocks.n_layers - rows[c[0]].layer for c in sch.chunks)
             bar = tqdm(total=steps, desc="patching", disable=not progress, leave=False)
@@ -168,6 +168,22 @@ class RowEngine:
                 out[torch.tensor(idxs)] = values.float().cpu()
         bar.close()
         return out
+
+    @staticmethod
+    def _row_budget(memory_budget: float, base: Base, cost: CostModel, rows: list) -> int:
+        """Bytes the rows' calls may use: ``memory_budget`` less what the base run keeps meanwhile."""
+        total, kept = int(memory_budget * 2**30), base.nbytes
+        one_row = cost.row_bytes(min(r.start for r in rows))
+        if kept + one_row > total:
+            warnings.warn(
+                f"memory_budget={memory_budget} GiB is less than this sweep needs at the least: the unpatched run of the "
+                f"input keeps {kept / 2**20:.0f} MB (each block's residual, keys and values) and one row takes up to "
+                f"{one_row / 2**20:.0f} MB; running one row per call. Raise memory_budget, or split the prompts "
+                "(a list of prompt pairs streams in chunks of pairs)",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+        return max(1, total - kept)
 
     def _wave(self, chunks, rows, base, readout, bar):
         runs = [self._padded_chunk(start, [rows[i] for i in idxs], base, readout, bar) for start, idxs in chunks]

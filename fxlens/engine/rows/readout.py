@@ -232,7 +232,8 @@ def _checked_select(metric: Metric, seq: int, batch: int, vocab: int | None):
     except (IndexError, ValueError, RuntimeError) as err:
         raise MetricError(f"the metric does not fit this input ({batch} rows of {seq} positions): {err}") from None
     if pos.shape[0] != batch or tok.shape[0] != batch:
-        raise MetricError(f"the metric's per-row answers or positions have {max(pos.shape[0], tok.shape[0])} rows; the input has {batch}")
+        rows = tok.shape[0] if tok.shape[0] != batch else pos.shape[0]
+        raise MetricError(f"the metric's per-row answers or positions have {rows} rows; the input has {batch}")
     if vocab is not None:
         try:
             metric.check_vocab(vocab, seq, batch)
