@@ -93,31 +93,49 @@ def test_a_head_input_patch_equals_hf_with_that_head_recomputed(pair, kind):
 
 
 def test_attn_in_drives_a_heads_query_key_and_value(pair):
+    """Copy h of hook_attn_in feeds query head h and key/value head h (on a grouped model, the first
+    n_key_value_heads copies feed the key/value heads), as TransformerLens' bridge does."""
     family, hf, model = pair
-    if family == "llama":
-        assert "blocks.1.hook_attn_in" not in model.sites  # grouped keys and values: no per-head k/v input
-        return
     ids, mask = _inputs()
     x_new = _new_input((3, 6, D), seed=1)
-    head = 2
-    blk = hf.transformer.h[1]
-    dh = D // 4
+    head = 1
+    h_q, h_kv, dh = H.dims(hf)
+    if family == "llama":
+        blk = hf.model.layers[1]
+        projs = [(blk.self_attn.q_proj, 0), (blk.self_attn.k_proj, 0), (blk.self_attn.v_proj, 0)]
+        norm = blk.input_layernorm
+    else:
+        blk = hf.transformer.h[1]
+        projs = [(blk.attn.c_attn, third * D) for third in range(3)]
+        norm = blk.ln_1
 
-    def hook(module, args, out):
-        new = torch.addmm(blk.attn.c_attn.bias, blk.ln_1(x_new).reshape(-1, D), blk.attn.c_attn.weight).view(out.shape)
-        out = out.clone()
-        for third in range(3):
-            sl = slice(third * D + head * dh, third * D + (head + 1) * dh)
+    def hook_for(proj, offset):
+        def hook(module, args, out):
+            x = norm(x_new)
+            new = torch.nn.functional.linear(x, proj.weight, proj.bias) if family == "llama" else \
+                torch.addmm(proj.bias, x.reshape(-1, D), proj.weight).view(out.shape)
+            out = out.clone()
+            sl = slice(offset + head * dh, offset + (head + 1) * dh)
             out[..., sl] = new[..., sl]
-        return out
+            return out
+        return hook
 
-    handle = blk.attn.c_attn.register_forward_hook(hook)
+    handles = []
+    if family == "llama":
+        handles = [p.register_forward_hook(hook_for(p, 0)) for p, _ in projs]
+    else:
+        def fused(module, args, out):
+            for _, offset in projs:
+                out = hook_for(blk.attn.c_attn, offset)(module, args, out)
+            return out
+        handles = [blk.attn.c_attn.register_forward_hook(fused)]
     try:
         with torch.no_grad():
             want = hf(input_ids=ids, attention_mask=mask).logits
     finally:
-        handle.remove()
-    got = model.run_with_interventions(ids, [fxlens.Patch("blocks.1.hook_attn_in", source=x_new[:, :, None].expand(3, 6, 4, D), head=head)], mask)
+        for h in handles:
+            h.remove()
+    got = model.run_with_interventions(ids, [fxlens.Patch("blocks.1.hook_attn_in", source=x_new[:, :, None].expand(3, 6, h_q, D), head=head)], mask)
     real = mask.bool()
     assert H.maxdiff(got[real], want[real]) < 1e-5 * want.abs().max().item()
 

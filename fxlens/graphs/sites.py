@@ -613,8 +613,8 @@ class _Builder:
 
     def _inputs(self, i: int, p: str, block, a: Attention | None) -> None:
         """TransformerLens' input copies (``passes.split_inputs``): each head's copy of the residual it reads
-        (``attn.hook_q_input``/``k_input``/``v_input``; ``hook_attn_in`` for q, k and v together where every
-        head has its own key and value) and the MLP's own copy (``hook_mlp_in``). Expensive: made only when
+        (``hook_q_input``/``k_input``/``v_input``; ``hook_attn_in`` for q, k and v together: query head h and
+        key/value head h read copy h, as in TransformerLens) and the MLP's own copy (``hook_mlp_in``). Expensive: made only when
         asked for by name."""
         entry_axes = ("batch", "pos", "head", "d_model")
         if a is not None and block.attn is not None and block.attn.entry is not None:
@@ -622,10 +622,10 @@ class _Builder:
             for kind in ("q_input", "k_input", "v_input"):
                 rw = ("split_inputs", block.attn.entry)
                 self.add(f"{p}hook_{kind}", rewritten(*rw, kind), entry_axes, i, kind, rw, expensive=True, unfit=unfit)
-            if a.n_kv_heads == a.n_heads:
-                rw = ("split_inputs", block.attn.entry)
-                self.add(f"{p}hook_attn_in", rewritten(*rw, "attn_in"), entry_axes, i, "attn_in", rw, expensive=True,
-                         unfit=unfit)
+            # one copy per query head; a grouped model's key/value head g reads copy g (TransformerLens' meaning)
+            rw = ("split_inputs", block.attn.entry)
+            self.add(f"{p}hook_attn_in", rewritten(*rw, "attn_in"), entry_axes, i, "attn_in", rw, expensive=True,
+                     unfit=unfit)
         if block.mlp is not None and block.mlp.entry is not None and self.mlps[i] is not None:
             rw = ("split_inputs", block.mlp.entry)
             entry = self._unflat(block.mlp.entry)  # OPT's MLP reads the residual flattened to [batch*pos, d]
