@@ -271,6 +271,20 @@ def test_a_cache_over_the_generation_equals_a_cache_of_the_result():
         assert (got - ref).abs().max().item() < 1e-5, name
 
 
+def test_hooks_on_materialised_sites_decode_from_the_cache():
+    """A pattern (computed beside SDPA) and per-head results are sites of a block: no recompute."""
+    _, model = cached_model("llama")
+    ids, mask = _left_padded(seed=16)
+    halve = [("blocks.1.attn.hook_pattern", lambda v, hook: v * 0.5), ("blocks.0.attn.hook_result", lambda v, hook: v * 2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = model.generate(ids, 4, stop_at_eos=False, attention_mask=mask, fwd_hooks=halve)
+    assert not [w for w in caught if "recomputes" in str(w.message)]
+    assert torch.equal(got, model.generate(ids, 4, stop_at_eos=False, attention_mask=mask, fwd_hooks=halve,
+                                           use_past_kv_cache=False))
+    assert not torch.equal(got, model.generate(ids, 4, stop_at_eos=False, attention_mask=mask))
+
+
 def test_hooks_see_the_new_positions_and_an_uncacheable_edit_recomputes_said_once():
     _, model = cached_model("llama")
     ids, mask = _left_padded(seed=15)

@@ -47,6 +47,7 @@ __all__ = ["Decoder", "cache_reason", "NoCache"]
 class NoCache(RuntimeError):
     """This generation cannot decode from a key/value cache (the message says why)."""
 
+
 _QUERY_AXES = ("pos", "query_pos")
 
 
@@ -78,7 +79,8 @@ def _block_of(blocks, site) -> int | None:
     if site.layer is None or not 0 <= site.layer < blocks.n_layers:
         return None
     names = {n.name for n in blocks.programs[site.layer].base.graph.nodes}
-    return site.layer if site.node in names else None
+    node = site.rewrite[1] if site.rewrite is not None else site.node  # a rewrite's node is made from its target
+    return site.layer if node in names else None
 
 
 def _narrow(t, axes: tuple, start: int, full: int):
