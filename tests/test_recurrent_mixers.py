@@ -34,3 +34,32 @@ def test_minimax_sweep_equals_a_hooked_hf_loop_and_says_how_it_runs():
     assert len(told) == 1
     want = hf_resid_pre_sweep(hf, clean, corrupted, [b.path for b in model.graph.structure.blocks], metric)
     assert (got - want).abs().max() <= 1e-5
+
+
+def test_state_space_generation_equals_hf_generate_through_lengths_equal_to_model_sizes():
+    """Mamba is captured per sequence length, and a length equal to one of its sizes (8 here) is refused;
+    generation runs such a step with a masked padding token after the last one and still gives HF's
+    tokens, plain and steered (a vector added to layer 0's output by a plain HF hook)."""
+    hf = A.build("mamba")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fxlens.Model.from_hf(hf)
+        ids = A.probe_ids(2, 5, seed=3)
+        sizes = model.derived.sizes
+        assert 8 in sizes and model.derived.usable_length(8) > 8
+        vector = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0)) * 3
+
+        def hf_gen(add=None):
+            handle = hf.backbone.layers[0].register_forward_hook(lambda m, a, o: o + vector) if add else None
+            try:
+                with torch.no_grad():
+                    return hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+            finally:
+                if handle is not None:
+                    handle.remove()
+
+        assert torch.equal(model.generate(ids, 6, stop_at_eos=False), hf_gen())
+        steered = model.generate(ids, 6, stop_at_eos=False, interventions=[fxlens.Steer("blocks.0.hook_resid_post", vector)])
+        assert torch.equal(steered, hf_gen(add=True))
+        out, cache = model.generate(ids, 3, stop_at_eos=False, names_filter=["blocks.1.hook_resid_pre"])
+    assert out.shape[1] == 8 and cache["blocks.1.hook_resid_pre"].shape[:2] == (2, 8)

@@ -267,6 +267,16 @@ class Derived:
             stacklevel=4,
         )
 
+    def usable_length(self, length: int) -> int:
+        """The smallest length >= ``length`` that ``at_length`` accepts (``length`` itself for a model that
+        takes every length): where to pad a sequence whose own length equals one of the model's sizes."""
+        if getattr(self.captured, "static_seq", None) is None:
+            return length
+        sizes = self.sizes or frozenset()
+        while ambiguous(length, sizes):
+            length += 1
+        return length
+
     def at_length(self, length: int | None) -> "Derived":
         """This Derived, or for a model that fixes the sequence length, the one captured at ``length``
         (captured on first use, cached here; a length equal to one of the model's sizes is refused)."""

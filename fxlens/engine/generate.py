@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from .activation_cache import ActivationCache
 from .decode import Decoder, NoCache, cache_reason
 from .interventions import _indices
 
@@ -187,17 +188,42 @@ class _Recompute:
         self.model, self.fwd_hooks, self.compile, self.cache_sites = model, fwd_hooks, compile, cache_sites
 
     def _run(self, ids, mask, specs, names_filter):
-        feed = {"input_ids": ids}
-        if "attention_mask" in self.model.captured.inputs:
-            feed["attention_mask"] = mask if mask is not None else torch.ones_like(ids)
-        return self.model._intervened(feed, specs, ids.shape[0], ids.shape[1], names_filter, "logits", self.compile,
-                                      self.fwd_hooks)
+        """(logits, cache or None) of the sequence so far. A model captured per input length refuses a length
+        equal to one of its own sizes; such a step runs with masked padding tokens after the last one
+        (exact for a causal model: nothing before them reads them), and the padding is cut off again."""
+        n = ids.shape[1]
+        usable = self.model.derived.usable_length(n)
+        if usable != n and "attention_mask" in self.model.captured.inputs:
+            pad = usable - n
+            mask = mask if mask is not None else torch.ones_like(ids)
+            ids = torch.cat([ids, ids.new_zeros(ids.shape[0], pad)], dim=1)
+            mask = torch.cat([mask, mask.new_zeros(mask.shape[0], pad)], dim=1)
+        # through the Model's input check: a model captured per input length runs this length's capture
+        feed = self.model._inputs(ids, mask)
+        if "attention_mask" in self.model.captured.inputs and "attention_mask" not in feed:
+            feed["attention_mask"] = torch.ones_like(ids)
+        out = self.model._intervened(feed, specs, ids.shape[0], ids.shape[1], names_filter, "logits", self.compile,
+                                     self.fwd_hooks)
+        logits, cache = out if names_filter is not None else (out, None)
+        if cache is not None and ids.shape[1] != n:
+            cache = ActivationCache({k: _first_positions(self.model.site_table, k, v, n) for k, v in cache.items()},
+                                    self.model.site_table, self.model)
+        return logits[:, :n], cache
 
     def __call__(self, ids, mask, specs) -> torch.Tensor:
-        return self._run(ids, mask, specs, None)[:, -1]
+        return self._run(ids, mask, specs, None)[0][:, -1]
 
     def cache(self, ids, mask, specs):
         return self._run(ids, mask, specs, [s.name for s in self.cache_sites])[1]
+
+
+def _first_positions(table, name: str, value: torch.Tensor, n: int) -> torch.Tensor:
+    """A cached site's value at its first ``n`` positions (every position axis, keys included)."""
+    site = table[name]
+    for axis in ("pos", "query_pos", "key_pos"):
+        if axis in site.axes:
+            value = value.narrow(site.axes.index(axis), 0, n)
+    return value
 
 
 class _Cached:
@@ -221,8 +247,6 @@ class _Cached:
             return self.fallback(ids, mask, specs)
 
     def cache(self, ids, mask, specs):
-        from .activation_cache import ActivationCache
-
         if self.decoder is None:
             return self.fallback.cache(ids, mask, specs)
         self.decoder.interventions = specs
