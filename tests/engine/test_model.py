@@ -33,12 +33,13 @@ def max_diff(a, b):
 # ---- run_with_cache: what names_filter selects -------------------------------------------------
 
 
-def test_names_filter_none_caches_every_site_except_per_head_results():
+def test_names_filter_none_caches_every_site_except_per_head_results_and_inputs():
     _, model = cached_model("llama")
     logits, cache = model.run_with_cache(tokens(2, 5))
-    results = {f"blocks.{i}.attn.hook_result" for i in range(model.cfg.n_layers)}
-    assert results <= set(model.sites)
-    assert set(cache) == set(model.sites) - results
+    kinds = ("attn.hook_result", "hook_q_input", "hook_k_input", "hook_v_input", "hook_attn_in", "hook_mlp_in")
+    expensive = {f"blocks.{i}.{k}" for i in range(model.cfg.n_layers) for k in kinds}
+    assert expensive <= set(model.sites)
+    assert set(cache) == set(model.sites) - expensive
     assert logits.shape == (2, 5, model.cfg.d_vocab)
 
 

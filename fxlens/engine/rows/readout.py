@@ -194,8 +194,11 @@ class Readout:
 
     def per_row(self, logits: torch.Tensor) -> torch.Tensor:
         """A plain callable metric on each row's full logits [rows, B0, S, vocab]."""
-        if self.lead:  # metrics.Several checks each metric's value itself
-            return torch.stack([self.metric(rows_logits).reshape(self.value_shape) for rows_logits in logits])
+        if self.lead:  # metrics.Several checks each metric's value itself: a wrong one is the user's metric
+            try:
+                return torch.stack([self.metric(rows_logits).reshape(self.value_shape) for rows_logits in logits])
+            except ValueError as err:
+                raise MetricError(str(err)) from None
         if self.per_example:
             return torch.stack([per_prompt(self.metric(rows_logits), self.base.batch) for rows_logits in logits])
         return torch.stack([scalar(self.metric(rows_logits)) for rows_logits in logits])
