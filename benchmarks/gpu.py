@@ -381,7 +381,7 @@ def bench_generate(name, hf, model, args):
     prompt = torch.randint(100, min(vocab, 20000), (1, 16), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     with torch.inference_mode():
         def ours():
-            return model.generate(prompt, max_new_tokens=n, stop_at_eos=False, use_past_kv_cache=False)
+            return model.generate(prompt, max_new_tokens=n, stop_at_eos=False)  # decodes from its key/value cache
 
         def theirs():
             return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
