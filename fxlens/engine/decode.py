@@ -9,8 +9,9 @@ and values before ``start``": the prelude computes the positional context (masks
 learned positions) and the embeddings of the whole sequence (cheap: no layer runs), and each block is
 its own program (``rows.Blocks``) fed the new positions' residual, the context sliced to them
 (``rows.Padded``) and a key/value prefix (``passes.kv_prefix``). A ``Decoder`` keeps each attention's
-keys and values: the joined prefix and new keys the attention read in the same block call
-(``passes.Read`` of ``kv_prefix.joined``) are the next step's cache. The plan of
+keys and values in a static cache (``kv_prefix.KVBuffer``, preallocated for the whole generation): the
+prompt's, read from its block calls (``passes.Read``), start it, and each step's new keys are written
+into it in place where the attention joins them to the prefix. The plan of
 a decode step is the same at every step (its tensors are graph inputs), so each block's program is
 built once and reused, compiled when asked (dynamic shapes: the prefix grows).
 
@@ -37,7 +38,7 @@ from types import SimpleNamespace
 import torch
 
 from ..passes import Read
-from ..passes.kv_prefix import joined
+from ..passes.kv_prefix import KVBuffer
 from .interventions import _real_token_mean, prepare
 from .plan import PlanBuilder
 
@@ -99,7 +100,7 @@ def _narrow(t, axes: tuple, start: int, full: int):
 class Decoder:
     """The key/value cache of one generation and the step that extends it."""
 
-    def __init__(self, model, interventions, hooks, compile: bool = False, cache_sites=()):
+    def __init__(self, model, interventions, hooks, compile: bool = False, cache_sites=(), capacity: int = 0):
         from .rows.blocks import Blocks
 
         self.model = model
@@ -108,7 +109,8 @@ class Decoder:
         self.hooks = list(hooks)  # [(site, fn)]
         self.compile = compile
         self.cache_sites = list(cache_sites)
-        self.kv: list = [None] * self.blocks.n_layers
+        self.kv: list = [None] * self.blocks.n_layers  # per layer (keys, values) as KVBuffers after the prompt
+        self.capacity = capacity  # positions to preallocate the buffers for (they grow when passed)
         self.seen = 0  # positions whose keys and values are cached
         self.values: dict = {}  # site name -> list of per-step values (cache_sites)
         self._plain: dict = {}  # (layer, with a prefix) -> (plan, names of its prefix inputs) for blocks nothing edits
@@ -137,7 +139,7 @@ class Decoder:
                 plan, names = self._plain[plain]
                 out = blocks.call(layer, plan, blocks.feed(layer, h, context, start, 1), dict(zip(names, self.kv[layer] or ())),
                                   self.compile)
-                self.kv[layer] = (out["cache"]["fxl_k"], out["cache"]["fxl_v"])
+                self._keep(layer, dict(out.get("cache", {})))
                 h = out["outputs"]["hidden"]
                 continue
             b = PlanBuilder(blocks.graph)
@@ -151,23 +153,33 @@ class Decoder:
                     b.edit(site, fn, tuple(_narrow(x, site.axes, start, full) for x in inputs),
                            _narrow(m, site.axes, start, full))
             (k_op, _), (v_op, _) = blocks.kv_uses[layer]
-            if self.kv[layer] is not None:  # the attention reads the cache joined with the new keys: the next cache
-                k_op, v_op = joined(k_op), joined(v_op)
-            b.cache([s for s in self.cache_sites if s.layer == layer], reads=[Read("fxl_k", k_op), Read("fxl_v", v_op)])
+            # the prompt's keys and values start the cache; later steps write theirs into it (KVBuffer)
+            reads = [Read("fxl_k", k_op), Read("fxl_v", v_op)] if self.kv[layer] is None else []
+            b.cache([s for s in self.cache_sites if s.layer == layer], reads=reads)
             plan, inputs = b.build()
             if layer not in busy:
                 self._plain[plain] = (plan, list(inputs))  # the prefix's keys and values, in that order, or nothing
             out = blocks.call(layer, plan, block_feed, inputs, self.compile)
-            cache = out["cache"]
-            self.kv[layer] = (cache.pop("fxl_k"), cache.pop("fxl_v"))
+            cache = dict(out.get("cache", {}))
+            self._keep(layer, cache)
             for name, value in cache.items():
                 self.values.setdefault(name, []).append(value)
             h = out["outputs"]["hidden"]
+        for kv in self.kv:
+            if start:
+                kv[0].advance(full - start)
+                kv[1].advance(full - start)
         self.seen = full
         head = {blocks.seg.head_input: h[:, -1:]}
         for c in blocks.seg.head_context:
             head[c] = blocks.context(c, context[c], full - 1, 1)
         return self.model._logits(blocks.head.get(())(**head))[:, -1]
+
+    def _keep(self, layer: int, cache: dict) -> None:
+        """After the prompt's block call: its keys and values start this layer's static cache."""
+        if self.kv[layer] is None:
+            k, v = cache.pop("fxl_k"), cache.pop("fxl_v")
+            self.kv[layer] = (KVBuffer(k, self.capacity), KVBuffer(v, self.capacity))
 
     def cached(self) -> dict:
         """{site name: value over every position run}: per-step values joined along the positions (a key

@@ -151,7 +151,8 @@ def generate(
     kept = [(name, fn) for name, fn, _, dir in model._persistent if dir == "fwd"]
     hooks = [(site, fn) for name, fn in kept + list(fwd_hooks) for site in model._hook_sites(name)]
     cache_sites = model._resolve(names_filter) if names_filter is not None else []
-    step = _stepper(model, interventions, hooks, fwd_hooks, use_past_kv_cache, compile, cache_sites)
+    step = _stepper(model, interventions, hooks, fwd_hooks, use_past_kv_cache, compile, cache_sites,
+                    capacity=ids.shape[1] + max_new_tokens + 1)
     prompt_len = ids.shape[1]
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     steps = range(max_new_tokens)
@@ -229,9 +230,9 @@ def _first_positions(table, name: str, value: torch.Tensor, n: int) -> torch.Ten
 class _Cached:
     """The prompt once, then one token per step from the key/value cache (``engine.decode``)."""
 
-    def __init__(self, model, interventions, hooks, compile: bool, cache_sites, fallback):
+    def __init__(self, model, interventions, hooks, compile: bool, cache_sites, fallback, capacity: int = 0):
         self.model, self.fallback = model, fallback
-        self.decoder = Decoder(model, interventions, hooks, compile, cache_sites)
+        self.decoder = Decoder(model, interventions, hooks, compile, cache_sites, capacity)
 
     def __call__(self, ids, mask, specs) -> torch.Tensor:
         if self.decoder is None:
@@ -254,7 +255,7 @@ class _Cached:
         return ActivationCache(self.decoder.cached(), self.model.site_table, self.model)
 
 
-def _stepper(model, interventions, hooks, fwd_hooks, use_cache: bool, compile: bool, cache_sites):
+def _stepper(model, interventions, hooks, fwd_hooks, use_cache: bool, compile: bool, cache_sites, capacity: int = 0):
     fallback = _Recompute(model, fwd_hooks, compile, cache_sites)
     if not use_cache:
         return fallback
@@ -263,7 +264,7 @@ def _stepper(model, interventions, hooks, fwd_hooks, use_cache: bool, compile: b
     if reason is not None:
         _tell(model, reason)
         return fallback
-    return _Cached(model, specs, hooks, compile, cache_sites, fallback)
+    return _Cached(model, specs, hooks, compile, cache_sites, fallback, capacity)
 
 
 def _tell(model, reason: str) -> None:

@@ -10,7 +10,9 @@ keys or values for the earlier positions ([batch or 1, heads, p, d_head], as the
 them). Everything else in the block (projections, rotary, MLP) runs on the suffix positions only; the
 engine feeds the block its positional context (mask rows, cos/sin) sliced to those positions.
 
-The joined keys (values) are the node ``joined(operand)``.
+The joined keys (values) are the node ``joined(operand)``. A ``KVBuffer`` fed as the prefix is a static
+cache: the new keys are written into it after the prefix, in place, and the joined node is a view of it
+(generation: one position written per step instead of the whole cache copied).
 
 Example::
 
@@ -28,7 +30,7 @@ import torch.fx as fx
 
 from .base import PassError, rewrite
 
-__all__ = ["KVPrefix", "kv_prefix", "joined"]
+__all__ = ["KVPrefix", "kv_prefix", "joined", "KVBuffer"]
 
 
 def joined(operand: str) -> str:
@@ -43,7 +45,43 @@ class KVPrefix:
     uses: tuple  # of (operand node, consumer node, input name)
 
 
-def _prepend(prefix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+class KVBuffer:
+    """A growing key (or value) cache held in one preallocated tensor (a static cache): the prefix is its
+    first ``length`` positions, and the new positions are written after them in place, with no copy of
+    the prefix. The owner calls ``advance(n)`` once a step's positions are final."""
+
+    def __init__(self, first: torch.Tensor, capacity: int):
+        capacity = max(capacity, first.shape[-2])
+        self.data = first.new_empty(*first.shape[:-2], capacity, first.shape[-1])
+        self.data[..., : first.shape[-2], :] = first
+        self.length = first.shape[-2]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.view().shape
+
+    def view(self) -> torch.Tensor:
+        return self.data[..., : self.length, :]
+
+    def append(self, x: torch.Tensor) -> torch.Tensor:
+        """The prefix joined with ``x`` (written after it; the buffer doubles when full)."""
+        end = self.length + x.shape[-2]
+        if end > self.data.shape[-2]:
+            grown = self.data.new_empty(*self.data.shape[:-2], max(end, 2 * self.data.shape[-2]), self.data.shape[-1])
+            grown[..., : self.length, :] = self.view()
+            self.data = grown
+        self.data[..., self.length:end, :] = x.to(self.data.dtype)
+        return self.data[..., :end, :]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+def _prepend(prefix, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(prefix, KVBuffer):
+        if prefix.data.shape[0] != x.shape[0]:
+            raise ValueError(f"a key/value buffer of batch {prefix.data.shape[0]} cannot take {x.shape[0]} rows")
+        return prefix.append(x)
     if prefix.shape[-2] == 0:
         return x
     if prefix.shape[0] != x.shape[0]:
