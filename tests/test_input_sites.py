@@ -140,25 +140,26 @@ def test_attn_in_drives_a_heads_query_key_and_value(pair):
     assert H.maxdiff(got[real], want[real]) < 1e-5 * want.abs().max().item()
 
 
-def test_mlp_in_changes_the_mlp_input_and_not_the_skip_path(pair):
-    family, hf, model = pair
+def _mlp_in_patch_equals_hf(hf, model, site, module, mlp_input, seed):
+    """Patching ``site`` (hook_mlp_in) with x' equals HF with ``module`` fed ``mlp_input(x')`` (a pre-hook)."""
     ids, mask = _inputs()
-    x_new = _new_input((3, 6, D), seed=2)
-    blk = hf.model.layers[0] if family == "llama" else hf.transformer.h[0]
-    norm = blk.post_attention_layernorm if family == "llama" else blk.ln_2
-
-    def pre(module, args):
-        return (norm(x_new),) + tuple(args[1:])
-
-    handle = blk.mlp.register_forward_pre_hook(pre)
+    x_new = _new_input((3, 6, D), seed=seed)
+    handle = module.register_forward_pre_hook(lambda m, args: (mlp_input(x_new),) + tuple(args[1:]))
     try:
         with torch.no_grad():
             want = hf(input_ids=ids, attention_mask=mask).logits
     finally:
         handle.remove()
-    got = model.run_with_interventions(ids, [fxlens.Patch("blocks.0.hook_mlp_in", source=x_new)], mask)
+    got = model.run_with_interventions(ids, [fxlens.Patch(site, source=x_new)], mask)
     real = mask.bool()
     assert H.maxdiff(got[real], want[real]) < 1e-5 * want.abs().max().item()
+
+
+def test_mlp_in_changes_the_mlp_input_and_not_the_skip_path(pair):
+    family, hf, model = pair
+    blk = hf.model.layers[0] if family == "llama" else hf.transformer.h[0]
+    norm = blk.post_attention_layernorm if family == "llama" else blk.ln_2
+    _mlp_in_patch_equals_hf(hf, model, "blocks.0.hook_mlp_in", blk.mlp, norm, seed=2)
 
 
 def test_input_sites_read_the_residual_and_are_made_only_on_request(pair):
@@ -183,21 +184,8 @@ def test_mlp_in_of_a_flattened_mlp_input_opt():
     """OPT's MLP reads the residual flattened to [batch*pos, d]: the site is still [batch, pos, d]."""
     hf = make("opt")
     model = fxlens.Model.from_hf(hf)
-    ids, mask = _inputs()
-    x_new = _new_input((3, 6, D), seed=4)
     blk = hf.model.decoder.layers[1]
-
-    def pre(module, args):
-        return (blk.final_layer_norm(x_new).reshape(-1, D),) + tuple(args[1:])
-
-    handle = blk.fc1.register_forward_pre_hook(pre)
-    try:
-        with torch.no_grad():
-            want = hf(input_ids=ids, attention_mask=mask).logits
-    finally:
-        handle.remove()
-    got = model.run_with_interventions(ids, [fxlens.Patch("blocks.1.hook_mlp_in", source=x_new)], mask)
-    real = mask.bool()
-    assert H.maxdiff(got[real], want[real]) < 1e-5 * want.abs().max().item()
+    _mlp_in_patch_equals_hf(hf, model, "blocks.1.hook_mlp_in", blk.fc1, lambda x: blk.final_layer_norm(x).reshape(-1, D), seed=4)
+    ids, mask = _inputs()
     _, cache = model.run_with_cache(ids, mask, names_filter=["blocks.1.hook_mlp_in", "blocks.1.hook_resid_mid"])
     assert torch.equal(cache["blocks.1.hook_mlp_in"], cache["blocks.1.hook_resid_mid"])
