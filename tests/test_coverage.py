@@ -109,6 +109,21 @@ def _timed_out(err: BaseException):
     return None
 
 
+def _wrapped(hf, record: dict):
+    """(Model, None), with ``record["capture_s"]`` set; or (None, the record's outcome): a refusal, or a
+    failure when the time limit fired inside capture (which reports torch's errors as its own)."""
+    start = time.perf_counter()
+    try:
+        model = fxlens.Model.from_hf(hf)
+    except Exception as err:  # noqa: BLE001 - a refusal is an outcome, its message is the detail
+        took = round(time.perf_counter() - start, 2)
+        if _timed_out(err):
+            return None, dict(record, status="fails", detail=f"from_hf {_timed_out(err)}", capture_s=took)
+        return None, dict(record, status="refuses", detail=_first_line(err), message=str(err), capture_s=took)
+    record["capture_s"] = round(time.perf_counter() - start, 2)
+    return model, None
+
+
 @contextlib.contextmanager
 def time_limit(seconds: int):
     def handler(signum, frame):
@@ -291,15 +306,9 @@ def observe(family: str) -> dict:
         clean, corrupted = A.probe_ids(1, SEQ, seed=3), A.probe_ids(1, SEQ, seed=4)
         with torch.no_grad():
             metric = sweep_metric(hf(input_ids=clean).logits.shape[-1])
-        start = time.perf_counter()
-        try:
-            model = fxlens.Model.from_hf(hf)
-        except Exception as err:  # noqa: BLE001 - a refusal is an outcome, its message is the detail
-            if _timed_out(err):  # the time limit fired inside capture, which reports torch's errors as its own
-                return dict(record, status="fails", detail=f"from_hf {_timed_out(err)}", capture_s=round(time.perf_counter() - start, 2))
-            return dict(record, status="refuses", detail=_first_line(err), message=str(err),
-                        capture_s=round(time.perf_counter() - start, 2))
-        record["capture_s"] = round(time.perf_counter() - start, 2)
+        model, outcome = _wrapped(hf, record)
+        if outcome is not None:
+            return outcome
         step = "structure"
         try:
             for side, reference in references.items():
@@ -343,15 +352,9 @@ def observe_seq2seq(hf) -> dict:
                     references[side] = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=ids, output_hidden_states=True)
             except Exception as err:  # noqa: BLE001
                 record["notes"].append(f"HF's own forward with a {side}-padded mask raises {_first_line(err, 150)}")
-        start = time.perf_counter()
-        try:
-            model = fxlens.Model.from_hf(hf)
-        except Exception as err:  # noqa: BLE001 - a refusal is an outcome, its message is the detail
-            if _timed_out(err):  # the time limit fired inside capture, which reports torch's errors as its own
-                return dict(record, status="fails", detail=f"from_hf {_timed_out(err)}", capture_s=round(time.perf_counter() - start, 2))
-            return dict(record, status="refuses", detail=_first_line(err), message=str(err),
-                        capture_s=round(time.perf_counter() - start, 2))
-        record["capture_s"] = round(time.perf_counter() - start, 2)
+        model, outcome = _wrapped(hf, record)
+        if outcome is not None:
+            return outcome
         try:
             for side, out in references.items():
                 ids, mask = padded_batch(side)

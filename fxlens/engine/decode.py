@@ -8,7 +8,7 @@ Mechanism: the sweep engine's pieces already run "positions ``start..`` of a seq
 and values before ``start``": the prelude computes the positional context (masks, rotary tables,
 learned positions) and the embeddings of the whole sequence (cheap: no layer runs), and each block is
 its own program (``rows.Blocks``) fed the new positions' residual, the context sliced to them
-(``rows.Padded``) and a key/value prefix (``passes.kv_prefix``). A ``Decoder`` keeps each attention's
+(``Blocks.feed``) and a key/value prefix (``passes.kv_prefix``). A ``Decoder`` keeps each attention's
 keys and values in a static cache (``kv_prefix.KVBuffer``, preallocated for the whole generation): the
 prompt's, read from its block calls (``passes.Read``), start it, and each step's new keys are written
 into it in place where the attention joins them to the prefix. The plan of
@@ -33,8 +33,6 @@ ablation by the mean over real tokens (it reads every position) cannot decode fr
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 
 from ..passes import Read
@@ -56,12 +54,10 @@ def cache_reason(model, interventions, hooks) -> str | None:
     """Why ``model`` with these interventions and hooks ([(site, fn)]) cannot decode from a key/value
     cache, or None when it can."""
     from .rows.blocks import Blocks
-    from .rows.engine import RowEngine
 
-    engine = RowEngine(model)
-    if not engine.causal:
+    if not model.captured.is_causal:
         return "the model is not causal"
-    if any(s.kind == "mixer_out" for s in model.graph.sites.values()):
+    if model.graph.mixes_outside_attention:
         return "its blocks mix positions outside attention (a running state, not keys and values)"
     try:
         blocks = Blocks.of(model._active)
@@ -124,13 +120,10 @@ class Decoder:
             feed["attention_mask"] = mask if mask is not None else torch.ones_like(ids)
         pre = blocks.prelude(**feed)
         context = pre["context"]
-        base = SimpleNamespace(context=context, kv=None, batch=batch)
         items = prepare(self.interventions, self.model, batch, full, feed.get("attention_mask")).items
         if any(fn is _real_token_mean for _, fn, _, _ in items):
             raise NoCache("an ablation by the mean over real tokens reads every position")
         h = pre["outputs"]["hidden"][:, start:]
-        from .rows.layouts import Padded
-
         busy = {site.layer for site, _ in self.hooks} | {site.layer for site, *_ in items} | {s.layer for s in self.cache_sites}
 
         for layer in range(blocks.n_layers):
@@ -143,8 +136,9 @@ class Decoder:
                 h = out["outputs"]["hidden"]
                 continue
             b = PlanBuilder(blocks.graph)
-            layout = Padded(start, 1, self.kv[layer])
-            block_feed = layout.feed(b, blocks, layer, h, base)
+            (k_op, k_use), (v_op, v_use) = blocks.kv_uses[layer]
+            if self.kv[layer] is not None:  # the attention reads the cache before the new positions' keys
+                b.kv_prefix([(k_op, k_use, self.kv[layer][0]), (v_op, v_use, self.kv[layer][1])])
             for site, fn in self.hooks:
                 if site.layer == layer:
                     b.hook(site, fn, _point(site))
@@ -152,23 +146,22 @@ class Decoder:
                 if site.layer == layer:
                     b.edit(site, fn, tuple(_narrow(x, site.axes, start, full) for x in inputs),
                            _narrow(m, site.axes, start, full))
-            (k_op, _), (v_op, _) = blocks.kv_uses[layer]
             # the prompt's keys and values start the cache; later steps write theirs into it (KVBuffer)
             reads = [Read("fxl_k", k_op), Read("fxl_v", v_op)] if self.kv[layer] is None else []
             b.cache([s for s in self.cache_sites if s.layer == layer], reads=reads)
             plan, inputs = b.build()
             if layer not in busy:
                 self._plain[plain] = (plan, list(inputs))  # the prefix's keys and values, in that order, or nothing
-            out = blocks.call(layer, plan, block_feed, inputs, self.compile)
+            out = blocks.call(layer, plan, blocks.feed(layer, h, context, start, 1), inputs, self.compile)
             cache = dict(out.get("cache", {}))
             self._keep(layer, cache)
             for name, value in cache.items():
                 self.values.setdefault(name, []).append(value)
             h = out["outputs"]["hidden"]
-        for kv in self.kv:
-            if start:
-                kv[0].advance(full - start)
-                kv[1].advance(full - start)
+        if start:
+            for k, v in self.kv:
+                k.advance(full - start)
+                v.advance(full - start)
         self.seen = full
         head = {blocks.seg.head_input: h[:, -1:]}
         for c in blocks.seg.head_context:

@@ -201,8 +201,6 @@ class _Recompute:
             mask = torch.cat([mask, mask.new_zeros(mask.shape[0], pad)], dim=1)
         # through the Model's input check: a model captured per input length runs this length's capture
         feed = self.model._inputs(ids, mask)
-        if "attention_mask" in self.model.captured.inputs and "attention_mask" not in feed:
-            feed["attention_mask"] = torch.ones_like(ids)
         out = self.model._intervened(feed, specs, ids.shape[0], ids.shape[1], names_filter, "logits", self.compile,
                                      self.fwd_hooks)
         logits, cache = out if names_filter is not None else (out, None)

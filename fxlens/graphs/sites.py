@@ -210,6 +210,12 @@ class ModelGraph:
         return len(self.structure.blocks)
 
     @functools.cached_property
+    def mixes_outside_attention(self) -> bool:
+        """Whether some block mixes positions outside attention (a state-space or linear-attention layer,
+        ``hook_mixer_out``): its running state is no key/value prefix, so it must see every position."""
+        return any(s.kind == "mixer_out" for s in self.sites.values())
+
+    @functools.cached_property
     def components(self):
         """Circuit senders and receivers (``graphs.components``), found once per graph; raises
         ``CircuitError`` where the blocks cannot be decomposed."""

@@ -70,7 +70,7 @@ class RowEngine:
         mixes positions outside attention (a state-space or linear-attention layer keeps a running state,
         which rows that start late or read a key/value prefix would not have)."""
         told = self.derived.item("whole_model_rows", list)
-        if not told and any(s.kind == "mixer_out" for s in self.derived.graph.sites.values()):
+        if not told and self.derived.graph.mixes_outside_attention:
             told.append("a block mixes positions outside attention")
             warnings.warn(
                 "this model mixes positions outside attention (state-space or linear-attention layers, "
