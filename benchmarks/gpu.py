@@ -29,11 +29,9 @@ Run: bash benchmarks/gpu.sh                      (CUDA, every model; < 8 minutes
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import logging
 import os
-import resource
 import statistics
 import sys
 import time
@@ -212,8 +210,6 @@ def fmt(t: float) -> str:
 
 # ---- the benchmarks -------------------------------------------------------------------------------
 def bench_overhead(name, hf, model, args):
-    import fxlens  # noqa: F401
-
     vocab = model.cfg.d_vocab
     for b, s in ((1, 16), (8, 64)):
         ids = torch.randint(0, vocab, (b, s), generator=torch.Generator().manual_seed(1)).to(DEVICE)
@@ -467,7 +463,7 @@ def main(argv=None):
         del hf, model
         if DEVICE.type == "cuda":
             torch.cuda.empty_cache()
-    print(f"\n| model | task | fxlens | reference | ratio | check |\n| --- | --- | --- | --- | --- | --- |")
+    print("\n| model | task | fxlens | reference | ratio | check |\n| --- | --- | --- | --- | --- | --- |")
     for row in ROWS:
         print("| " + " | ".join(row) + " |")
     print(f"\ntotal {time.perf_counter() - start:.0f} s; ratio = reference / fxlens for sweeps and path patching, "

@@ -42,18 +42,15 @@ MIN_ROWS = 8  # rows one block call should hold at least: fewer makes every call
 
 def prompt_bytes(model, seq: int, declared: bool) -> tuple[int, int]:
     """(bytes one prompt of the base run keeps, bytes one prompt adds to one row of a block call)."""
+    from .rows.schedule import row_bytes, widths
+
     d = model.graph.dims
     element = torch.empty((), dtype=model.captured.dtype).element_size()
-    d_model = int(d.get("d_model", 1))
-    d_mlp = int(d.get("d_mlp") or 4 * d_model)
-    heads = int(d.get("n_heads") or 1)
+    d_model, _, heads, _ = widths(d)
     d_head = int(d.get("d_head") or max(1, d_model // heads))
     layers = model.cfg.n_layers
     base = element * seq * (d_model * (layers + 1) + 2 * heads * d_head * layers)
-    row = element * (seq * (12 * d_model + 3 * d_mlp + 4 * heads * seq) + seq * d_model)
-    if not declared:
-        row += element * seq * int(d.get("d_vocab_out") or d.get("d_vocab") or 1)
-    return base, row
+    return base, row_bytes(d, element, seq, 0, 1, declared)  # the row engine's own estimate, for one prompt
 
 
 def chunks(model, batch: int, seq: int, memory_budget: float, declared: bool) -> list:

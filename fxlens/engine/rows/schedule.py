@@ -28,6 +28,22 @@ import torch
 __all__ = ["CostModel", "Schedule", "schedule"]
 
 
+def widths(dims: dict) -> tuple[int, int, int, int]:
+    """(d_model, d_mlp, n_heads, logits' width) of a model graph's ``dims``, with fallbacks."""
+    d_model = int(dims.get("d_model", 1))
+    return (d_model, int(dims.get("d_mlp") or 4 * d_model), int(dims.get("n_heads") or 1),
+            int(dims.get("d_vocab_out") or dims.get("d_vocab") or 1))
+
+
+def row_bytes(dims: dict, element: int, seq: int, start: int, batch: int, declared: bool) -> int:
+    """Peak bytes one row of positions ``start..`` of ``batch`` prompts of ``seq`` tokens holds in a
+    padded call (full logits at every position unless the metric is ``declared``)."""
+    d_model, d_mlp, heads, vocab = widths(dims)
+    token = 12 * d_model + 3 * d_mlp + 4 * heads * seq
+    logits = 0 if declared else seq * vocab
+    return element * batch * ((seq - start) * token + logits + seq * d_model)
+
+
 class CostModel:
     # rows are packed into one call per layer while that call's widest activation stays below this on
     # a CPU: beyond it (long sequences, many rows) elementwise ops on fresh, uncached memory cost more
@@ -42,11 +58,8 @@ class CostModel:
         self.dtype = blocks.captured.dtype
         self.device = blocks.captured.device
         self.element = torch.empty((), dtype=self.dtype).element_size()
-        d = blocks.graph.dims
-        self.d_model = int(d.get("d_model", 1))
-        self.d_mlp = int(d.get("d_mlp") or 4 * self.d_model)
-        self.heads = int(d.get("n_heads") or 1)
-        self.vocab = int(d.get("d_vocab_out") or d.get("d_vocab") or 1)
+        self.dims = blocks.graph.dims
+        self.d_model, self.d_mlp, self.heads, _ = widths(self.dims)
 
     @property
     def pack_limit(self) -> float:
@@ -54,11 +67,7 @@ class CostModel:
 
     def row_bytes(self, start: int) -> int:
         """Peak bytes one row of positions ``start..`` holds in a padded call."""
-        seq, batch = self.base.seq, self.base.batch
-        n = seq - start
-        token = 12 * self.d_model + 3 * self.d_mlp + 4 * self.heads * seq
-        logits = 0 if self.declared else seq * self.vocab
-        return self.element * batch * (n * token + logits + seq * self.d_model)
+        return row_bytes(self.dims, self.element, self.base.seq, start, self.base.batch, self.declared)
 
     def packed_bytes(self, tokens: int) -> int:
         """Bytes of the widest activation (the MLP's hidden layer) of one packed call of ``tokens``."""
