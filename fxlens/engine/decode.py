@@ -120,6 +120,7 @@ class Decoder:
             feed["attention_mask"] = mask if mask is not None else torch.ones_like(ids)
         pre = blocks.prelude(**feed)
         context = pre["context"]
+        sliced = {c: blocks.context(c, v, start, 1) for c, v in context.items()}  # once for every block
         items = prepare(self.interventions, self.model, batch, full, feed.get("attention_mask")).items
         if any(fn is _real_token_mean for _, fn, _, _ in items):
             raise NoCache("an ablation by the mean over real tokens reads every position")
@@ -130,7 +131,7 @@ class Decoder:
             plain = (layer, bool(start))
             if plain in self._plain:  # no hook, edit or cache here: the same plan every step, fed the cache
                 plan, names = self._plain[plain]
-                out = blocks.call(layer, plan, blocks.feed(layer, h, context, start, 1), dict(zip(names, self.kv[layer] or ())),
+                out = blocks.call(layer, plan, blocks.feed(layer, h, sliced), dict(zip(names, self.kv[layer] or ())),
                                   self.compile)
                 self._keep(layer, dict(out.get("cache", {})))
                 h = out["outputs"]["hidden"]
@@ -152,7 +153,7 @@ class Decoder:
             plan, inputs = b.build()
             if layer not in busy:
                 self._plain[plain] = (plan, list(inputs))  # the prefix's keys and values, in that order, or nothing
-            out = blocks.call(layer, plan, blocks.feed(layer, h, context, start, 1), inputs, self.compile)
+            out = blocks.call(layer, plan, blocks.feed(layer, h, sliced), inputs, self.compile)
             cache = dict(out.get("cache", {}))
             self._keep(layer, cache)
             for name, value in cache.items():

@@ -6,8 +6,9 @@ would leak memory in a long notebook session.
 
 Mechanism: a *plan* is a tuple of frozen pass specs (made by ``engine.plan.PlanBuilder``, the only
 place that builds them). ``Programs.get(plan)`` checks the pass order, applies the passes to the base
-graph once and keeps the result in an LRU cache keyed by the plan (and the compile flag). Tensors are
-never part of a plan: they are fed as graph inputs.
+graph once and keeps the result in an LRU cache keyed by the plan (and the compile flag), as a
+``Runner`` (the program as straight-line Python, its operator and weight lookups done once) or
+compiled. Tensors are never part of a plan: they are fed as graph inputs.
 
 Example::
 
@@ -24,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from .. import passes
+from .runner import Runner
 
 __all__ = ["Programs"]
 
@@ -52,8 +54,7 @@ class Programs:
             self._cache.move_to_end(key)
             return program
         program = self.build(plan)
-        if compile:
-            program = self._compiled(program, plan)
+        program = self._compiled(program, plan) if compile else Runner(program)
         self._cache[key] = program
         while len(self._cache) > self.maxsize:
             self._cache.popitem(last=False)

@@ -61,7 +61,7 @@ class KVBuffer:
         return self.view().shape
 
     def view(self) -> torch.Tensor:
-        return self.data[..., : self.length, :]
+        return self.data.narrow(-2, 0, self.length)
 
     def append(self, x: torch.Tensor) -> torch.Tensor:
         """The prefix joined with ``x`` (written after it; the buffer doubles when full)."""
@@ -70,8 +70,8 @@ class KVBuffer:
             grown = self.data.new_empty(*self.data.shape[:-2], max(end, 2 * self.data.shape[-2]), self.data.shape[-1])
             grown[..., : self.length, :] = self.view()
             self.data = grown
-        self.data[..., self.length:end, :] = x.to(self.data.dtype)
-        return self.data[..., :end, :]
+        self.data.narrow(-2, self.length, x.shape[-2]).copy_(x)  # narrow + copy_: no indexing parse per step
+        return self.data.narrow(-2, 0, end)
 
     def advance(self, n: int) -> None:
         self.length += n
