@@ -16,7 +16,8 @@ Example::
 
     gm = expand_attention(gm, ExpandAttention(("scaled_dot_product_attention_3",), replace=True))
 
-Gotchas: results equal the fused kernel to float rounding (about 1e-7 in float32), not bit for bit.
+Gotchas: results equal the fused kernel to float rounding (about 1e-7 in float32), not bit for bit. A
+query row that may attend to no key (padding) has an all-zero pattern, as in TransformerLens.
 """
 
 from __future__ import annotations
@@ -80,7 +81,10 @@ def _weighted(pattern, v, enable_gqa):
 
 
 def _softmax(scores):
-    return torch.softmax(scores, dim=-1)
+    # a query that may attend to no key (a padding position's row) gets an all-zero row, as in
+    # TransformerLens, not softmax's NaN: NaN would spread through the padding positions' values into
+    # later layers (NaN keys times a mask still give NaN) and into any mean a user takes over the cache
+    return torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
 
 
 def expand_attention(gm: fx.GraphModule, spec: ExpandAttention) -> fx.GraphModule:
