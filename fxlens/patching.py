@@ -299,7 +299,8 @@ def generic_activation_patch(
         return activation_patch(model, corrupted_tokens, clean_cache, patching_metric, patch_setter, activation_name,
                                 index_axis_names, index_df, return_index_df, attention_mask=attention_mask,
                                 decoder_input=decoder_input, decoder_attention_mask=decoder_attention_mask, stack=stack,
-                                axes=axes, grid=_grid, make_df=make_df_from_ranges)
+                                axes=axes, grid=_grid, make_df=make_df_from_ranges, memory_budget=memory_budget,
+                                progress=progress)
     if decoder_input is not None or decoder_attention_mask is not None:
         raise ValueError(f"decoder_input is for encoder-decoder models; {type(model.hf_model).__name__} has no decoder input")
     feed = model._inputs(corrupted_tokens, attention_mask, padding_side=padding_side)

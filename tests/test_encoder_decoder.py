@@ -230,6 +230,15 @@ def test_resid_pre_sweep_equals_a_loop_of_hooked_hf_forwards(family, stack):
             want[layer, pos] = _metric(_with_hooks(hf, corrupted, [(_layers(hf, stack)[layer], "pre", patch)]))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert want.abs().max() > 0
+    assert m.last_sweep_stats == {"forwards": 1, "rows_per_forward": n_layers * seq}
+    # a memory budget too small for two rows: one row per forward, the same numbers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        small = patching.get_act_patch_resid_pre(m, corrupted[0], clean_cache, _metric, attention_mask=corrupted[1],
+                                                 decoder_input=corrupted[2], decoder_attention_mask=corrupted[3], stack=stack,
+                                                 memory_budget=1e-6)
+    assert m.last_sweep_stats == {"forwards": n_layers * seq, "rows_per_forward": 1}
+    torch.testing.assert_close(small, want, atol=1e-5, rtol=0)
 
 
 def _whisper():

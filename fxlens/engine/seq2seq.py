@@ -31,6 +31,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from tqdm.auto import tqdm
 
 from ..graphs.seq2seq import feed_of
 from ..graphs.sites import SiteError
@@ -40,6 +41,7 @@ from .inputs import feed as checked_feed
 from .model import Model, lm_loss
 from .plan import PlanBuilder
 from .rows.readout import scalar
+from .rows.schedule import row_bytes
 
 __all__ = ["Seq2SeqModel", "activation_patch"]
 
@@ -195,10 +197,11 @@ def _lengths(feed: dict) -> tuple[int, int]:
 # ---- activation patching -------------------------------------------------------------------------
 def activation_patch(model: Seq2SeqModel, corrupted_tokens, clean_cache, metric, patch_setter, activation_name: str,
                      index_axis_names=None, index_df=None, return_index_df=False, *, attention_mask=None,
-                     decoder_input=None, decoder_attention_mask=None, stack: str = "decoder", max_rows: int = 32,
-                     axes=None, grid=None, make_df=None, **_ignored):
+                     decoder_input=None, decoder_attention_mask=None, stack: str = "decoder", axes=None, grid=None,
+                     make_df=None, memory_budget: float = 1.0, progress: bool = False):
     """``patching.generic_activation_patch`` on an encoder-decoder: the sites are ``{stack}.{layer}.*``,
-    "pos" is that stack's positions; exact whole-model rows (see the module docstring)."""
+    "pos" is that stack's positions; exact whole-model rows (see the module docstring), as many per
+    forward as ``memory_budget`` (GiB) allows."""
     if stack not in ("encoder", "decoder"):
         raise ValueError(f"stack must be 'encoder' or 'decoder'; got {stack!r}")
     if model.persistent_hooks:
@@ -243,7 +246,7 @@ def activation_patch(model: Seq2SeqModel, corrupted_tokens, clean_cache, metric,
                     if not 0 <= v < size:
                         raise IndexError(f"index {v} on axis {a} of {site.name} is out of range 0..{size - 1}")
                 cells.append((site, tuple(zip(axes, row[1:])), want))
-            out = _run_rows(model, feed, cells, clean_cache, metric, max_rows)
+            out = _run_rows(model, feed, cells, clean_cache, metric, _max_rows(model, feed, memory_budget), progress)
     out = out if flat else out.view(*shape)
     if return_index_df:
         return out, (index_df if index_df is not None else make_df(shape, index_axis_names))
@@ -268,10 +271,25 @@ def _clean_value(clean_cache, site, want):
     return value
 
 
-def _run_rows(model, feed: dict, cells: list, clean_cache, metric, max_rows: int) -> torch.Tensor:
+_MAX_ROWS = 32  # more patches per forward stop paying off on a CPU (whole-model rows: no shared prefix)
+
+
+def _max_rows(model, feed: dict, memory_budget: float) -> int:
+    """Patches per forward within ``memory_budget``: each is a whole-model row of both stacks, full logits."""
+    batch, dec = feed["decoder_input_ids"].shape
+    enc = feed["input_ids"].shape[1] if "input_ids" in feed else dec
+    element = torch.empty((), dtype=model.captured.dtype).element_size()
+    dims = model.graph.dims
+    per_row = row_bytes(dims, element, dec, 0, batch, False) + row_bytes(dims, element, enc, 0, batch, True)
+    per_row += sum(v.numel() * v.element_size() for v in feed.values() if isinstance(v, torch.Tensor))
+    return max(1, min(_MAX_ROWS, int(memory_budget * 2**30) // per_row))
+
+
+def _run_rows(model, feed: dict, cells: list, clean_cache, metric, max_rows: int, progress: bool = False) -> torch.Tensor:
     batch = feed["decoder_input_ids"].shape[0]
     device, dtype = model.captured.device, model.captured.dtype
     out = []
+    bar = tqdm(total=len(cells), desc="patching", disable=not progress, leave=False)
     for first in range(0, len(cells), max_rows):
         chunk = cells[first : first + max_rows]
         n = len(chunk)
@@ -292,6 +310,9 @@ def _run_rows(model, feed: dict, cells: list, clean_cache, metric, max_rows: int
         tiled = {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in feed.items()}
         logits = model._logits(model.programs.get(plan)(**tiled, **inputs))
         out += [scalar(metric(logits[k * batch : (k + 1) * batch])).float().cpu() for k in range(n)]
+        bar.update(n)
+    bar.close()
+    model.last_sweep_stats = {"forwards": -(-len(cells) // max_rows), "rows_per_forward": min(max_rows, len(cells))}
     return torch.stack(out) if out else torch.empty(0)
 
 
