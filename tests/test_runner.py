@@ -106,3 +106,19 @@ def test_a_graph_fx_cannot_name_runs_through_fx():
     run = Runner(gm)
     x = torch.ones(2)
     assert torch.equal(run(x), gm(x))
+
+
+def test_swapped_parameters_are_followed():
+    hf = _tiny_llama()
+    model = fxlens.Model.from_hf(hf)
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(3))
+    model(ids)
+    model.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_resid_post"))  # another kept program
+    old = hf.model.layers[0].self_attn.o_proj.weight
+    hf.model.layers[0].self_attn.o_proj.weight = torch.nn.Parameter(old.detach() * -2.0)
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits
+        got = model(ids)
+        got_cached, _ = model.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_resid_post"))
+    assert (got - want).abs().max() < 1e-5
+    assert (got_cached - want).abs().max() < 1e-5
