@@ -46,6 +46,7 @@ def main():
           f"{mean_last(model, NEUTRAL, site).norm():.2f}), scale {SCALE}")
     steer = fxlens.Steer(site, direction, scale=SCALE)
     for label, interventions in (("plain", []), ("steered", [steer])):
+        model.generate(PROMPT, 2, interventions=interventions, stop_at_eos=False)  # builds the step programs once
         start = time.perf_counter()
         text = model.generate(PROMPT, NEW, interventions=interventions, stop_at_eos=False)
         seconds = time.perf_counter() - start
