@@ -9,6 +9,14 @@ pass in "delta" mode adds a zero tensor (requiring grad) to every receiver's inp
 gives every receiver's input gradient whatever the number of edges. Sender outputs come from one run
 of each input, each with its own attention mask.
 
+On a post-norm model (Gemma 2/3, OLMo 2/3) an edge changes its receiver's input through the sender's
+branch norm (``edges`` module docstring), so the score is the gradient of the metric with respect to
+the edge mask at zero: the Edges pass in "edges" mode, with every sender's corrupted output as the
+replacement and a zero mask that requires grad, one forward and one backward. Its gradient is
+``sum over batch and positions of J_l(branch_l) (corrupted_s - clean_s) . d metric / d (receiver
+input)``, the linearisation through the norm's Jacobian; for a sender added as it is (the embedding)
+it is the formula above.
+
 Example::
 
     scores = eap_scores(model, clean, corrupted, metric)          # {(sender, receiver): float}
@@ -21,7 +29,7 @@ import torch
 from ..engine.plan import PlanBuilder
 from ..engine.rows.readout import scalar
 from ..graphs.components import CircuitError
-from .edges import paired_feeds, receiver_specs, sender_values
+from .edges import paired_feeds, post_norm_specs, receiver_specs, result_sites, sender_specs, sender_values
 
 __all__ = ["eap_scores"]
 
@@ -35,9 +43,11 @@ def eap_scores(model, clean_tokens, corrupted_tokens, metric, *, attention_mask=
             raise ValueError("give corrupted_attention_mask or its alias corrupted_mask, not both")
         corrupted_attention_mask = corrupted_mask
     comp = model.derived.components
-    comp.require_additive("edge attribution patching")
+    comp.require_edges("edge attribution patching")
     feed, corrupted = paired_feeds(model, clean_tokens, corrupted_tokens, attention_mask, corrupted_attention_mask,
                                    "EAP scores the difference of the two runs' sender outputs")
+    if comp.post_norms:
+        return _through_norms(model, comp, feed, corrupted, metric)
     batch, seq = feed["input_ids"].shape
     specs = receiver_specs(comp, {r.name for r in comp.receivers})
     groups: dict = {}
@@ -67,3 +77,24 @@ def eap_scores(model, clean_tokens, corrupted_tokens, metric, *, attention_mask=
                 for i in r.upstream:
                     scores[(comp.senders[i].name, r.name)] = float(table[i, j])
     return scores
+
+
+def _through_norms(model, comp, feed: dict, corrupted: dict, metric) -> dict:
+    """EAP as the gradient of the metric with respect to a zero edge mask (post-norm models)."""
+    with torch.no_grad():
+        alt = sender_values(model, corrupted["input_ids"], corrupted.get("attention_mask")).to(model.captured.dtype)
+    mask = torch.zeros(1, len(comp.senders), len(comp.receivers), dtype=model.captured.dtype,
+                       device=model.captured.device, requires_grad=True)
+    specs = receiver_specs(comp, {r.name for r in comp.receivers})
+    plan, inputs = PlanBuilder(model.graph).edges(
+        sender_specs(model, comp), specs, "edges", mask=mask, alt=alt, result_sites=result_sites(model),
+        post_norms=post_norm_specs(comp),
+    ).build()
+    with torch.enable_grad():
+        out = model.programs.get(plan)(**feed, **inputs)
+        value = scalar(metric(model._logits(out)))
+        if not value.requires_grad:
+            raise CircuitError("the metric's value does not depend on the logits through autograd; EAP needs a differentiable metric")
+        (grad,) = torch.autograd.grad(value, [mask])
+    table = grad[0].float().cpu()
+    return {(comp.senders[i].name, r.name): float(table[i, r.index]) for r in specs for i in r.upstream}

@@ -17,6 +17,10 @@ so each set is a row joining at its receivers' layer:
 - anything else (receivers at several layers, whose senders then change too) runs the whole model,
   one batched row per set, with the Edges pass recomputing every sender (``full_rows``).
 
+On a post-norm model (Gemma 2/3, OLMo 2/3) a receiver's input is not the residual plus a sum of
+differences but goes through each upstream branch's norm (``edges`` module docstring), so every set
+runs as a whole-model row (``full_rows``), where the Edges pass replays those norms.
+
 Example::
 
     values = edge_sweep(model, tokens, [[("a0.h0", f"a{l}.h{h}<q>")] for l in (1, 2) for h in range(12)],
@@ -34,7 +38,8 @@ from ..engine.rows.readout import Readout, _checked_select, scalar
 from ..engine.sweep import Cell, Sweep
 from ..metrics import Metric
 from .circuit import Circuit
-from .edges import alternatives, edge_mask, given_mask, receiver_specs, result_sites, sender_specs, sender_values
+from .edges import (alternatives, edge_mask, given_mask, post_norm_specs, receiver_specs, result_sites, sender_specs,
+                    sender_values)
 
 __all__ = ["edge_sweep", "full_rows", "layered"]
 
@@ -48,7 +53,7 @@ def edge_sweep(model, tokens, edge_sets, metric, *, ablation="zero", reference=N
     (TransformerLens' direct path patching), or ACDC's candidate removals.
     """
     comp = model.derived.components
-    comp.require_additive("an edge sweep")
+    comp.require_edges("an edge sweep")
     sets = [Circuit(e).validate(model).edges for e in edge_sets]
     feed = model._inputs(tokens, attention_mask)
     shape = tuple(feed["input_ids"].shape)
@@ -61,7 +66,7 @@ def edge_sweep(model, tokens, edge_sets, metric, *, ablation="zero", reference=N
                            attention_mask=given_mask(tokens, attention_mask, feed)).to(model.captured.dtype)
     points = [{(comp.receiver(r).layer, comp.receiver(r).stage) for _, r in edges} for edges in sets]
     engine = RowEngine(model)
-    if all(len(p) <= 1 for p in points) and layered(model) and not engine.whole:
+    if all(len(p) <= 1 for p in points) and layered(model) and not engine.whole and not comp.post_norms:
         try:
             return _layered(model, comp, feed, sets, metric, alt, used)
         except (CircuitError, RowError):
@@ -224,7 +229,8 @@ def full_rows(model, feed: dict, sets, metric, alt: torch.Tensor, max_rows: int 
         b = PlanBuilder(model.graph)
         if receivers:
             b.edges(sender_specs(model, comp), receiver_specs(comp, receivers), "edges", mask=masks.to(device),
-                    alt=a.to(device, model.captured.dtype), result_sites=result_sites(model))
+                    alt=a.to(device, model.captured.dtype), result_sites=result_sites(model),
+                    post_norms=post_norm_specs(comp))
         if declared:
             b.select_vocab(model.graph.structure.unembed, vocab.to(device))
         plan, inputs = b.build()
