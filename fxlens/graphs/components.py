@@ -116,13 +116,14 @@ class Components:
         )
 
     def require_additive(self, what: str) -> None:
-        """Refuse ``what`` (an edge intervention, EAP, ...) on a model whose residual stream is not a sum
-        of component outputs: an edge from one head has no meaning there."""
+        """Refuse ``what`` (path patching by layers) on a model whose residual stream is not a sum of
+        component outputs as they are."""
         if self.not_additive is not None:
+            also = "; so do edges, edge sweeps, EAP and ACDC (through each branch's norm)" if self.no_edges is None else ""
             raise CircuitError(
                 f"{what} needs each component's output added to the residual stream as it is; {self.not_additive}. "
-                "Path patching (circuits.path_patch, which freezes every other head's z and recomputes the rest) and "
-                "activation patching (fxlens.patching) work on this model"
+                "Path patching's default method (circuits.path_patch with method='auto' or 'rows', which freezes every "
+                f"other head's z and recomputes the rest) and activation patching (fxlens.patching) work on this model{also}"
             )
 
     def require_edges(self, what: str) -> None:
