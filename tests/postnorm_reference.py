@@ -16,9 +16,11 @@ itself, called on the tensors.
 ``hf_run`` is one hooked HF forward (masks honoured): decoder-layer pre-hooks record the residual
 each layer reads, output-projection hooks the per-head results and the branch sums, MLP hooks the MLP
 outputs. A q/k/v receiver recomputes, from its own input, the modules from the residual to its
-projection output as the model applies them (Gemma 2: input norm then projection; OLMo 2: projection
-then q/k norm over all heads) and replaces its head's slice; an MLP receiver replaces its MLP's input
-(Gemma 2: the pre-feedforward norm's input); the logits receiver replaces the final norm's input.
+projection output as the model applies them (Gemma 2/3: input norm then projection, Gemma 3's per-head
+q/k norms following in the model; OLMo 2/3: projection then q/k norm over all heads) and replaces its
+head's slice; an MLP receiver replaces its MLP's input (Gemma: the pre-feedforward norm's input); the
+logits receiver replaces the final norm's input. Families: "gemma2", "gemma3", "olmo2", "olmo3" (names
+starting so, e.g. "gemma2-gqa").
 Every other reader sees the run as it is.
 """
 
@@ -70,7 +72,7 @@ def _qkv_modules(family, blk, kind):
     """(module whose output holds ``kind`` for every head, how to recompute it from a residual)."""
     a = blk.self_attn
     proj = {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj}[kind]
-    if family == "gemma2":
+    if family.startswith("gemma"):  # Gemma 3 normalises q and k per head after the projection: the model does that
         return proj, lambda x: proj(blk.input_layernorm(x))
     if kind == "v":
         return proj, proj
@@ -80,7 +82,7 @@ def _qkv_modules(family, blk, kind):
 
 def _mlp_reader(family, blk):
     """The module whose input is the residual the MLP reads (and nothing else reads)."""
-    return blk.pre_feedforward_layernorm if family == "gemma2" else blk.mlp
+    return blk.pre_feedforward_layernorm if family.startswith("gemma") else blk.mlp
 
 
 def head_results(blk, z):

@@ -9,17 +9,42 @@ it is.
 """
 
 import copy
+import functools
 
 import pytest
 import torch
+import transformers as T
 from postnorm_reference import (all_receivers, all_senders, hf_alternatives, hf_eap, hf_edges, hf_run, hf_sender_values,
                                 reaches, receiver_input)
-from test_postnorm_circuits import BUILD, ids, pair
+from test_postnorm_circuits import BUILD, COMMON, ids
+from test_postnorm_circuits import pair as base_pair
 
+import fxlens
 from fxlens import circuits, metrics
-from fxlens.circuits import Circuit, CircuitError
+from fxlens.circuits import Circuit
 
 FAMILIES = list(BUILD)
+# more sandwich-norm layouts, on fewer cases: grouped-query attention, Gemma 3's per-head q/k norms, OLMo 3
+MORE = {
+    "gemma2-gqa": lambda: T.Gemma2ForCausalLM(T.Gemma2Config(**{**COMMON, "num_key_value_heads": 2}, head_dim=16)),
+    "gemma3": lambda: T.Gemma3ForCausalLM(T.Gemma3TextConfig(**{**COMMON, "num_key_value_heads": 2}, head_dim=16)),
+    "olmo3": lambda: T.Olmo3ForCausalLM(T.Olmo3Config(**{**COMMON, "num_key_value_heads": 2}, eos_token_id=2, pad_token_id=1)),
+}
+
+
+@functools.cache
+def pair(family):
+    if family in BUILD:
+        return base_pair(family)
+    torch.manual_seed(0)
+    hf = MORE[family]().eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+            else:
+                p.mul_(5.0)
+    return hf, fxlens.Model.from_hf(hf)
 CLEAN_MASKS = {
     "none": None,
     "right": torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]),
@@ -32,7 +57,7 @@ CORRUPT_MASKS = {
 }
 EDGE_SETS = {
     "head->head q": ["a0.h1->a1.h0<q>"],
-    "head->head k": ["a0.h2->a1.h3<k>"],
+    "head->head k": ["a0.h2->a1.h1<k>"],
     "head->head v": ["a0.h3->a1.h1<v>"],
     "head->mlp": ["a0.h0->m0"],
     "mlp->head": ["m0->a1.h2<q>"],
@@ -56,9 +81,12 @@ def real(logits, mask):
     return logits if mask is None else logits[mask.bool()]
 
 
-@pytest.mark.parametrize("padding", list(CLEAN_MASKS))
-@pytest.mark.parametrize("name", list(EDGE_SETS))
-@pytest.mark.parametrize("family", FAMILIES)
+CASES = [(f, n, p) for f in FAMILIES for n in EDGE_SETS for p in CLEAN_MASKS]
+CASES += [(f, n, p) for f in MORE for n in ("head->head k", "mlp->head", "one layer, one receiver", "several layers")
+          for p in ("none", "left")]
+
+
+@pytest.mark.parametrize("family, name, padding", CASES)
 def test_edges_equal_the_definition_with_hf_hooks(family, name, padding):
     hf, model = pair(family)
     clean, corrupt = ids(1), ids(2)
@@ -79,7 +107,7 @@ def test_edges_equal_the_definition_with_hf_hooks(family, name, padding):
             assert (real(wrong, mask) - real(want, mask)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + list(MORE))
 def test_edges_with_the_corrupted_run_itself_change_nothing(family):
     _, model = pair(family)
     edges = Circuit.full(model)
@@ -87,8 +115,7 @@ def test_edges_with_the_corrupted_run_itself_change_nothing(family):
     torch.testing.assert_close(got, model(ids(1)), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("padding", list(CLEAN_MASKS))
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family, padding", [(f, p) for f in FAMILIES for p in CLEAN_MASKS] + [(f, "left") for f in MORE])
 def test_eap_is_the_gradient_of_the_definition_through_hf_hooks(family, padding):
     hf, model = pair(family)
     mask, corrupt_mask = CLEAN_MASKS[padding], CORRUPT_MASKS[padding]
