@@ -10,6 +10,7 @@ it is.
 
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -153,16 +154,25 @@ def test_eap_scores_are_the_slopes_of_the_definition(family):
         assert abs(slope - got[e]) <= 1e-4 + 1e-2 * abs(got[e]), (e, slope, got[e])
 
 
+LAYERED_SETS = [EDGE_SETS[k] for k in ("head->head q", "mlp->head", "head->mlp", "head->logits", "one layer, one receiver")]
+LAYERED_SETS += [[], ["a0.h1->a1.h2<q>", "a0.h1->a1.h2<k>", "m0->a1.h2<k>"], ["a1.h0->logits", "a1.h2->logits", "m1->logits"]]
+
+
+@pytest.mark.parametrize("several_layers", [False, True])
 @pytest.mark.parametrize("padding", ["none", "left"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_edge_sweep_equals_single_interventions_of_the_reference(family, padding):
+def test_edge_sweep_equals_single_interventions_of_the_reference(family, padding, several_layers):
+    """Sets with receivers at one layer each run as rows of the layered engine (their differences
+    normalised by the norm programs); one set with receivers at several layers sends every set to
+    whole-model rows (the Edges pass)."""
     hf, model = pair(family)
     mask, corrupt_mask = CLEAN_MASKS[padding], CORRUPT_MASKS[padding]
     metric = metric_for(mask)
-    sets = [EDGE_SETS[k] for k in ("head->head q", "mlp->head", "head->logits", "one layer, one receiver", "several layers")]
-    sets += [[], ["a0.h1->a1.h2<q>", "a0.h1->a1.h2<k>"]]
-    got = circuits.edge_sweep(model, ids(1), sets, metric, ablation="corrupted", reference=ids(2), attention_mask=mask,
-                              reference_attention_mask=corrupt_mask)
+    sets = LAYERED_SETS + ([EDGE_SETS["several layers"]] if several_layers else [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback from the layered engine
+        got = circuits.edge_sweep(model, ids(1), sets, metric, ablation="corrupted", reference=ids(2), attention_mask=mask,
+                                  reference_attention_mask=corrupt_mask)
     alt = hf_alternatives(family, hf, "corrupted", ids(2), corrupt_mask, ids(1))
     want = torch.tensor([float(metric(hf_edges(family, hf, ids(1), mask, s, alt))) for s in sets])
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
@@ -185,7 +195,7 @@ def test_acdc_finds_a_circuit_on_gemma2_and_its_edges_evaluate_as_the_reference_
     removed = full - found
     alt = hf_alternatives("gemma2", hf, "corrupted", corrupt, None, clean)
     want = float(kl(hf_edges("gemma2", hf, clean, None, removed, alt)))
-    got = float(kl(circuits.run_with_circuit(model, clean, found, ablation="corrupted", reference=corrupt)))
+    got = float(kl(circuits.run_with_circuit(model, clean, found, ablation="corrupted", reference=corrupt).detach()))
     assert abs(got - want) <= 1e-5 * max(1.0, want)
     # every pruning step kept the metric within the threshold of the last: the whole stays well below
     # the full ablation's KL

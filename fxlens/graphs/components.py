@@ -72,7 +72,7 @@ class PostNorm:
     input: str  # the node the norm reads: the sum of the head results (+ bias), or the MLP output
     cone: tuple  # nodes from ``input`` to what is added to the residual stream, graph order
     senders: tuple  # names of the senders whose outputs sum to ``input``
-    value_site: str = ""  # mlp: the site holding ``input`` (the MLP output before the norm)
+    value_site: str = ""  # the site holding ``input`` (always found for an MLP: its output before the norm)
 
 
 @dataclass
@@ -188,14 +188,11 @@ def _post_norm(mg, i: int, br, senders: tuple) -> PostNorm | str:
         return why  # the norm mixes in another value of the branch
     if tuple(tensor_meta(dg.node(value)).shape) != tuple(tensor_meta(dg.node(br.output)).shape):
         return why
-    site = ""
-    if br.kind == "attn":
-        if mg.attn[i].o_matmul != value:
-            return f"{br.post_norm} reads something other than the attention output projection's result"
-    else:
-        site = next((x.name for x in mg.sites.values() if x.node == value and not x.layout.ops and not x.rewrite), "")
-        if not site:
-            return f"the MLP output {br.post_norm} normalises is not a site fxlens can read"
+    site = next((x.name for x in mg.sites.values() if x.node == value and not x.layout.ops and not x.rewrite), "")
+    if br.kind == "attn" and mg.attn[i].o_matmul != value:
+        return f"{br.post_norm} reads something other than the attention output projection's result"
+    if br.kind == "mlp" and not site:
+        return f"the MLP output {br.post_norm} normalises is not a site fxlens can read"
     return PostNorm(i, br.kind, br.post_norm, value, cone, senders, site)
 
 
