@@ -132,6 +132,25 @@ def test_eap_is_the_gradient_of_the_definition_through_hf_hooks(family, padding)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_eap_as_the_gradient_of_a_zero_edge_mask_equals_the_reference(family, monkeypatch):
+    """Without norm programs EAP differentiates the Edges pass's mask itself: the same linearisation."""
+    from fxlens.circuits import eap
+
+    def unavailable(*args):
+        raise RuntimeError("no norm programs")
+
+    monkeypatch.setattr(eap, "_norm_jacobians", unavailable)
+    hf, model = pair(family)
+    mask, corrupt_mask = CLEAN_MASKS["right"], CORRUPT_MASKS["right"]
+    metric = metric_for(mask)
+    got = circuits.eap_scores(model, ids(1), ids(2), metric, attention_mask=mask, corrupted_attention_mask=corrupt_mask)
+    want = hf_eap(family, hf, ids(1), ids(2), mask, corrupt_mask, metric)
+    assert got.keys() == want.keys()
+    scale = max(abs(v) for v in want.values())
+    assert max(abs(got[k] - want[k]) for k in want) <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_eap_scores_are_the_slopes_of_the_definition(family):
     """Central differences of the reference (float64 weights; the HF norms compute in float32, hence the
     step of 1e-3): the metric with one edge's weight at +-eps moves by 2 eps * score."""

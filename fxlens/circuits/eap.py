@@ -10,12 +10,15 @@ gives every receiver's input gradient whatever the number of edges. Sender outpu
 of each input, each with its own attention mask.
 
 On a post-norm model (Gemma 2/3, OLMo 2/3) an edge changes its receiver's input through the sender's
-branch norm (``edges`` module docstring), so the score is the gradient of the metric with respect to
-the edge mask at zero: the Edges pass in "edges" mode, with every sender's corrupted output as the
-replacement and a zero mask that requires grad, one forward and one backward. Its gradient is
-``sum over batch and positions of J_l(branch_l) (corrupted_s - clean_s) . d metric / d (receiver
-input)``, the linearisation through the norm's Jacobian; for a sender added as it is (the embedding)
-it is the formula above.
+branch norm (``edges`` module docstring): the score is the gradient of the metric with respect to the
+edge's mask at zero, ``sum over batch and positions of J_l(branch_l) (corrupted_s - clean_s) . d metric
+/ d (receiver input)``, the linearisation through the norm's Jacobian at the clean branch value. The
+receivers' gradients come as above; each normalised sender's difference is pushed through its norm's
+Jacobian by a Jacobian-vector product (``torch.autograd.functional.jvp``) of the norm's own program
+(``Blocks.post_norm_programs``) at the clean run's branch value. Where that program cannot be built
+the gradient is taken with respect to a zero edge mask directly (the Edges pass in "edges" mode with
+every sender's corrupted output as the replacement: every receiver replays every upstream norm, so it
+costs more memory).
 
 Example::
 
@@ -46,8 +49,12 @@ def eap_scores(model, clean_tokens, corrupted_tokens, metric, *, attention_mask=
     comp.require_edges("edge attribution patching")
     feed, corrupted = paired_feeds(model, clean_tokens, corrupted_tokens, attention_mask, corrupted_attention_mask,
                                    "EAP scores the difference of the two runs' sender outputs")
+    normed = None
     if comp.post_norms:
-        return _through_norms(model, comp, feed, corrupted, metric)
+        try:
+            normed = _norm_jacobians(model, comp, feed)
+        except Exception:  # noqa: BLE001 - no separate norm programs: the exact, costlier gradient of the mask
+            return _through_norms(model, comp, feed, corrupted, metric)
     batch, seq = feed["input_ids"].shape
     specs = receiver_specs(comp, {r.name for r in comp.receivers})
     groups: dict = {}
@@ -68,6 +75,8 @@ def eap_scores(model, clean_tokens, corrupted_tokens, metric, *, attention_mask=
     with torch.no_grad():
         diff = (sender_values(model, corrupted["input_ids"], corrupted.get("attention_mask"))
                 - sender_values(model, feed["input_ids"], feed.get("attention_mask"))).to(model.captured.dtype)
+        if normed is not None:
+            diff = normed(diff)
         flat = diff.permute(2, 0, 1, 3).reshape(len(comp.senders), -1)  # [senders, batch*pos*d]
         scores = {}
         for (entry, group), grad in zip(groups.items(), grads):
@@ -77,6 +86,38 @@ def eap_scores(model, clean_tokens, corrupted_tokens, metric, *, attention_mask=
                 for i in r.upstream:
                     scores[(comp.senders[i].name, r.name)] = float(table[i, j])
     return scores
+
+
+def _norm_jacobians(model, comp, feed: dict):
+    """A function of the senders' differences [batch, pos, senders, d_model] that replaces each
+    normalised sender's difference by its norm's Jacobian, at the clean branch value, times it."""
+    from ..engine.rows.blocks import Blocks
+
+    programs = Blocks.of(model.derived).post_norm_programs()
+    if any(not pn.value_site for pn in comp.post_norms):
+        raise CircuitError("a branch's value before its norm is not a site")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(feed["input_ids"], feed.get("attention_mask"),
+                                        names_filter=[pn.value_site for pn in comp.post_norms], return_logits=False)
+    index = {s.name: i for i, s in enumerate(comp.senders)}
+
+    def apply(diff: torch.Tensor) -> torch.Tensor:
+        out = diff.clone()
+        for pn in comp.post_norms:
+            program = programs[(pn.layer, pn.kind)]
+            cols = [index[n] for n in pn.senders]
+            branch = cache[pn.value_site]
+            d = diff[:, :, cols].permute(2, 0, 1, 3).flatten(0, 1).to(branch.dtype)  # [senders * batch, pos, d]
+
+            def norm(x, program=program, name=pn.input):
+                return program(**{name: x})["outputs"]["normed"]
+
+            # the double-backward product: forward-mode AD would load torch's TorchScript decompositions
+            _, tangent = torch.autograd.functional.jvp(norm, branch.repeat(len(cols), 1, 1), d)
+            out[:, :, cols] = tangent.unflatten(0, (len(cols), -1)).permute(1, 2, 0, 3).to(out.dtype)
+        return out
+
+    return apply
 
 
 def _through_norms(model, comp, feed: dict, corrupted: dict, metric) -> dict:
