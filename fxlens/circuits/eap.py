@@ -27,6 +27,8 @@ Example::
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..engine.plan import PlanBuilder
@@ -53,7 +55,12 @@ def eap_scores(model, clean_tokens, corrupted_tokens, metric, *, attention_mask=
     if comp.post_norms:
         try:
             normed = _norm_jacobians(model, comp, feed)
-        except Exception:  # noqa: BLE001 - no separate norm programs: the exact, costlier gradient of the mask
+        except Exception as err:  # noqa: BLE001 - no separate norm programs: the exact, costlier gradient of the mask
+            warnings.warn(
+                f"EAP cannot run this model's branch norms on their own ({type(err).__name__}: {err}); the scores come "
+                "from the gradient of the edge mask instead: the same values, more memory. Please report this with the "
+                "model's config", RuntimeWarning, stacklevel=2,
+            )
             return _through_norms(model, comp, feed, corrupted, metric)
     batch, seq = feed["input_ids"].shape
     specs = receiver_specs(comp, {r.name for r in comp.receivers})
