@@ -57,7 +57,7 @@ def eap_scores(model, clean_tokens, corrupted_tokens, metric, *, attention_mask=
             normed = _norm_jacobians(model, comp, feed)
         except Exception as err:  # noqa: BLE001 - no separate norm programs: the exact, costlier gradient of the mask
             warnings.warn(
-                f"EAP cannot run this model's branch norms on their own ({type(err).__name__}: {err}); the scores come "
+                f"EAP cannot run this model's branch norms on their own ({type(err).__name__}); the scores come "
                 "from the gradient of the edge mask instead: the same values, more memory. Please report this with the "
                 "model's config", RuntimeWarning, stacklevel=2,
             )

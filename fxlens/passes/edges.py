@@ -133,7 +133,7 @@ def _widen(branch: torch.Tensor, d: torch.Tensor, used: torch.Tensor) -> torch.T
 
 def _add_normed(delta: torch.Tensor, normed: torch.Tensor, written: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
     """``delta`` plus, at the used receiver columns, the replayed norm minus what the branch added."""
-    b, p = written.shape[0], written.shape[1]
+    p = written.shape[1]
     change = (normed.unflatten(1, (p, used.numel())) - written.unsqueeze(2)).to(delta.dtype)
     if used.numel() == delta.shape[2]:
         return delta + change
