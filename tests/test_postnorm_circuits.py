@@ -1,6 +1,7 @@
 """Circuits on models whose residual stream is not a sum of component outputs (Gemma 2's and OLMo 2's
 norms after each branch, BERT's post-norm): path patching's textbook algorithm against plain HF hooks,
-and a clear refusal where single-component edges have no meaning.
+and a clear refusal where single-component edges have no meaning (BERT; edges through Gemma 2's and
+OLMo 2's branch norms are tested in test_postnorm_edges.py).
 
 The reference (Wang et al.), with hooks on the HF modules only: (1) a clean and a corrupted run record
 every layer's attention output-projection input z (and MLP outputs); (2) a path run of the clean input
@@ -124,14 +125,27 @@ def test_path_patching_equals_the_textbook_algorithm_with_hf_hooks(family, recei
 
 
 @pytest.mark.parametrize("family", list(BUILD))
-def test_edges_refuse_with_the_reason_and_what_works(family):
+def test_path_patching_by_layers_refuses_with_the_reason_and_what_works(family):
+    # edges, edge sweeps, EAP and ACDC work here (tests/test_postnorm_edges.py); path patching by layers
+    # adds sender differences to the residual as they are, so it refuses
     _, model = pair(family)
+    with pytest.raises(CircuitError, match=r"normalises the \w+ output before it is added.*circuits.path_patch.*so do edges") as err:
+        circuits.path_patch(model, ids(1), ids(2), METRIC, receivers=["logits"], method="layers")
+    assert "add_" not in str(err.value) and "linear_" not in str(err.value)  # no graph node names
+
+
+def test_edges_refuse_on_spine_norms_with_the_reason_and_what_works():
+    """BERT normalises the residual stream itself after each branch: no edge from one component is defined."""
+    from families import make
+
+    model = fxlens.Model.from_hf(make("bert"))
+    tokens = torch.randint(3, 100, (1, 5), generator=torch.Generator().manual_seed(0))
     for call in (
-        lambda: circuits.run_with_edges(model, ids(1), ["a0.h1->a1.h0<q>"]),
-        lambda: circuits.eap_scores(model, ids(1), ids(2), METRIC),
-        lambda: circuits.edge_sweep(model, ids(1), [["a0.h1->logits"]], METRIC),
-        lambda: circuits.path_patch(model, ids(1), ids(2), METRIC, receivers=["logits"], method="layers"),
+        lambda: circuits.run_with_edges(model, tokens, ["input->logits"]),
+        lambda: circuits.eap_scores(model, tokens, tokens, lambda logits: logits.sum()),
+        lambda: circuits.edge_sweep(model, tokens, [["input->logits"]], lambda logits: logits.sum()),
+        lambda: circuits.acdc(model, tokens, tokens, threshold=0.1),
     ):
-        with pytest.raises(CircuitError, match=r"normalises the \w+ output before it is added.*circuits.path_patch") as err:
+        with pytest.raises(CircuitError, match=r"normalises the residual stream itself.*circuits.path_patch.*Gemma 2/3") as err:
             call()
-        assert "add_" not in str(err.value) and "linear_" not in str(err.value)  # no graph node names
+        assert "add_" not in str(err.value) and "layer_norm" not in str(err.value)  # no graph node names

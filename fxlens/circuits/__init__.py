@@ -18,6 +18,11 @@ A map of the package:
 Every function that runs a second input (``reference``, ``corrupted_tokens``) runs it with its own
 mask (``reference_attention_mask`` / ``corrupted_attention_mask``), else with ``attention_mask``.
 
+On models that normalise each branch's output before adding it (Gemma 2/3, OLMo 2/3) an edge's
+difference goes through its layer's norm, several edges from one layer into one receiver inside one
+norm call (the definition is in ``edges.py``); models that normalise the residual stream itself (BERT)
+refuse edges, EAP and ACDC, and offer path patching.
+
 Example::
 
     from fxlens.circuits import Circuit, run_with_edges, eap_scores, acdc, path_patch

@@ -17,6 +17,14 @@ so each set is a row joining at its receivers' layer:
 - anything else (receivers at several layers, whose senders then change too) runs the whole model,
   one batched row per set, with the Edges pass recomputing every sender (``full_rows``).
 
+On a post-norm model (Gemma 2/3, OLMo 2/3) a receiver's input is not the residual plus a sum of
+differences: each upstream branch's difference goes through that branch's norm (``edges`` module
+docstring). With nothing upstream of the receivers changed, the branches keep their values of the
+unpatched run, so a set's input difference is computed before the rows run: the input's difference
+plus, per branch, ``post_norm(branch + D) - post_norm(branch)`` with each norm run as a program of its
+own (``Blocks.post_norm_programs``) on the unpatched branch values. Sets with receivers at several
+layers run as whole-model rows, where the Edges pass replays the norms.
+
 Example::
 
     values = edge_sweep(model, tokens, [[("a0.h0", f"a{l}.h{h}<q>")] for l in (1, 2) for h in range(12)],
@@ -24,6 +32,8 @@ Example::
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -34,7 +44,8 @@ from ..engine.rows.readout import Readout, _checked_select, scalar
 from ..engine.sweep import Cell, Sweep
 from ..metrics import Metric
 from .circuit import Circuit
-from .edges import alternatives, edge_mask, given_mask, receiver_specs, result_sites, sender_specs, sender_values
+from .edges import (alternatives, edge_mask, given_mask, post_norm_specs, receiver_specs, result_sites, sender_specs,
+                    sender_values)
 
 __all__ = ["edge_sweep", "full_rows", "layered"]
 
@@ -48,7 +59,7 @@ def edge_sweep(model, tokens, edge_sets, metric, *, ablation="zero", reference=N
     (TransformerLens' direct path patching), or ACDC's candidate removals.
     """
     comp = model.derived.components
-    comp.require_additive("an edge sweep")
+    comp.require_edges("an edge sweep")
     sets = [Circuit(e).validate(model).edges for e in edge_sets]
     feed = model._inputs(tokens, attention_mask)
     shape = tuple(feed["input_ids"].shape)
@@ -61,7 +72,8 @@ def edge_sweep(model, tokens, edge_sets, metric, *, ablation="zero", reference=N
                            attention_mask=given_mask(tokens, attention_mask, feed)).to(model.captured.dtype)
     points = [{(comp.receiver(r).layer, comp.receiver(r).stage) for _, r in edges} for edges in sets]
     engine = RowEngine(model)
-    if all(len(p) <= 1 for p in points) and layered(model) and not engine.whole:
+    normed_ok = all(pn.value_site for pn in comp.post_norms)
+    if all(len(p) <= 1 for p in points) and layered(model) and not engine.whole and normed_ok:
         try:
             return _layered(model, comp, feed, sets, metric, alt, used)
         except (CircuitError, RowError):
@@ -102,10 +114,14 @@ def _layered(model, comp, feed, sets, metric, alt, used) -> torch.Tensor:
     engine = sweep.engine
     with torch.no_grad():
         diff = None
-        if used:
-            diff = alt - sender_values(model, feed["input_ids"], feed.get("attention_mask"), used)  # [b or 1, pos, senders, d]
         targets, entries = _cell_sites(model, comp, [sets[k] for k in cells_k])
-        base = engine.base(feed, sites=list({s.name: s for s in list(targets.values()) + entries}.values()))
+        norms = _post_norms(model, comp, used)
+        # raw sites (a module's output) name no layer: the base run reads them in the norm's block
+        branch_sites = [dataclasses.replace(model.site_table[pn.value_site], layer=pn.layer) for pn in norms]
+        base = engine.base(feed, sites=list({s.name: s for s in list(targets.values()) + entries + branch_sites}.values()))
+        if used:
+            diff = Differences(alt - sender_values(model, feed["input_ids"], feed.get("attention_mask"), used),  # [b or 1, pos, senders, d]
+                               used, norms, base, engine.blocks)
         readout = engine.readout(base, metric)
         if empty_k:
             out[torch.tensor(empty_k)] = readout.base_value()
@@ -121,10 +137,56 @@ def _layered(model, comp, feed, sets, metric, alt, used) -> torch.Tensor:
     return out
 
 
+def _post_norms(model, comp, used) -> list:
+    """The norms that some of the ``used`` senders' branches pass through before the add."""
+    seen = {}
+    for name in used:
+        pn = comp.post_norm(name)
+        if pn is not None:
+            seen[(pn.layer, pn.kind)] = pn
+    return list(seen.values())
+
+
+class Differences:
+    """What replacing some senders' outputs adds to a receiver's input, computed from each sender's
+    difference (replacement minus actual output, [batch or 1, pos, senders, d]) and, for senders whose
+    branch is normalised before the add, the unpatched branch values and the norm programs."""
+
+    def __init__(self, diff, used, norms, base, blocks):
+        self.diff = diff
+        self.branch = {}  # senders' column -> (norm program, its input's name, the unpatched branch value)
+        programs = blocks.post_norm_programs() if norms else {}
+        column = {name: i for i, name in enumerate(used)}
+        for pn in norms:
+            key = (pn.layer, pn.kind)
+            value = base.values[pn.value_site]
+            for name in pn.senders:
+                if name in column:
+                    self.branch[column[name]] = (key, programs[key], pn.input, value)
+        self._normed0: dict = {}
+
+    def of(self, columns, batch: int) -> torch.Tensor:
+        """[batch, pos, d]: the sum over ``columns`` (senders), each normalised branch's inside its norm."""
+        plain = [c for c in columns if c not in self.branch]
+        out = self.diff[:, :, plain].sum(2)
+        groups: dict = {}
+        for c in columns:
+            if c in self.branch:
+                groups.setdefault(self.branch[c][0], []).append(c)
+        for key, cols in groups.items():
+            _, program, name, value = self.branch[cols[0]]
+            if key not in self._normed0:
+                self._normed0[key] = program(**{name: value})["outputs"]["normed"]
+            d = self.diff[:, :, cols].sum(2).to(value.dtype)
+            normed = program(**{name: value + d})["outputs"]["normed"]
+            out = out + (normed - self._normed0[key]).to(out.dtype)
+        return out.expand(batch, -1, -1)
+
+
 def _delta(diff, s_index, edges, receiver: str, batch: int) -> torch.Tensor:
     """[batch, pos, d]: what replacing ``edges`` into ``receiver`` adds to its input."""
     cols = [s_index[s] for s, r in edges if r == receiver]
-    return diff[:, :, cols].sum(2).expand(batch, -1, -1)
+    return diff.of(cols, batch)
 
 
 def _first_nonzero(t: torch.Tensor) -> int | None:
@@ -185,7 +247,7 @@ def _cells(model, comp, engine, base, sets, diff, s_index, targets) -> list:
     blocks = engine.blocks
     for (layer, kind), by_senders in groups.items():
         site = targets[receivers[next(iter(by_senders.values()))[0]].name]
-        delta = torch.stack([diff[:, :, list(ss)].sum(2).expand(batch, -1, -1) for ss in by_senders]).flatten(0, 1)
+        delta = torch.stack([diff.of(list(ss), batch) for ss in by_senders]).flatten(0, 1)
         n = len(by_senders)
         if kind == "mlp":
             entry = base.values[model.get_act_name(mid, layer)]
@@ -224,7 +286,8 @@ def full_rows(model, feed: dict, sets, metric, alt: torch.Tensor, max_rows: int 
         b = PlanBuilder(model.graph)
         if receivers:
             b.edges(sender_specs(model, comp), receiver_specs(comp, receivers), "edges", mask=masks.to(device),
-                    alt=a.to(device, model.captured.dtype), result_sites=result_sites(model))
+                    alt=a.to(device, model.captured.dtype), result_sites=result_sites(model),
+                    post_norms=post_norm_specs(comp))
         if declared:
             b.select_vocab(model.graph.structure.unembed, vocab.to(device))
         plan, inputs = b.build()

@@ -12,6 +12,19 @@ the Edges pass (``passes.edges``) rebuilds only the receivers an edge set touche
 names its inputs. ``reference_feed`` is the one place that decides the reference run's mask: its own
 (``reference_attention_mask``), else ``attention_mask`` when the shapes agree, else an error.
 
+Post-norm models (Gemma 2/3, OLMo 2/3: each branch normalised before it is added): layer l writes
+``post_norm_l(branch_l)``, where ``branch_l`` is the sum of the per-head results (+ the output bias)
+or the MLP output. A sender's value is taken before the norm (a head's result, the MLP's output as
+the branch computes it). Replacing the edges into receiver r means r reads
+
+    clean_entry_r + sum over layers l upstream of r [post_norm_l(branch_l + D_{l,r}) - post_norm_l(branch_l)]
+
+with ``D_{l,r} = sum_{s in l} mask[s, r] * (alt_s - cur_s)``: several edges from one layer into one
+receiver are combined inside the norm, not added after it. Every other reader of the residual stream
+is unchanged, the embedding sender is added as it is, and for a model without such norms this is the
+plain sum ``entry + sum_s mask[s, r] * (alt_s - cur_s)``. BERT-style post-norms (the residual stream
+itself normalised) are refused.
+
 Example::
 
     logits = run_with_edges(model, clean, ["a0.h1->a1.h0<k>"], ablation="corrupted", reference=corrupted,
@@ -28,7 +41,7 @@ from ..engine.ablation import AblationError, replacement
 from ..engine.plan import PlanBuilder
 from ..graphs.components import CircuitError, Components
 from ..graphs.layout import IDENTITY
-from ..passes import EdgeReceiver, EdgeSender
+from ..passes import EdgePostNorm, EdgeReceiver, EdgeSender
 from .circuit import Circuit
 
 __all__ = [
@@ -37,15 +50,27 @@ __all__ = [
     "run_with_circuit",
     "reference_feed",
     "alternatives",
+    "post_norm_specs",
 ]
 
 
 # ---- what senders and receivers are in the graph ----------------------------------------------------
 def sender_site(model, s):
-    """The site a sender's output is read from: the embedding (resid_pre 0), per-head results, MLP out."""
+    """The site a sender's output is read from: the embedding (resid_pre 0), per-head results, MLP out
+    (before its post-norm, where the branch has one)."""
     if s.kind == "input":
         return model.site_table["resid_pre", 0]
+    if s.kind == "mlp":
+        pn = model.derived.components.post_norm(s.name)
+        if pn is not None:
+            return model.site_table[pn.value_site]
     return model.site_table["result" if s.kind == "head" else "mlp_out", s.layer]
+
+
+def post_norm_specs(comp: Components) -> tuple:
+    """The Edges pass's view of the norms some senders' branches pass through before the add."""
+    index = {s.name: i for i, s in enumerate(comp.senders)}
+    return tuple(EdgePostNorm(tuple(index[n] for n in pn.senders), pn.input, pn.cone) for pn in comp.post_norms)
 
 
 def sender_specs(model, comp: Components) -> tuple:
@@ -193,7 +218,7 @@ def run_with_edges(model, tokens, edges, *, ablation="zero", reference=None, att
     The reference run uses ``reference_attention_mask``, else ``attention_mask``.
     """
     comp = model.derived.components
-    comp.require_additive("an edge intervention")
+    comp.require_edges("an edge intervention")
     circuit = Circuit(edges).validate(model)
     feed = model._inputs(tokens, attention_mask)
     alt = alternatives(model, ablation, tuple(feed["input_ids"].shape), reference, reference_attention_mask,
@@ -206,7 +231,7 @@ def run_with_edges(model, tokens, edges, *, ablation="zero", reference=None, att
             sender_specs(model, comp), receiver_specs(comp, receivers), "edges",
             mask=edge_mask(comp, circuit.edges).to(model.captured.device),
             alt=alt.to(model.captured.device, model.captured.dtype),
-            result_sites=result_sites(model),
+            result_sites=result_sites(model), post_norms=post_norm_specs(comp),
         )
         plan, inputs = b.build()
     out = model.programs.get(plan)(**feed, **inputs)

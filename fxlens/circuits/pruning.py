@@ -49,7 +49,7 @@ def acdc(model, clean_tokens, corrupted_tokens, *, threshold: float, metric=None
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold) or threshold < 0:
         raise CircuitError(f"threshold must be a number >= 0 (the largest change of the metric an edge's removal may cause); got {threshold!r}")
     comp = model.derived.components
-    comp.require_additive("ACDC")
+    comp.require_edges("ACDC")
     feed, corrupted = paired_feeds(model, clean_tokens, corrupted_tokens, attention_mask, corrupted_attention_mask,
                                    "ACDC patches removed edges from the corrupted run")
     with torch.no_grad():

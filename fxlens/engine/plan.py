@@ -166,15 +166,16 @@ class PlanBuilder:
         return self
 
     def edges(self, senders: tuple, receivers: tuple, mode: str = "edges", *, mask=None, alt=None, deltas=None,
-              result_sites=()) -> "PlanBuilder":
+              result_sites=(), post_norms=()) -> "PlanBuilder":
         """Edge interventions (``passes.edges``): ``mask`` and ``alt`` in "edges" mode, ``deltas``
         ({entry node: tensor}) in "delta" and "absolute" mode. ``result_sites``: the per-head result
-        sites the senders read, materialised beside the projections."""
+        sites the senders read, materialised beside the projections. ``post_norms``: the norms some
+        senders' branches pass through before the add (``EdgePostNorm``s)."""
         self._touch(result_sites)
         mask_name = self.input(mask) if mask is not None else None
         alt_name = self.input(alt) if alt is not None else None
         named = tuple((entry, self.input(t)) for entry, t in (deltas or {}).items())
-        self._specs["edit"].append(Edges(tuple(senders), tuple(receivers), mode, mask_name, alt_name, named))
+        self._specs["edit"].append(Edges(tuple(senders), tuple(receivers), mode, mask_name, alt_name, named, tuple(post_norms)))
         return self
 
     def kv_prefix(self, uses) -> "PlanBuilder":

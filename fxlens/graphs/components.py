@@ -10,9 +10,14 @@ output projection, ``split_heads``) and its MLP output as senders; each receiver
 its branch reads (``entry``) and how that read is replayed: for q/k/v, the nodes from the branch
 entry to the q/k/v node (the norm and the projection, whatever the family fuses); for an MLP or the
 logits, the nodes that read the entry inside the branch. Where the residual stream is not a sum of
-component outputs (BERT's post-norm, Gemma 2's and OLMo 2's norms after each branch) the components
-still exist (path patching's textbook algorithm needs only heads' z and MLP outputs), and
-``not_additive`` says why edges from single components are not defined there.
+component outputs the components still exist (path patching's textbook algorithm needs only heads' z
+and MLP outputs), and ``not_additive`` says why. Two cases differ:
+
+- a branch normalised before it is added (Gemma 2/3 and OLMo 2/3 "sandwich" norms): each such norm
+  is a ``PostNorm`` (the node it reads, the branch's sum of head results plus bias or the MLP output,
+  and the nodes from there to what is added), so an edge can be defined through it (``passes.edges``);
+- the residual stream itself normalised after each branch (BERT): ``no_edges`` says so, and edges
+  are refused (``require_edges``); so are branch norms that read more than the branch's output.
 
 Example::
 
@@ -26,8 +31,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .attention import View
+from .nodes import scope, tensor_meta
 
-__all__ = ["Sender", "Receiver", "Components", "components", "CircuitError"]
+__all__ = ["Sender", "Receiver", "PostNorm", "Components", "components", "CircuitError"]
 
 
 class CircuitError(ValueError):
@@ -56,6 +62,19 @@ class Receiver:
     consumers: tuple = ()  # mlp/logits: nodes that read entry (or the cone) for this receiver
 
 
+@dataclass(frozen=True)
+class PostNorm:
+    """A norm a branch's output passes through before it is added to the residual stream."""
+
+    layer: int
+    kind: str  # "attn" or "mlp"
+    path: str  # HF module path of the norm
+    input: str  # the node the norm reads: the sum of the head results (+ bias), or the MLP output
+    cone: tuple  # nodes from ``input`` to what is added to the residual stream, graph order
+    senders: tuple  # names of the senders whose outputs sum to ``input``
+    value_site: str = ""  # the site holding ``input`` (always found for an MLP: its output before the norm)
+
+
 @dataclass
 class Components:
     senders: list
@@ -63,6 +82,8 @@ class Components:
     n_layers: int
     parallel: bool  # attention and MLP of a block read the same residual
     not_additive: str | None = None  # why the residual stream is not a sum of component outputs (or None)
+    post_norms: tuple = ()  # of PostNorm: branches normalised before they are added
+    no_edges: str | None = None  # why single components' edges are not defined here (BERT's post-norm), or None
 
     def _range(self) -> str:
         heads = sum(1 for s in self.senders if s.kind == "head" and s.layer == 0)
@@ -73,6 +94,11 @@ class Components:
     def __post_init__(self):
         self._senders = {s.name: s for s in self.senders}
         self._receivers = {r.name: r for r in self.receivers}
+        self._normed = {name: pn for pn in self.post_norms for name in pn.senders}
+
+    def post_norm(self, sender: str) -> PostNorm | None:
+        """The norm sender ``sender``'s branch passes through before it is added (None: added as it is)."""
+        return self._normed.get(sender)
 
     def sender(self, name: str) -> Sender:
         if name in self._senders:
@@ -90,13 +116,26 @@ class Components:
         )
 
     def require_additive(self, what: str) -> None:
-        """Refuse ``what`` (an edge intervention, EAP, ...) on a model whose residual stream is not a sum
-        of component outputs: an edge from one head has no meaning there."""
+        """Refuse ``what`` (path patching by layers) on a model whose residual stream is not a sum of
+        component outputs as they are."""
         if self.not_additive is not None:
+            also = "; so do edges, edge sweeps, EAP and ACDC (through each branch's norm)" if self.no_edges is None else ""
             raise CircuitError(
                 f"{what} needs each component's output added to the residual stream as it is; {self.not_additive}. "
+                "Path patching's default method (circuits.path_patch with method='auto' or 'rows', which freezes every "
+                f"other head's z and recomputes the rest) and activation patching (fxlens.patching) work on this model{also}"
+            )
+
+    def require_edges(self, what: str) -> None:
+        """Refuse ``what`` (an edge intervention, EAP, ...) where an edge from one component has no
+        definition: the residual stream itself is normalised after each branch (BERT)."""
+        if self.no_edges is not None:
+            raise CircuitError(
+                f"{what} is not defined on this model: {self.no_edges}. "
                 "Path patching (circuits.path_patch, which freezes every other head's z and recomputes the rest) and "
-                "activation patching (fxlens.patching) work on this model"
+                "activation patching (fxlens.patching) work on this model; edges, edge sweeps, EAP and ACDC need the "
+                "residual stream to be a sum of what the branches write, each normalised before the add or not "
+                "(as in GPT-2, Llama, Gemma 2/3, OLMo 2/3)"
             )
 
     def reaches(self, s: Sender, r: Receiver) -> bool:
@@ -134,29 +173,63 @@ def _mlp_reads(dg, block) -> tuple:
     return cone, consumers
 
 
+def _post_norm(mg, i: int, br, senders: tuple) -> PostNorm | str:
+    """The ``PostNorm`` of branch ``br`` of block ``i``, or why the norm cannot be replayed for edges."""
+    dg = mg.dg
+    inside = {n for n in br.nodes if scope(dg.node(n)) == br.post_norm or scope(dg.node(n)).startswith(br.post_norm + ".")}
+    # what the norm reads from the branch (its weights, however cast, do not depend on the branch's input)
+    reads = {src.name for n in inside for src in dg.node(n).all_input_nodes if src.name in br.nodes and src.name not in inside}
+    why = f"{br.post_norm} does not read the {br.kind} output alone"
+    if len(reads) != 1:
+        return why
+    (value,) = reads
+    cone = tuple(_between(dg, value, br.output, set(br.nodes)))
+    if any(src.name in br.nodes and src.name not in set(cone) | {value} for n in cone for src in dg.node(n).all_input_nodes):
+        return why  # the norm mixes in another value of the branch
+    if tuple(tensor_meta(dg.node(value)).shape) != tuple(tensor_meta(dg.node(br.output)).shape):
+        return why
+    site = next((x.name for x in mg.sites.values() if x.node == value and not x.layout.ops and not x.rewrite), "")
+    if br.kind == "attn" and mg.attn[i].o_matmul != value:
+        return f"{br.post_norm} reads something other than the attention output projection's result"
+    if br.kind == "mlp" and not site:
+        return f"the MLP output {br.post_norm} normalises is not a site fxlens can read"
+    return PostNorm(i, br.kind, br.post_norm, value, cone, senders, site)
+
+
 def components(mg) -> Components:
     st, dg = mg.structure, mg.dg
     senders = [Sender("input", -1, "input")]
     receivers = []
     parallel = False
     not_additive = None
+    no_edges = None
+    post_norms = []
     for i, block in enumerate(st.blocks):
         a = mg.attn[i]
         if block.attn is None or a is None or block.mlp is None:
             raise CircuitError(f"block {i} has no attention or no MLP branch that fxlens can decompose")
-        if block.spine_norms and not_additive is None:
-            not_additive = (
+        if block.spine_norms and no_edges is None:
+            no_edges = (
                 "this model normalises the residual stream itself after each branch (post-norm, as BERT does), "
                 "so the residual stream is not a sum of what the components write"
             )
+            not_additive = not_additive or no_edges
+        parallel = block.attn.entry == block.mlp.entry
+        mlp_stage = 0 if parallel else 1
         for br in (block.attn, block.mlp):
-            if br.post_norm is not None and not_additive is None:
+            if br.post_norm is None:
+                continue
+            if not_additive is None:
                 not_additive = (
                     f"{br.post_norm} normalises the {br.kind} output before it is added (Gemma 2/3 and OLMo 2 style), "
                     "so per-head outputs do not sum to what the layer writes"
                 )
-        parallel = block.attn.entry == block.mlp.entry
-        mlp_stage = 0 if parallel else 1
+            names = tuple(f"a{i}.h{h}" for h in range(a.n_heads)) if br.kind == "attn" else (f"m{i}",)
+            pn = _post_norm(mg, i, br, names)
+            if isinstance(pn, str):
+                no_edges = no_edges or f"{pn}, so fxlens cannot replay the norm for a single component's edges"
+            else:
+                post_norms.append(pn)
         for h in range(a.n_heads):
             senders.append(Sender(f"a{i}.h{h}", i, "head", h, 0))
         senders.append(Sender(f"m{i}", i, "mlp", None, mlp_stage))
@@ -171,4 +244,4 @@ def components(mg) -> Components:
     blocks = set().union(*(b.nodes for b in st.blocks))
     consumers = tuple(u.name for u in dg.node(last).users if u.name not in blocks and u.op != "output")
     receivers.append(Receiver("logits", len(st.blocks), "logits", None, 0, last, None, (), consumers))
-    return Components(senders, receivers, len(st.blocks), parallel, not_additive)
+    return Components(senders, receivers, len(st.blocks), parallel, not_additive, tuple(post_norms), no_edges)

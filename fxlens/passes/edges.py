@@ -10,6 +10,14 @@ outputs, the embedding). Each receiver reads ``entry + delta``, where
 ``delta = sum_s mask[b, s, r] * (alt[b, s] - current[b, s])``: ``mask`` (a graph input, [batch or 1,
 senders, receivers]) says which edges are replaced and ``alt`` ([batch or 1, pos, senders, d_model])
 what each sender's output becomes (another run's, zero, a mean).
+A sender whose branch passes through a norm before it is added (Gemma 2/3's and OLMo 2/3's sandwich
+norms; ``post_norms``, one ``EdgePostNorm`` per such branch) is not added as it is: its layer l writes
+``post_norm_l(branch_l)``, ``branch_l`` being the sum of its head results (+ bias) or its MLP output,
+and the receiver reads instead ``entry + sum_l [post_norm_l(branch_l + D_l) - post_norm_l(branch_l)]``
+with ``D_l = sum_{s in l} mask[b, s, r] * (alt[b, s] - current[b, s])`` (sender values before the
+norm). Several edges from one layer into one receiver are combined inside the norm. The norm's nodes
+are replayed once per branch and receiver group on [batch, pos * receivers, d_model] (a norm works
+position by position), for the receiver columns with a replaced edge from that branch only.
 For an MLP or the logits the receiver's own reads of ``entry`` are redirected. For q, k and v the
 nodes from ``entry`` to the q/k/v node (norm, projection, head split) are replayed on the receiver's
 input, and the receiver's head is taken from the replay. Only receivers named in the spec are rebuilt,
@@ -33,7 +41,7 @@ import torch.fx as fx
 from ..graphs.layout import IDENTITY, Layout
 from .base import PassError, rewrite
 
-__all__ = ["EdgeSender", "EdgeReceiver", "Edges", "edges"]
+__all__ = ["EdgeSender", "EdgeReceiver", "EdgePostNorm", "Edges", "edges"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,16 @@ class EdgeReceiver:
 
 
 @dataclass(frozen=True)
+class EdgePostNorm:
+    """A norm between a branch's sum and the residual stream: ``senders`` (indices) sum into ``input``,
+    the node the norm reads; ``cone`` holds the nodes from there to what is added, in graph order."""
+
+    senders: tuple
+    input: str
+    cone: tuple
+
+
+@dataclass(frozen=True)
 class Edges:
     stage: ClassVar[str] = "edit"
     senders: tuple  # of EdgeSender
@@ -71,6 +89,7 @@ class Edges:
     mask: str | None = None  # graph-input names ("edges" mode), chosen by the engine
     alt: str | None = None
     deltas: tuple = ()  # ((entry node, graph-input name), ...) for "delta" and "absolute"
+    post_norms: tuple = ()  # of EdgePostNorm ("edges" mode): senders whose branch is normalised before the add
 
 
 
@@ -87,13 +106,38 @@ def _delta(values: list, heads: list, alt: torch.Tensor, mask: torch.Tensor, ups
     touches a few edges costs a few sender tensors, not every sender upstream.
     """
     m = mask[:, upstream][:, :, columns]
-    used = m.ne(0).any(0).any(-1).nonzero().flatten().tolist()
+    if mask.requires_grad:  # attribution: the gradient at zero reaches every sender
+        used = list(range(len(upstream)))
+    else:
+        used = m.ne(0).any(0).any(-1).nonzero().flatten().tolist()
     ref = values[0]
     if not used:
         return ref.new_zeros(ref.shape[0], ref.shape[1], len(columns), ref.shape[-1])
     current = _gather([values[i] for i in used], [heads[i] for i in used])
     diff = alt[:, :, [upstream[i] for i in used]].to(current.dtype) - current
     return torch.einsum("bpsd,bsr->bprd", diff, m[:, used].to(current.dtype))
+
+
+def _normed_columns(mask: torch.Tensor, upstream: list, columns: list) -> torch.Tensor:
+    """The receiver columns (of ``columns``) with a replaced edge from one of ``upstream``: those whose
+    post-norm is replayed (all of them while the mask requires grad)."""
+    if mask.requires_grad:
+        return torch.arange(len(columns), device=mask.device)
+    return mask[:, upstream][:, :, columns].ne(0).any(0).any(0).nonzero().flatten()
+
+
+def _widen(branch: torch.Tensor, d: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """[batch, pos * used, d_model]: the branch's sum plus each used receiver's ``D``, for the norm."""
+    return (branch.unsqueeze(2) + d.index_select(2, used).to(branch.dtype)).flatten(1, 2)
+
+
+def _add_normed(delta: torch.Tensor, normed: torch.Tensor, written: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """``delta`` plus, at the used receiver columns, the replayed norm minus what the branch added."""
+    p = written.shape[1]
+    change = (normed.unflatten(1, (p, used.numel())) - written.unsqueeze(2)).to(delta.dtype)
+    if used.numel() == delta.shape[2]:
+        return delta + change
+    return delta.index_add(2, used, change)
 
 
 def _input(entry: torch.Tensor, delta: torch.Tensor, j: int) -> torch.Tensor:
@@ -167,9 +211,7 @@ def edges(gm: fx.GraphModule, spec: Edges) -> fx.GraphModule:
                 delta = rw.placeholder(delta_names[entry_name])
             with rw.graph.inserting_before(first):
                 if spec.mode == "edges":
-                    senders = [spec.senders[i] for i in upstream]
-                    values = [s.layout.read(rw.graph, rw.node(s.node)) for s in senders]
-                    delta = rw.create(_delta, (values, [s.head for s in senders], alt, mask, list(upstream), [r.index for r in group]))
+                    delta = _edge_delta(rw, spec, list(upstream), [r.index for r in group], alt, mask)
                 if spec.mode == "absolute":
                     inputs = [rw.create(_given, (delta, j)) for j in range(len(group))]
                 else:
@@ -201,6 +243,30 @@ def edges(gm: fx.GraphModule, spec: Edges) -> fx.GraphModule:
                 keep = {read, merged, written}
                 rw.supersede(target, written, keep=keep | _chain(read, target))
     return rw.result
+
+
+def _edge_delta(rw, spec: Edges, upstream: list, columns: list, alt: fx.Node, mask: fx.Node) -> fx.Node:
+    """The node computing [batch, pos, receivers, d_model]: what the receivers ``columns`` read on top
+    of their entry. Senders added as they are contribute ``mask * (alt - current)``; each normalised
+    branch contributes its norm replayed on its sum plus ``D`` minus what it added (module docstring)."""
+
+    def part(indices):
+        senders = [spec.senders[i] for i in indices]
+        values = [s.layout.read(rw.graph, rw.node(s.node)) for s in senders]
+        return rw.create(_delta, (values, [s.head for s in senders], alt, mask, list(indices), columns))
+
+    normed = {i for pn in spec.post_norms for i in pn.senders}
+    delta = part([i for i in upstream if i not in normed])
+    for pn in spec.post_norms:
+        inside = [i for i in upstream if i in set(pn.senders)]
+        if not inside:
+            continue
+        used = rw.create(_normed_columns, (mask, inside, columns))
+        branch = rw.node(pn.input)
+        x = rw.create(_widen, (branch, part(inside), used))
+        replayed = _replay(rw, pn.cone, branch, x)
+        delta = rw.create(_add_normed, (delta, replayed, rw.node(pn.cone[-1]), used))
+    return delta
 
 
 def redirect(rw, r: EdgeReceiver, entry: fx.Node, x: fx.Node) -> None:

@@ -58,6 +58,7 @@ class Blocks:
         self.kv_uses = [None if a is None else ((a.k_in, a.k_consumer), (a.v_in, a.v_consumer)) for a in self.graph.attn]
         self._packing = False
         self._mlps: dict = {}
+        self._post_norms: dict = {}
         self.break_even: float | None = None  # measured by the cost model on first use
 
     @classmethod
@@ -140,6 +141,46 @@ class Blocks:
                 self._mlps[block.index] = Programs(sub)
         plan = PlanBuilder(self.graph).fuse_gelu().build()[0] if fused else ()
         return [self._mlps[i].get(plan) for i in range(self.n_layers)]
+
+
+    def post_norm_programs(self) -> dict:
+        """{(layer, "attn" | "mlp"): program}: each norm a branch passes through before the add
+        (``graphs.components.PostNorm``) as a program of the branch's sum (edge sweeps on Gemma 2/3 and
+        OLMo 2/3). Called with ``{pn.input: x}``; ``["outputs"]["normed"]`` is what it adds."""
+        if not self._post_norms:
+            from ...graphs.segments import _subgraph
+
+            gm = self.captured.module
+            by_name = {n.name: n for n in gm.graph.nodes}
+            syms = (self.captured.batch_symbol, self.captured.seq_symbol)
+            for pn in self.derived.components.post_norms:
+                members = set(pn.cone) | _constants([by_name[n] for n in pn.cone], {pn.input, *pn.cone})
+                nodes = [n for n in gm.graph.nodes if n.name in members]
+                sub, ctx = _subgraph(gm, nodes, by_name[pn.input], {"normed": by_name[pn.cone[-1]]}, syms)
+                if ctx:
+                    raise BlockError(f"the norm {pn.path} reads an input besides its branch's output")
+                self._post_norms[(pn.layer, pn.kind)] = Programs(sub)
+        return {key: programs.get(()) for key, programs in self._post_norms.items()}
+
+
+def _constants(nodes: list, inside: set) -> set:
+    """Names of the nodes outside ``inside`` that ``nodes`` read and that depend on parameters only (a
+    norm's weight cast, Gemma's ``1 + weight``): a program of the norm recomputes them."""
+    memo: dict = {}
+
+    def constant(n) -> bool:
+        if n.name not in memo:
+            memo[n.name] = n.op == "get_attr" or (n.op == "call_function" and all(constant(a) for a in n.all_input_nodes))
+        return memo[n.name]
+
+    out, stack = set(), [a for n in nodes for a in n.all_input_nodes if a.name not in inside]
+    while stack:
+        n = stack.pop()
+        if n.name in out or n.op != "call_function" or not constant(n):
+            continue
+        out.add(n.name)
+        stack.extend(n.all_input_nodes)
+    return out
 
 
 def _local_inputs(dg, block) -> set:
