@@ -34,8 +34,14 @@ METRIC = metrics.logit_diff(5, 7)
 
 @functools.cache
 def pair(family):
+    return perturbed(BUILD[family])
+
+
+def perturbed(build):
+    """(hf, fxlens model) of ``build()`` with seed 0, norm weights perturbed and matrices scaled up so
+    that the norms and paths matter."""
     torch.manual_seed(0)
-    hf = BUILD[family]().eval()
+    hf = build().eval()
     with torch.no_grad():
         for p in hf.parameters():
             if p.dim() == 1:

@@ -17,10 +17,9 @@ import torch
 import transformers as T
 from postnorm_reference import (all_receivers, all_senders, hf_alternatives, hf_eap, hf_edges, hf_run, hf_sender_values,
                                 reaches, receiver_input)
-from test_postnorm_circuits import BUILD, COMMON, ids
+from test_postnorm_circuits import BUILD, COMMON, ids, perturbed
 from test_postnorm_circuits import pair as base_pair
 
-import fxlens
 from fxlens import circuits, metrics
 from fxlens.circuits import Circuit
 
@@ -35,17 +34,7 @@ MORE = {
 
 @functools.cache
 def pair(family):
-    if family in BUILD:
-        return base_pair(family)
-    torch.manual_seed(0)
-    hf = MORE[family]().eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-            else:
-                p.mul_(5.0)
-    return hf, fxlens.Model.from_hf(hf)
+    return base_pair(family) if family in BUILD else perturbed(MORE[family])
 CLEAN_MASKS = {
     "none": None,
     "right": torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]),
