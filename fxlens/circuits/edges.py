@@ -40,8 +40,8 @@ import torch
 from ..engine.ablation import AblationError, replacement
 from ..engine.plan import PlanBuilder
 from ..graphs.components import CircuitError, Components
-from ..graphs.layout import IDENTITY
-from ..passes import EdgePostNorm, EdgeReceiver, EdgeSender
+from ..passes import EdgePostNorm, EdgeSender
+from ..passes.edges import receiver_specs
 from .circuit import Circuit
 
 __all__ = [
@@ -78,24 +78,6 @@ def sender_specs(model, comp: Components) -> tuple:
     for s in comp.senders:
         site = sender_site(model, s)
         out.append(EdgeSender(s.name, site.node, site.layout, s.head if s.kind == "head" else None))
-    return tuple(out)
-
-
-def receiver_specs(comp: Components, names: Iterable[str]) -> tuple:
-    """The Edges pass's view of the receivers named, in the components' order."""
-    names = set(names)
-    index = {s.name: i for i, s in enumerate(comp.senders)}
-    out = []
-    for j, r in enumerate(comp.receivers):
-        if r.name not in names:
-            continue
-        upstream = tuple(index[s.name] for s in comp.upstream(r))
-        out.append(
-            EdgeReceiver(
-                r.name, r.kind, j, upstream, r.entry, r.target.node if r.target else "",
-                r.target.layout if r.target else IDENTITY, r.head, r.cone, r.consumers,
-            )
-        )
     return tuple(out)
 
 

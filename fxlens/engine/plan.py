@@ -48,6 +48,7 @@ from ..passes import (
     check_order,
 )
 from ..passes.split_experts import Experts
+from ..passes.edges import receiver_specs
 from ..passes.split_inputs import InputSplit, SplitInputs
 from ..passes.split_heads import Head
 
@@ -95,8 +96,6 @@ def rewrites_for(mg: ModelGraph, sites, write=()) -> tuple:
 def input_split(mg: ModelGraph, layer: int, kind: str, entry: str) -> InputSplit:
     """What ``passes.split_inputs`` needs for the input copies ``kind`` of ``layer``: the circuit receivers
     (``graphs.components``) that read them, with the copy each reads."""
-    from ..circuits.edges import receiver_specs
-
     comp = mg.components
     mine = [r for r in comp.receivers if r.layer == layer]
     if kind == "mlp_in":

@@ -41,7 +41,7 @@ import torch.fx as fx
 from ..graphs.layout import IDENTITY, Layout
 from .base import PassError, rewrite
 
-__all__ = ["EdgeSender", "EdgeReceiver", "EdgePostNorm", "Edges", "edges"]
+__all__ = ["EdgeSender", "EdgeReceiver", "EdgePostNorm", "Edges", "edges", "receiver_specs"]
 
 
 @dataclass(frozen=True)
@@ -324,3 +324,22 @@ def _replay(rw, cone: tuple, entry: fx.Node, x: fx.Node, env: bool = False):
         last = rw.graph.node_copy(node, arg)
         copies[node] = last
     return copies if env else last
+
+
+def receiver_specs(comp, names) -> tuple:
+    """The Edges pass's view of the receivers ``names`` of ``comp`` (``graphs.components``), in the
+    components' order."""
+    names = set(names)
+    index = {s.name: i for i, s in enumerate(comp.senders)}
+    out = []
+    for j, r in enumerate(comp.receivers):
+        if r.name not in names:
+            continue
+        upstream = tuple(index[s.name] for s in comp.upstream(r))
+        out.append(
+            EdgeReceiver(
+                r.name, r.kind, j, upstream, r.entry, r.target.node if r.target else "",
+                r.target.layout if r.target else IDENTITY, r.head, r.cone, r.consumers,
+            )
+        )
+    return tuple(out)
