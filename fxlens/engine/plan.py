@@ -151,7 +151,7 @@ class PlanBuilder:
         fn_name = self.input(fn)
         names = tuple(self.input(v) for v in inputs)
         mask_name = self.input(mask) if mask is not None else None
-        self._edits.append(Edit(site.name, site.node, site.layout, fn_name, names, mask_name))
+        self._edits.append(Edit(site.name, site.node, site.layout, fn_name, names, mask_name, site.bypass))
         return self
 
     def hook(self, site: Site, fn, point, dir: str = "fwd", anchor=None) -> "PlanBuilder":
@@ -161,7 +161,7 @@ class PlanBuilder:
         ``anchor``: a scalar leaf requiring grad that a backward hook's node takes as an input (see
         ``passes.hooks``)."""
         self._touch([site], write=True)
-        self._hooks.append(HookAt(site.name, site.node, site.layout, len(self._hook_fns), dir))
+        self._hooks.append(HookAt(site.name, site.node, site.layout, len(self._hook_fns), dir, site.bypass))
         self._hook_fns.append((fn, point) if anchor is None else (fn, point, anchor))
         return self
 

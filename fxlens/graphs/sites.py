@@ -74,6 +74,9 @@ class Site:
     kind: str = "module"
     rewrite: tuple | None = None  # (rewrite kind, target node) needed before ``node`` exists
     expensive: bool = False  # left out of "every site" unless asked for by name
+    # readers of ``node`` that an edit or hook at this site leaves on the unedited value: block 0's input is
+    # also the embedding that Zamba's shared blocks read on their own path, which the block's input is not
+    bypass: tuple = ()
 
     def layer_index(self) -> int | None:
         return self.layer
@@ -423,7 +426,7 @@ class _Builder:
         self.d_model = sym_dims(dg.node(st.blocks[0].resid_pre), *syms)[-1] if st.blocks else None
 
     def add(self, name, view: View | str, axes=None, layer=None, kind="module", rewrite=None, expensive=False,
-            sizes=None, unfit=None):
+            sizes=None, unfit=None, bypass=()):
         """Add a site. A canonical site (``axes`` given) is offered only if its layout turns the node's
         shape into ``axes``; ``sizes`` gives the int an axis must have (None: any), beyond batch, positions
         and d_model. A rewrite's node does not exist yet: the caller checks what it is built from and
@@ -438,7 +441,13 @@ class _Builder:
             if why is not None:
                 self.left_out[name] = why
                 return
-        self.sites.append(Site(name, view.node, view.layout, tuple(axes), layer, kind, rewrite, expensive))
+        self.sites.append(Site(name, view.node, view.layout, tuple(axes), layer, kind, rewrite, expensive, bypass))
+
+    def _outside(self, block) -> tuple:
+        """Readers of the block's input outside the block: the block's input is what the block reads, so an
+        edit of ``hook_resid_pre`` leaves them on the unedited value (as an HF hook on the layer's input does,
+        and as the layered row engine, which feeds them from the base run, always has)."""
+        return tuple(sorted(u.name for u in self.dg.node(block.resid_pre).users if u.name not in block.nodes))
 
     def _misfit(self, view: View, axes: tuple, sizes: dict) -> str | None:
         """Why ``view`` cannot be shown with ``axes``, or None when it can."""
@@ -513,7 +522,7 @@ class _Builder:
             if t is not None and t.post_ln and block.attn and block.mlp:
                 resid_mid, resid_post = block.attn.junction, block.mlp.junction
                 self.add(p + "hook_normalized_resid_post", block.resid_post, RESID_AXES, i, "normalized_resid_post")
-            self.add(p + "hook_resid_pre", block.resid_pre, RESID_AXES, i, "resid_pre")
+            self.add(p + "hook_resid_pre", block.resid_pre, RESID_AXES, i, "resid_pre", bypass=self._outside(block))
             if resid_mid is not None:
                 self.add(p + "hook_resid_mid", resid_mid, RESID_AXES, i, "resid_mid")
             self.add(p + "hook_resid_post", resid_post, RESID_AXES, i, "resid_post")
