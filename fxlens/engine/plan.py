@@ -50,11 +50,12 @@ from ..passes import (
 from ..passes.split_experts import Experts
 from ..passes.split_inputs import InputSplit, SplitInputs
 from ..passes.split_heads import Head
+from ..passes.stack_states import Scan, StackStates
 
 __all__ = ["PlanBuilder", "rewrites_for"]
 
 _REWRITES = (("expand_attention", ExpandAttention), ("decompose_norm", DecomposeNorm), ("split_heads", SplitHeads),
-             ("split_experts", SplitExperts), ("split_inputs", SplitInputs))
+             ("split_experts", SplitExperts), ("split_inputs", SplitInputs), ("ssm_state", StackStates))
 
 
 def rewrites_for(mg: ModelGraph, sites, write=()) -> tuple:
@@ -82,6 +83,8 @@ def rewrites_for(mg: ModelGraph, sites, write=()) -> tuple:
             entry = Experts(m.contributions, m.indices.node, m.combine, m.n_experts)
         elif kind == "split_inputs":
             entry = input_split(mg, site.layer, site.kind, target)
+        elif kind == "ssm_state":
+            entry = Scan(target, mg.scans[site.layer])
         found[kind][entry] = found[kind].get(entry, False) or site.name in write
     specs = []
     for kind, cls in _REWRITES:

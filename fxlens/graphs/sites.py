@@ -39,8 +39,9 @@ from .dataflow import DataGraph
 from .layout import IDENTITY, Layout
 from .mlp import Mlp, find_mlp
 from .moe import Moe, find_moe
-from .nodes import ATTENTION_OPS, is_tensor, op_name, scope, sym_dims
+from .nodes import ATTENTION_OPS, is_tensor, op_name, scope, sym_dims, tensor_meta
 from .norms import Norm, find_norm
+from .ssm import find_scan
 from .structure import (Structure, StructureError, _escaping, _module_nodes, _norm_modules, attention_module_branch,
                         find_structure)
 from .vocab import input_vocab, token_embedding
@@ -207,6 +208,7 @@ class ModelGraph:
     sites: SiteTable
     dims: dict = field(default_factory=dict)
     moe: list = field(default_factory=list)  # per block: Moe | None (a mixture-of-experts MLP)
+    scans: dict = field(default_factory=dict)  # block -> its mixer's state nodes, one per position (graphs.ssm)
 
     @property
     def n_layers(self) -> int:
@@ -233,7 +235,8 @@ class ModelGraph:
             kv = site.kind in ("k_input", "v_input")
             sizes = {"batch": batch, "pos": seq, "query_pos": seq, "key_pos": seq, "one": 1,
                      "head": d.get("n_key_value_heads" if kv else "n_heads"), "d_model": d.get("d_model"),
-                     "d_head": d.get("d_head"), "expert": d.get("n_experts")}
+                     "d_head": d.get("d_head"), "expert": d.get("n_experts"), "d_inner": d.get("d_inner"),
+                     "d_state": d.get("d_state")}
             return tuple(sizes[a] for a in site.axes)
         dims = sym_dims(self.dg.node(site.node), *(self.captured.batch_symbol, self.captured.seq_symbol))
         user = site.layout.shape(dims)
@@ -297,7 +300,13 @@ def analyse(cg: CapturedGraph, table=None) -> ModelGraph:
         moes.append(moe)
     if table is not None:
         _check_table(st, table)
-    builder = _Builder(dg, syms, st, attns, mlps, norms, table, moes)
+    scans = {}
+    for block in st.blocks:
+        if block.attn is not None and is_mixer(dg, block.attn):
+            chain = find_scan(dg, block.attn.nodes, cg.static_seq)
+            if chain is not None:
+                scans[block.index] = chain
+    builder = _Builder(dg, syms, st, attns, mlps, norms, table, moes, scans)
     sites = builder.build(by_scope)
     for i, why in unfound.items():
         if is_mixer(dg, st.blocks[i].attn):
@@ -308,7 +317,9 @@ def analyse(cg: CapturedGraph, table=None) -> ModelGraph:
     if builder.left_out:
         warnings.warn(_left_out_message(builder.left_out), stacklevel=2)
     dims = _dims(dg, syms, st, attns, mlps, moes)
-    return ModelGraph(cg, dg, st, attns, mlps, norms, SiteTable(sites, len(st.blocks), builder.left_out), dims, moes)
+    if scans:
+        dims["d_inner"], dims["d_state"] = tuple(tensor_meta(dg.node(next(iter(scans.values()))[0])).shape[1:3])
+    return ModelGraph(cg, dg, st, attns, mlps, norms, SiteTable(sites, len(st.blocks), builder.left_out), dims, moes, scans)
 
 
 def is_mixer(dg: DataGraph, branch) -> bool:
@@ -417,8 +428,9 @@ def _dims(dg, syms, st, attns, mlps, moes=()) -> dict:
 
 
 class _Builder:
-    def __init__(self, dg, syms, st, attns, mlps, norms, table, moes=None):
+    def __init__(self, dg, syms, st, attns, mlps, norms, table, moes=None, scans=None):
         self.dg, self.syms, self.st = dg, syms, st
+        self.scans = scans or {}
         self.attns, self.mlps, self.norms, self.table = attns, mlps, norms, table
         self.moes = moes or [None] * len(st.blocks)
         self.sites: list[Site] = []
@@ -529,6 +541,11 @@ class _Builder:
             if block.attn is not None and self.attns[i] is None and is_mixer(self.dg, block.attn):
                 # a state-space (or convolution) token mixer: not attention, so not hook_attn_out
                 self.add(p + "hook_mixer_out", block.attn.output, RESID_AXES, i, "mixer_out")
+                if i in self.scans:
+                    # the state after each position, stacked from the unrolled scan (passes.stack_states)
+                    first = self.scans[i][0]
+                    self.add(p + "mixer.hook_ssm_state", rewritten("ssm_state", first, "ssm_state"),
+                             ("batch", "pos", "d_inner", "d_state"), i, "ssm_state", rewrite=("ssm_state", first))
             elif block.attn is not None:
                 self.add(p + "hook_attn_out", block.attn.output, RESID_AXES, i, "attn_out")
             if block.mlp is not None:
