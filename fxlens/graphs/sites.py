@@ -542,10 +542,12 @@ class _Builder:
                 # a state-space (or convolution) token mixer: not attention, so not hook_attn_out
                 self.add(p + "hook_mixer_out", block.attn.output, RESID_AXES, i, "mixer_out")
                 if i in self.scans:
-                    # the state after each position, stacked from the unrolled scan (passes.stack_states)
+                    # the state after each position, stacked from the unrolled scan (passes.stack_states); seq
+                    # times the size of the mixer's activations, so only when asked for by name
                     first = self.scans[i][0]
                     self.add(p + "mixer.hook_ssm_state", rewritten("ssm_state", first, "ssm_state"),
-                             ("batch", "pos", "d_inner", "d_state"), i, "ssm_state", rewrite=("ssm_state", first))
+                             ("batch", "pos", "d_inner", "d_state"), i, "ssm_state", rewrite=("ssm_state", first),
+                             expensive=True)
             elif block.attn is not None:
                 self.add(p + "hook_attn_out", block.attn.output, RESID_AXES, i, "attn_out")
             if block.mlp is not None:

@@ -10,8 +10,9 @@ Mechanism: ``find_scan`` looks among a mixer's nodes for ``add(mul(a, s), b)`` s
 previous step (through dtype casts) and whose first ``s`` is a ``zeros`` tensor (outside the branch: it
 reads nothing of the residual), all of one shape
 ``[batch, *state]`` without a position axis; a chain as long as the captured sequence is the scan, and
-its ``add`` nodes are the states after positions 0, 1, ... . Anything else (Mamba2's chunked scan, which
-holds one state per chunk of positions, not per position) gives None.
+its ``add`` nodes are the states after positions 0, 1, ... . Anything else gives None: Mamba2's chunked
+scan (one state per chunk of positions, not per position), or a mixer holding several scans (Zamba's
+mamba heads scan separately), whose single state would be only a part.
 
 Example::
 
@@ -65,6 +66,7 @@ def find_scan(dg: DataGraph, nodes, seq) -> tuple | None:
     # the zeros that a step of the branch multiplies
     starts = {a.name: a for n in members if op_name(dg.node(n)) == "mul" for a in dg.node(n).all_input_nodes
               if op_name(a) == "zeros"}
+    found = []
     for name in sorted(starts, key=lambda n: dg.order.get(n, 0)):
         start = starts[name]
         chain = []
@@ -72,6 +74,11 @@ def find_scan(dg: DataGraph, nodes, seq) -> tuple | None:
         while node is not None and _same_shape(node, start):
             chain.append(node.name)
             node = _step_from(node, members)
-        if len(chain) == seq and len(tensor_meta(start).shape) >= 2:
-            return tuple(chain)
-    return None
+        if chain:
+            found.append((start, chain))
+    if len(found) != 1:
+        return None  # several scans (one per head group, Zamba's mamba heads): no single state to show
+    start, chain = found[0]
+    if len(chain) != seq or len(tensor_meta(start).shape) != 3:
+        return None  # not one state [batch, d_inner, d_state] per position
+    return tuple(chain)
