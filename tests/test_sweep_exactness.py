@@ -92,3 +92,18 @@ def test_ordinary_blocks_pass_the_suffix_check_and_keep_the_layered_engine(famil
         warnings.simplefilter("error")  # no fall-back warning
         patching.get_act_patch_resid_pre(model, ids, cache, fxlens.metrics.logit_diff(3, 7))
     assert model.last_sweep_stats["block_calls"] > 0
+
+
+def test_generation_on_doge_recomputes_instead_of_stepping_from_cached_keys():
+    """A decode step runs the last position alone on cached keys and values: the same block call the
+    suffix check finds inexact on Doge, so generation recomputes (said once) and gives HF's tokens."""
+    hf = A.build("doge")
+    ids = A.probe_ids(1, SEQ, seed=3)
+    with torch.no_grad():
+        want = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    model = _model(hf)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = model.generate(ids, 6, stop_at_eos=False)
+    assert torch.equal(got, want)
+    assert any("step from cached keys and values would not be exact" in str(w.message) for w in seen)
