@@ -10,22 +10,26 @@ values, so the prefix keys' bias columns are missing; a state-space scan keeps a
 graph does not say so in one recognisable op, and such a block gives numbers close to, not equal to,
 the right ones (Doge's resid_pre sweep was off by 4e-4, Inkling's by 2.5e-5).
 
-Mechanism: ``suffix_mismatch(engine, base)`` runs every block on the base run's own residual from
-position ``s = seq // 2`` on, padded with the base's KV prefix and (where the engine packs rows) packed
-beside a row that starts at 0, with no edit, and compares each with the block's output in the base run.
-An unedited row must reproduce it up to rounding (relative 1e-5 in float32, a few units of the last
-place in half precision): the base run feeds only the prefix's keys and values and the input-derived
-context, so a block that passes computes an edited row's suffix from that row's own values alone. The
-first block that does not is named, with its largest relative difference; the engine then runs rows
-on the whole model (``whole.py``), exact and slower, and says so once.
+Mechanism: ``suffix_mismatch(engine, base)`` runs every block on the base run's own residual from a
+later position on (the last position alone, as the last block and a cached decode step run it, and
+from the middle), padded with the base's KV prefix and, where the engine packs rows, packed beside a
+row that starts at 0, with no edit, and compares each with the block's output in the base run. An
+unedited row must reproduce it up to rounding (relative 1e-5 in float32, four units of the last place
+in half precision; dense and mixture-of-experts blocks measured 0 to 2e-7): the base run feeds only the
+prefix's keys and values and the input-derived context, so a block that passes computes an edited row's
+suffix from that row's own values alone. The first block that does not is named, with its largest
+relative difference; the engine then runs rows on the whole model (``whole.py``), exact and slower,
+and says so once, and generation recomputes instead of stepping from cached keys and values
+(``decode.cache_reason``). A layout that raises is skipped here: the engine falls back from it when it
+raises in a sweep.
 
 Example::
 
-    why = suffix_mismatch(engine, base)    # None, or "block 0 (model.layers.0) ... differs by 3.2e-03"
+    why = suffix_mismatch(engine, base)    # None, or "block 0 (model.layers.0) run on positions 4.. alone, ..."
 
-Gotchas: the verdict comes from the first base run long enough to hold a suffix (two positions or
-more) and is kept for the capture; a block whose mixing only shows past some length (Doge's top-k
-window of 2048 keys) is caught on inputs that long, since its mask already depends on the values.
+Gotchas: the verdict comes from the first base run that keeps keys and values and is long enough to
+hold a suffix (two positions or more), and is kept for the capture; where every layout raises on it,
+no verdict is kept (``UNDECIDED``) and the next base run asks again.
 """
 
 from __future__ import annotations
