@@ -97,6 +97,7 @@ __all__ = [
     "ExpandAttention",
     "SplitHeads",
     "SplitExperts",
+    "StackStates",
     "Hooks",
     "HookAt",
     "HookError",
