@@ -64,8 +64,18 @@ def hf_with_mixer_by_hand(hf, layer, ids, edit=None):
         handle.remove()
 
 
-def test_cached_state_equals_hfs_state_after_each_position(mamba):
-    hf, model = mamba
+@pytest.fixture(scope="module")
+def falcon_mamba():
+    hf = A.build("falcon_mamba")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fxlens.Model.from_hf(hf)
+    return hf, model
+
+
+@pytest.mark.parametrize("family", ["mamba", "falcon_mamba"])
+def test_cached_state_equals_hfs_state_after_each_position(family, request):
+    hf, model = request.getfixturevalue(family)
     ids = A.probe_ids(2, SEQ, seed=3)
     names = [f"blocks.{i}.mixer.hook_ssm_state" for i in range(model.cfg.n_layers)]
     _, cache = model.run_with_cache(ids, names_filter=names)
