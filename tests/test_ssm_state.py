@@ -162,3 +162,15 @@ def test_mamba2_offers_no_per_position_state(tmp_path):
         model = fxlens.Model.from_hf(A.build("mamba2"))
     assert not [n for n in model.site_table if "ssm_state" in n]
     assert any(n.endswith("hook_mixer_out") for n in model.site_table)
+
+
+def test_a_patch_intervention_of_one_position_equals_the_edit_in_hfs_scan(mamba):
+    hf, model = mamba
+    ids, other = A.probe_ids(2, SEQ, seed=4), A.probe_ids(2, SEQ, seed=6)
+    name = "blocks.0.mixer.hook_ssm_state"
+    _, cache = model.run_with_cache(other, names_filter=[name])
+    want = hf_with_mixer_by_hand(hf, 0, ids, lambda p, state: cache[name][:, p] if p == 2 else state)
+    with torch.no_grad():
+        got = model.run_with_interventions(ids, [fxlens.Patch(name, source=cache, pos=2)])
+    got = got[0] if isinstance(got, tuple) else got
+    assert (got - want).abs().max() <= 1e-5
