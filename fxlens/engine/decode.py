@@ -65,10 +65,30 @@ def cache_reason(model, interventions, hooks) -> str | None:
         return f"its blocks cannot run separately ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
     if any(uses is None for uses in blocks.kv_uses):
         return "a block has no attention keys and values to cache"
+    why = _suffix_verdict(model)
+    if why:
+        return f"a step from cached keys and values would not be exact ({why})"
     for site in [model.site_table[spec.site] for spec in interventions] + [site for site, _ in hooks]:
         if _block_of(blocks, site) is None:
             return f"an intervention or hook at {site.name} acts outside the blocks"
     return None
+
+
+def _suffix_verdict(model) -> str | None:
+    """The row engine's check (``rows/exactness.py``) that a block run on later positions alone, with the
+    earlier positions' keys and values given, reproduces its full run, as a cached decode step runs it:
+    the verdict of an earlier sweep, or one found now on a short probe of token ids 1..6."""
+    from .rows.engine import RowEngine
+
+    verdict = model.derived.item("suffix_exact", list)
+    if not verdict:
+        vocab = model.cfg.d_vocab or 2
+        ids = (torch.arange(1, 7) % vocab).unsqueeze(0)
+        try:
+            RowEngine(model).base(model._inputs(ids, None))
+        except Exception:  # noqa: BLE001 - no probe on this model: the decoder's own checks stand
+            return None
+    return verdict[0] if verdict else None
 
 
 def _block_of(blocks, site) -> int | None:

@@ -51,11 +51,12 @@ from ..passes.split_experts import Experts
 from ..passes.edges import receiver_specs
 from ..passes.split_inputs import InputSplit, SplitInputs
 from ..passes.split_heads import Head
+from ..passes.stack_states import Scan, StackStates
 
 __all__ = ["PlanBuilder", "rewrites_for"]
 
 _REWRITES = (("expand_attention", ExpandAttention), ("decompose_norm", DecomposeNorm), ("split_heads", SplitHeads),
-             ("split_experts", SplitExperts), ("split_inputs", SplitInputs))
+             ("split_experts", SplitExperts), ("split_inputs", SplitInputs), ("ssm_state", StackStates))
 
 
 def rewrites_for(mg: ModelGraph, sites, write=()) -> tuple:
@@ -83,6 +84,8 @@ def rewrites_for(mg: ModelGraph, sites, write=()) -> tuple:
             entry = Experts(m.contributions, m.indices.node, m.combine, m.n_experts)
         elif kind == "split_inputs":
             entry = input_split(mg, site.layer, site.kind, target)
+        elif kind == "ssm_state":
+            entry = Scan(target, mg.scans[site.layer])
         found[kind][entry] = found[kind].get(entry, False) or site.name in write
     specs = []
     for kind, cls in _REWRITES:
@@ -150,7 +153,7 @@ class PlanBuilder:
         fn_name = self.input(fn)
         names = tuple(self.input(v) for v in inputs)
         mask_name = self.input(mask) if mask is not None else None
-        self._edits.append(Edit(site.name, site.node, site.layout, fn_name, names, mask_name))
+        self._edits.append(Edit(site.name, site.node, site.layout, fn_name, names, mask_name, site.bypass))
         return self
 
     def hook(self, site: Site, fn, point, dir: str = "fwd", anchor=None) -> "PlanBuilder":
@@ -160,7 +163,7 @@ class PlanBuilder:
         ``anchor``: a scalar leaf requiring grad that a backward hook's node takes as an input (see
         ``passes.hooks``)."""
         self._touch([site], write=True)
-        self._hooks.append(HookAt(site.name, site.node, site.layout, len(self._hook_fns), dir))
+        self._hooks.append(HookAt(site.name, site.node, site.layout, len(self._hook_fns), dir, site.bypass))
         self._hook_fns.append((fn, point) if anchor is None else (fn, point, anchor))
         return self
 

@@ -39,8 +39,9 @@ from .dataflow import DataGraph
 from .layout import IDENTITY, Layout
 from .mlp import Mlp, find_mlp
 from .moe import Moe, find_moe
-from .nodes import ATTENTION_OPS, is_tensor, op_name, scope, sym_dims
+from .nodes import ATTENTION_OPS, is_tensor, op_name, scope, sym_dims, tensor_meta
 from .norms import Norm, find_norm
+from .ssm import find_scan
 from .structure import (Structure, StructureError, _escaping, _module_nodes, _norm_modules, attention_module_branch,
                         find_structure)
 from .vocab import input_vocab, token_embedding
@@ -74,6 +75,9 @@ class Site:
     kind: str = "module"
     rewrite: tuple | None = None  # (rewrite kind, target node) needed before ``node`` exists
     expensive: bool = False  # left out of "every site" unless asked for by name
+    # readers of ``node`` that an edit or hook at this site leaves on the unedited value: block 0's input is
+    # also the embedding that Zamba's shared blocks read on their own path, which the block's input is not
+    bypass: tuple = ()
 
     def layer_index(self) -> int | None:
         return self.layer
@@ -204,6 +208,7 @@ class ModelGraph:
     sites: SiteTable
     dims: dict = field(default_factory=dict)
     moe: list = field(default_factory=list)  # per block: Moe | None (a mixture-of-experts MLP)
+    scans: dict = field(default_factory=dict)  # block -> its mixer's state nodes, one per position (graphs.ssm)
 
     @property
     def n_layers(self) -> int:
@@ -230,7 +235,8 @@ class ModelGraph:
             kv = site.kind in ("k_input", "v_input")
             sizes = {"batch": batch, "pos": seq, "query_pos": seq, "key_pos": seq, "one": 1,
                      "head": d.get("n_key_value_heads" if kv else "n_heads"), "d_model": d.get("d_model"),
-                     "d_head": d.get("d_head"), "expert": d.get("n_experts")}
+                     "d_head": d.get("d_head"), "expert": d.get("n_experts"), "d_inner": d.get("d_inner"),
+                     "d_state": d.get("d_state")}
             return tuple(sizes[a] for a in site.axes)
         dims = sym_dims(self.dg.node(site.node), *(self.captured.batch_symbol, self.captured.seq_symbol))
         user = site.layout.shape(dims)
@@ -294,7 +300,13 @@ def analyse(cg: CapturedGraph, table=None) -> ModelGraph:
         moes.append(moe)
     if table is not None:
         _check_table(st, table)
-    builder = _Builder(dg, syms, st, attns, mlps, norms, table, moes)
+    scans = {}
+    for block in st.blocks:
+        if block.attn is not None and is_mixer(dg, block.attn):
+            chain = find_scan(dg, block.attn.nodes, cg.static_seq)
+            if chain is not None:
+                scans[block.index] = chain
+    builder = _Builder(dg, syms, st, attns, mlps, norms, table, moes, scans)
     sites = builder.build(by_scope)
     for i, why in unfound.items():
         if is_mixer(dg, st.blocks[i].attn):
@@ -305,7 +317,9 @@ def analyse(cg: CapturedGraph, table=None) -> ModelGraph:
     if builder.left_out:
         warnings.warn(_left_out_message(builder.left_out), stacklevel=2)
     dims = _dims(dg, syms, st, attns, mlps, moes)
-    return ModelGraph(cg, dg, st, attns, mlps, norms, SiteTable(sites, len(st.blocks), builder.left_out), dims, moes)
+    if scans:
+        dims["d_inner"], dims["d_state"] = tuple(tensor_meta(dg.node(next(iter(scans.values()))[0])).shape[1:3])
+    return ModelGraph(cg, dg, st, attns, mlps, norms, SiteTable(sites, len(st.blocks), builder.left_out), dims, moes, scans)
 
 
 def is_mixer(dg: DataGraph, branch) -> bool:
@@ -414,8 +428,9 @@ def _dims(dg, syms, st, attns, mlps, moes=()) -> dict:
 
 
 class _Builder:
-    def __init__(self, dg, syms, st, attns, mlps, norms, table, moes=None):
+    def __init__(self, dg, syms, st, attns, mlps, norms, table, moes=None, scans=None):
         self.dg, self.syms, self.st = dg, syms, st
+        self.scans = scans or {}
         self.attns, self.mlps, self.norms, self.table = attns, mlps, norms, table
         self.moes = moes or [None] * len(st.blocks)
         self.sites: list[Site] = []
@@ -423,7 +438,7 @@ class _Builder:
         self.d_model = sym_dims(dg.node(st.blocks[0].resid_pre), *syms)[-1] if st.blocks else None
 
     def add(self, name, view: View | str, axes=None, layer=None, kind="module", rewrite=None, expensive=False,
-            sizes=None, unfit=None):
+            sizes=None, unfit=None, bypass=()):
         """Add a site. A canonical site (``axes`` given) is offered only if its layout turns the node's
         shape into ``axes``; ``sizes`` gives the int an axis must have (None: any), beyond batch, positions
         and d_model. A rewrite's node does not exist yet: the caller checks what it is built from and
@@ -438,7 +453,13 @@ class _Builder:
             if why is not None:
                 self.left_out[name] = why
                 return
-        self.sites.append(Site(name, view.node, view.layout, tuple(axes), layer, kind, rewrite, expensive))
+        self.sites.append(Site(name, view.node, view.layout, tuple(axes), layer, kind, rewrite, expensive, bypass))
+
+    def _outside(self, block) -> tuple:
+        """Readers of the block's input outside the block: the block's input is what the block reads, so an
+        edit of ``hook_resid_pre`` leaves them on the unedited value (as an HF hook on the layer's input does,
+        and as the layered row engine, which feeds them from the base run, always has)."""
+        return tuple(sorted(u.name for u in self.dg.node(block.resid_pre).users if u.name not in block.nodes))
 
     def _misfit(self, view: View, axes: tuple, sizes: dict) -> str | None:
         """Why ``view`` cannot be shown with ``axes``, or None when it can."""
@@ -513,13 +534,20 @@ class _Builder:
             if t is not None and t.post_ln and block.attn and block.mlp:
                 resid_mid, resid_post = block.attn.junction, block.mlp.junction
                 self.add(p + "hook_normalized_resid_post", block.resid_post, RESID_AXES, i, "normalized_resid_post")
-            self.add(p + "hook_resid_pre", block.resid_pre, RESID_AXES, i, "resid_pre")
+            self.add(p + "hook_resid_pre", block.resid_pre, RESID_AXES, i, "resid_pre", bypass=self._outside(block))
             if resid_mid is not None:
                 self.add(p + "hook_resid_mid", resid_mid, RESID_AXES, i, "resid_mid")
             self.add(p + "hook_resid_post", resid_post, RESID_AXES, i, "resid_post")
             if block.attn is not None and self.attns[i] is None and is_mixer(self.dg, block.attn):
                 # a state-space (or convolution) token mixer: not attention, so not hook_attn_out
                 self.add(p + "hook_mixer_out", block.attn.output, RESID_AXES, i, "mixer_out")
+                if i in self.scans:
+                    # the state after each position, stacked from the unrolled scan (passes.stack_states); seq
+                    # times the size of the mixer's activations, so only when asked for by name
+                    first = self.scans[i][0]
+                    self.add(p + "mixer.hook_ssm_state", rewritten("ssm_state", first, "ssm_state"),
+                             ("batch", "pos", "d_inner", "d_state"), i, "ssm_state", rewrite=("ssm_state", first),
+                             expensive=True)
             elif block.attn is not None:
                 self.add(p + "hook_attn_out", block.attn.output, RESID_AXES, i, "attn_out")
             if block.mlp is not None:

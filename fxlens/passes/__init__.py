@@ -30,6 +30,7 @@ from .select_vocab import SelectVocab, select_vocab
 from .split_experts import SplitExperts, split_experts
 from .split_heads import SplitHeads, split_heads
 from .split_inputs import SplitInputs, split_inputs
+from .stack_states import StackStates, stack_states
 
 STAGES = ("kernels", "layout", "materialise", "edit", "read", "output")
 
@@ -39,6 +40,7 @@ _PASSES = {
     SplitHeads: split_heads,
     SplitExperts: split_experts,
     SplitInputs: split_inputs,
+    StackStates: stack_states,
     Cache: cache,
     Hooks: hooks,
     Intervene: intervene,
@@ -95,6 +97,7 @@ __all__ = [
     "ExpandAttention",
     "SplitHeads",
     "SplitExperts",
+    "StackStates",
     "Hooks",
     "HookAt",
     "HookError",

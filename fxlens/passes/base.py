@@ -153,6 +153,11 @@ class Rewrite:
         if new is not old:
             self.swap_names(old, new)
 
+    def readers(self, node: fx.Node, names) -> set:
+        """The nodes named in ``names`` that read ``node`` in this graph (a block's own program lacks the
+        readers outside the block): the readers a site's edit leaves on the unedited value."""
+        return {self.by_name[n] for n in names if n in self.by_name and node in self.by_name[n].all_input_nodes}
+
     def replace(self, old: fx.Node, new: fx.Node) -> None:
         """Replace ``old`` entirely: users, name, and the node itself is erased."""
         if "val" in old.meta and "val" not in new.meta:

@@ -49,6 +49,7 @@ class HookAt:
     layout: Layout = IDENTITY
     index: int = 0  # position of (fn, hook_point) in the fxl_hooks list
     dir: str = "fwd"  # "bwd": called on the site's gradient in the backward pass
+    bypass: tuple = ()  # readers of the node that keep the unhooked value (``Site.bypass``)
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def hooks(gm: fx.GraphModule, spec: Hooks) -> fx.GraphModule:
                 read = h.layout.read(rw.graph, value, sizes)
                 called = rw.create(_call_grad_hook if h.dir == "bwd" else _call_hook, (fns, h.index, read, h.key))
                 written = h.layout.write(rw.graph, called, sizes)
-            rw.supersede(value, written, keep=_between(read, written, value))
+            rw.supersede(value, written, keep=_between(read, written, value) | rw.readers(value, h.bypass))
     return rw.result
 
 

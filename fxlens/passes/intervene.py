@@ -76,6 +76,7 @@ class Edit:
     fn: str = ""  # graph-input name of the function fn(x, *inputs) -> new value
     inputs: tuple = ()  # graph-input names passed to fn after the value
     mask: str | None = None  # graph-input name of a boolean mask broadcastable to the site; None: everywhere
+    bypass: tuple = ()  # readers of the node that keep the unedited value (``Site.bypass``)
 
 
 @dataclass(frozen=True)
@@ -123,5 +124,5 @@ def intervene(gm: fx.GraphModule, spec: Intervene) -> fx.GraphModule:
                 n = n.next
             keep.add(written)
             keep.discard(current)
-            rw.supersede(current, written, keep=keep)
+            rw.supersede(current, written, keep=keep | rw.readers(current, e.bypass))
     return rw.result

@@ -38,6 +38,7 @@ from ...passes.pack_rows import unpack
 from ..plan import PlanBuilder
 from .base import Base, run_base
 from .blocks import Blocks
+from .exactness import UNDECIDED, suffix_mismatch
 from .layouts import Packed, Padded
 from .readout import Readout
 from ..distributed import Shard
@@ -93,6 +94,24 @@ class RowEngine:
                 stacklevel=4,
             )
 
+    def _suffixes_exact(self, base: Base) -> bool:
+        """Whether rows may start after position 0 (``exactness.py``), asked once per capture of the first base
+        run that keeps keys and values and is long enough; where they may not, the exact path from now on."""
+        verdict = self.derived.item("suffix_exact", list)
+        if not verdict and all(kv is not None for kv, u in zip(base.kv, self.blocks.kv_uses) if u is not None):
+            why = suffix_mismatch(self, base)
+            if why != UNDECIDED:
+                verdict.append(why)
+            if why:
+                self.derived.item("whole_model_rows", list).append(why)
+                warnings.warn(
+                    f"rows that start after position 0 would not be exact on this model ({why}); its sweeps run as "
+                    "whole-model forwards, exact and slower",
+                    UserWarning,
+                    stacklevel=5,
+                )
+        return not (verdict and verdict[0])
+
     def base(self, feed: dict, keep_kv: bool | None = None, sites=()) -> Base:
         """The unpatched run (keys and values kept for causal models unless ``keep_kv`` says otherwise);
         on a model the layered engine cannot run, the sites' values from one whole-model run."""
@@ -101,6 +120,8 @@ class RowEngine:
                 base = run_base(self.blocks, feed, self.causal if keep_kv is None else keep_kv, sites)
                 self.stats["token_layers"] += base.batch * base.seq * self.blocks.n_layers
                 base.feed = feed
+                if not self._suffixes_exact(base):
+                    return self.base(feed, keep_kv, sites)
                 return base
             except RowError:
                 raise

@@ -1,0 +1,109 @@
+"""resid_pre sweeps of blocks that read more than their residual input and attention's keys and values
+equal a hooked HF loop (issue 10's "slightly wrong numbers").
+
+Reference: one plain HF forward per cell, a forward-pre-hook on the decoder layer putting the clean
+layer input at the cell's position (tests/test_coverage.py's ``hf_resid_pre_sweep``), with a plain
+callable metric (every logit) and a declared one (the last position's logits: the last block then runs
+that position alone on the earlier positions' keys and values).
+
+Causes, and what these tests saw before the fixes:
+- Zamba and Zamba2 feed the embedding both to block 0 and, as ``original_hidden_states``, to every
+  shared attention block; an edit of ``blocks.0.hook_resid_pre`` also reached the shared blocks, which
+  an HF hook on the layer input does not (off by 3.9e-3 and 5.5e-4, layer 0 only).
+- Doge's attention bias is computed from its values per key, and Inkling convolves keys, values and
+  both branch outputs over the last positions; a row that starts after position 0 lacked the earlier
+  positions' share of both (off by 3.9e-4 and 2.5e-5). The row engine now checks, once per capture,
+  that a block run on a suffix reproduces the base run, and runs rows on the whole model where not.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import all_families as A
+import fxlens
+from fxlens import patching
+from fxlens.engine.rows import RowEngine
+from fxlens.engine.rows.exactness import suffix_mismatch
+from fxlens.engine.rows.base import run_base
+from test_coverage import hf_resid_pre_sweep, sweep_metric
+
+SEQ = 6
+
+
+def _model(hf):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxlens.Model.from_hf(hf)
+
+
+def _sweeps(family):
+    """[(fxlens' grid, the HF loop's grid)] for a plain and a declared metric, and the warnings the sweeps gave."""
+    hf = A.build(family)
+    clean, corrupted = A.probe_ids(1, SEQ, seed=3), A.probe_ids(1, SEQ, seed=4)
+    with torch.no_grad():
+        plain = sweep_metric(hf(input_ids=clean).logits.shape[-1])
+    declared = fxlens.metrics.logit_diff(3, 7)
+    model = _model(hf)
+    paths = [b.path for b in model.graph.structure.blocks]
+    _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
+    out = []
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for metric in (declared, plain):
+            out.append(patching.get_act_patch_resid_pre(model, corrupted, cache, metric))
+    return model, [(got, hf_resid_pre_sweep(hf, clean, corrupted, paths, m)) for got, m in zip(out, (declared, plain))], seen
+
+
+def _close(got, want):
+    scale = float(want.abs().max())
+    assert float((got - want).abs().max()) <= 1e-5 * max(1.0, scale), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("family", ["zamba", "zamba2"])
+def test_shared_block_models_sweep_equals_hooked_hf_loop(family):
+    model, grids, _ = _sweeps(family)
+    for got, want in grids:
+        _close(got, want)
+    assert model.site("blocks.0.hook_resid_pre").bypass  # the shared blocks' embedding input is left alone
+
+
+@pytest.mark.parametrize("family", ["doge", "inkling_text"])
+def test_blocks_that_mix_positions_beside_attention_sweep_exactly_and_say_why(family):
+    model, grids, seen = _sweeps(family)
+    for got, want in grids:
+        _close(got, want)
+    told = [str(w.message) for w in seen if "would not be exact" in str(w.message)]
+    assert len(told) == 1 and "mixes positions outside attention's keys and values" in told[0]
+    assert "block 0" in told[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral"])
+def test_ordinary_blocks_pass_the_suffix_check_and_keep_the_layered_engine(family):
+    model = _model(A.build(family))
+    engine = RowEngine(model)
+    ids = A.probe_ids(1, SEQ, seed=4)
+    base = run_base(engine.blocks, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, True)
+    assert suffix_mismatch(engine, base) is None
+    clean = A.probe_ids(1, SEQ, seed=3)
+    _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall-back warning
+        patching.get_act_patch_resid_pre(model, ids, cache, fxlens.metrics.logit_diff(3, 7))
+    assert model.last_sweep_stats["block_calls"] > 0
+
+
+def test_generation_on_doge_recomputes_instead_of_stepping_from_cached_keys():
+    """A decode step runs the last position alone on cached keys and values: the same block call the
+    suffix check finds inexact on Doge, so generation recomputes (said once) and gives HF's tokens."""
+    hf = A.build("doge")
+    ids = A.probe_ids(1, SEQ, seed=3)
+    with torch.no_grad():
+        want = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    model = _model(hf)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = model.generate(ids, 6, stop_at_eos=False)
+    assert torch.equal(got, want)
+    assert any("step from cached keys and values would not be exact" in str(w.message) for w in seen)
