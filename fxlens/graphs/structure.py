@@ -6,7 +6,10 @@ not about module names.
 
 Mechanism:
 - Blocks are the integer-indexed children of the module list that covers most matrix products
-  (``model.layers.{i}``, ``transformer.h.{i}``, ``bert.encoder.layer.{i}``).
+  (``model.layers.{i}``, ``transformer.h.{i}``, ``bert.encoder.layer.{i}``), one block per *call*: a
+  layer the forward runs several times (ALBERT shares one layer across depth, Dory loops a middle
+  layer) is a block per call, in the order they run, as HF's ``hidden_states`` count them; torch.export
+  tells the calls apart in ``nn_module_stack`` (``nodes.call_scopes``). Such blocks share ``path``.
 - A block's residual input (``resid_pre``) is the external input that dominates its output; the
   *spine* is the chain of nodes every path from ``resid_pre`` to the block output passes through.
 - Consecutive spine nodes bound a segment. A segment whose interior holds a matrix product is a
@@ -38,7 +41,8 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from .dataflow import DataGraph
-from .nodes import ATTENTION_OPS, MATMUL_OPS, LAYOUT_OPS, is_op, is_tensor, op_name, scope, scopes, tensor_meta
+from .nodes import (ATTENTION_OPS, MATMUL_OPS, LAYOUT_OPS, call_scopes, is_op, is_tensor, op_name, scope, scopes,
+                    tensor_meta)
 
 __all__ = ["Branch", "Block", "Structure", "find_structure", "attention_module_branch", "is_norm_op", "StructureError", "NORM_OPS"]
 
@@ -93,13 +97,25 @@ class Structure:
     unembed_module: str | None = None
 
 
-def _module_nodes(graph: fx.Graph) -> dict[str, list[fx.Node]]:
+def _module_nodes(graph: fx.Graph, calls: bool = False) -> dict[str, list[fx.Node]]:
+    """{module path: its nodes, in graph order}; with ``calls``, one entry per call of a module called
+    more than once (``model.layers.1``, ``model.layers.1@1``: see ``nodes.call_scopes``)."""
     by_scope: dict[str, list[fx.Node]] = defaultdict(list)
     for node in graph.nodes:
         if node.op == "call_function":
-            for path in scopes(node):
+            for path in (call_scopes(node) if calls else scopes(node)):
                 by_scope[path].append(node)
     return by_scope
+
+
+def _block_calls(paths: list[str], by_call: dict, dg: DataGraph) -> list[tuple[str, str]]:
+    """(module path, call key) of every call of the block modules, in the order they run: a layer run
+    several times in one forward (ALBERT's shared layer, a looped middle layer) is one block per call."""
+    calls = []
+    for path in paths:
+        pattern = re.compile(re.escape(path) + r"(@\d+)?")
+        calls += [(path, key) for key in by_call if pattern.fullmatch(key) and by_call[key]]
+    return sorted(calls, key=lambda c: dg.order[by_call[c[1]][0].name])
 
 
 def _find_block_list(graph: fx.Graph, within: str | None = None) -> tuple[str, list[str]]:
@@ -200,11 +216,12 @@ def find_structure(graph: fx.Graph, dg: DataGraph | None = None, within: str | N
     by_scope = _module_nodes(graph)
     norm_modules = _norm_modules(by_scope)
     prefix, paths = _find_block_list(graph, within)
+    by_call = _module_nodes(graph, calls=True)
 
     blocks = []
     prev_out: str | None = None
-    for index, path in enumerate(paths):
-        block_nodes = {n.name for n in by_scope[path]}
+    for index, (path, key) in enumerate(_block_calls(paths, by_call, dg)):
+        block_nodes = {n.name for n in by_call[key]}
         external = set()
         for name in block_nodes:
             for src in dg.node(name).all_input_nodes:
