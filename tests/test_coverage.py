@@ -85,15 +85,19 @@ def padded_batch(side: str):
 
 
 def maxdiff(a, b, where=None) -> float:
+    if a.dim() >= 2 and b.dim() == a.dim() and tuple(b.shape) == (a.shape[1], a.shape[0], *a.shape[2:]) \
+            and a.shape[0] != a.shape[1]:
+        b = b.transpose(0, 1)  # HF's sequence-first layers (XLNet, FSMT) hold [pos, batch, d]; fxlens shows [batch, pos, d]
     if tuple(a.shape) != tuple(b.shape):
         raise FamilyFails(f"shape {tuple(a.shape)} != HF's {tuple(b.shape)}")
     d = (a.detach().float() - b.detach().float()).abs()
     if where is not None:
         # the [batch, pos] mask indexes the two axes of that shape (Gemma-3n's residual is [altup, batch, pos, d])
+        # without such axes (Perceiver's logits over its 64 output queries, CPM-Ant's prompt positions
+        # prepended to the tokens) every value is compared, padded ones included: stricter, never looser
         k = next((k for k in range(d.dim() - 1) if tuple(d.shape[k:k + 2]) == tuple(where.shape)), None)
-        if k is None:
-            raise FamilyFails(f"no [batch, pos] axes in shape {tuple(a.shape)}")
-        d = d.movedim((k, k + 1), (0, 1))[where]
+        if k is not None:
+            d = d.movedim((k, k + 1), (0, 1))[where]
     return float(d.max()) if d.numel() else 0.0
 
 
@@ -236,6 +240,17 @@ def _call_index(layer_paths, layer: int) -> int:
     return sum(1 for p in layer_paths[:layer] if p == layer_paths[layer])
 
 
+def _pos_axis(x, ids) -> int:
+    """The positions axis of a layer input: the one after the batch axis, or 0 in a sequence-first
+    [pos, batch, d] layer (XLNet)."""
+    k = next((k for k in range(x.dim() - 1) if tuple(x.shape[k:k + 2]) == tuple(ids.shape)), None)
+    if k is not None:
+        return k + 1
+    if tuple(x.shape[:2]) == (ids.shape[1], ids.shape[0]):
+        return 0
+    raise FamilyFails(f"the layer input {tuple(x.shape)} has no positions axis for token ids {tuple(ids.shape)}")
+
+
 def hf_resid_pre_sweep(hf, clean, corrupted, layer_paths, metric) -> torch.Tensor:
     """[n_layers, pos]: one HF forward of ``corrupted`` per cell, the clean layer input put at the cell's position."""
     _, clean_inputs, _ = hf_forward(hf, clean, None, layer_paths)
@@ -251,7 +266,8 @@ def hf_resid_pre_sweep(hf, clean, corrupted, layer_paths, metric) -> torch.Tenso
                     return None
                 where, x = _layer_input(args, kwargs)
                 x = x.clone()
-                x[:, pos] = clean_inputs[layer][:, pos]
+                at = (slice(None),) * _pos_axis(x, clean) + (pos,)
+                x[at] = clean_inputs[layer][at]
                 return _replace(args, kwargs, where, x)
 
             handle = hf.get_submodule(path).register_forward_pre_hook(pre, with_kwargs=True)

@@ -430,6 +430,8 @@ class _Builder:
         passes the reason it cannot be laid out as ``unfit``."""
         if isinstance(view, str):
             view = View(view)
+        if axes is not None and rewrite is None:
+            view = self._sequence_first(view, axes)
         if axes is None:
             dims = sym_dims(self.dg.node(view.node), *self.syms)
             axes = _axes(view.layout.shape(dims))
@@ -439,6 +441,14 @@ class _Builder:
                 self.left_out[name] = why
                 return
         self.sites.append(Site(name, view.node, view.layout, tuple(axes), layer, kind, rewrite, expensive))
+
+    def _sequence_first(self, view: View, axes: tuple) -> View:
+        """A node the graph holds sequence-first, [pos, batch, ...] (XLNet, FSMT), seen as [batch, pos, ...]."""
+        if view.layout.is_identity and axes[:2] == ("batch", "pos"):
+            dims = sym_dims(self.dg.node(view.node), *self.syms)
+            if len(dims) == len(axes) and dims[:2] == ("S", "B"):
+                return View(view.node, Layout((("permute", (1, 0) + tuple(range(2, len(dims)))),)))
+        return view
 
     def _misfit(self, view: View, axes: tuple, sizes: dict) -> str | None:
         """Why ``view`` cannot be shown with ``axes``, or None when it can."""
