@@ -38,6 +38,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 
 from .dataflow import DataGraph
@@ -322,12 +323,16 @@ _PRODUCTS = frozenset({"matmul", "bmm", "baddbmm", "einsum"})
 
 
 def _mixes_positions(dg, nodes) -> bool:
-    """Whether a branch is attention: an attention op, or a product of two activations (q @ k).
+    """Whether a branch mixes positions (attention, or a mixer such as a state-space layer): an
+    attention op, a product of two activations (q @ k), or an op that moves values along the positions
+    axis (``_moves_positions``: RWKV's time mixing shifts the sequence and runs a recurrence over it
+    position by position, with no product of two activations).
 
     A softmax alone does not make attention: a mixture-of-experts router takes the softmax of a
     token's expert logits, which never mixes positions.
     """
     inputs = {n.name for n in dg.graph.nodes if n.op == "placeholder"}
+    seq = _positions_size(dg)
     for n in nodes:
         name = op_name(dg.node(n))
         if name in ATTENTION_OPS:
@@ -336,6 +341,59 @@ def _mixes_positions(dg, nodes) -> bool:
             operands = dg.data_inputs(n)
             if len(operands) >= 2 and all(dg.upstream([a]) & inputs for a in operands[:2]):
                 return True
+        if seq is not None and _moves_positions(dg.node(n), seq):
+            return True
+    return False
+
+
+def _positions_size(dg):
+    """The length of the positions axis (input_ids' second axis: a symbol, or an int in a capture of one
+    length), or None."""
+    ids = next((n for n in dg.graph.nodes if n.op == "placeholder" and n.name == "input_ids"), None)
+    val = tensor_meta(ids) if ids is not None else None
+    if val is None or len(val.shape) != 2:
+        return None
+    return _expr(val.shape[1])
+
+
+def _expr(d):
+    """A size as a sympy expression or an int."""
+    return d.node.expr if isinstance(d, torch.SymInt) else d
+
+
+def _is_positions_axis(val, axis, seq) -> bool:
+    """Whether ``axis`` of a [batch, pos, ...] tensor ``val`` is its positions axis."""
+    if not isinstance(val, torch.Tensor) or val.dim() < 3 or not isinstance(axis, int):
+        return False
+    return axis % val.dim() == 1 and _expr(val.shape[1]) == seq
+
+
+def _moves_positions(node: fx.Node, seq) -> bool:
+    """An op that picks one position of a [batch, pos, ...] tensor, a strict part of its positions, or joins
+    or pads along them: values move between positions (a time shift, a recurrence unrolled over positions)."""
+    name = op_name(node)
+    src = node.args[0] if node.args else None
+    if name in ("cat", "stack") and isinstance(src, (list, tuple)) and len(src) > 1:
+        axis = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        return _is_positions_axis(tensor_meta(node), axis, seq)
+    if not isinstance(src, fx.Node):
+        return False
+    val = tensor_meta(src)
+    if name == "select":
+        return _is_positions_axis(val, node.args[1], seq)
+    if name == "slice":
+        axis = node.args[1] if len(node.args) > 1 else 0
+        out = tensor_meta(node)
+        return (_is_positions_axis(val, axis, seq) and isinstance(out, torch.Tensor) and out.dim() == val.dim()
+                and _expr(out.shape[1]) != seq)
+    if name in ("roll", "cumsum", "flip"):
+        axis = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        axis = axis[0] if isinstance(axis, (list, tuple)) and axis else axis
+        return _is_positions_axis(val, axis, seq)
+    if name == "constant_pad_nd":
+        pad = node.args[1] if len(node.args) > 1 else ()
+        k = (val.dim() - 2) if isinstance(val, torch.Tensor) else 0  # the pad pairs run from the last axis: pair k pads axis 1 of [b, pos, ...]
+        return (_is_positions_axis(val, 1, seq) and len(pad) > 2 * k + 1 and any(pad[2 * k: 2 * k + 2]))
     return False
 
 
