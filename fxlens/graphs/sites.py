@@ -462,7 +462,24 @@ class _Builder:
             (d == want[a]) if want.get(a) is not None else isinstance(d, int) for a, d in zip(axes, user)
         ):
             return None
-        return f"the graph holds it as [{self._describe(dims)}], which does not lay out as [{', '.join(axes)}]"
+        why = self._residual_reason(dims) if tuple(axes) == RESID_AXES else None
+        return why or f"the graph holds it as [{self._describe(dims)}], which does not lay out as [{', '.join(axes)}]"
+
+    def _residual_reason(self, dims: tuple) -> str | None:
+        """Why a residual-shaped node is no [batch, pos, d_model] stream, in the user's terms."""
+        held = f"the graph holds it as [{self._describe(dims)}]"
+        read = "; read the blocks' modules by their HF paths (raw module sites) instead"
+        if len(dims) == 4 and dims[:2] == ("B", "S") and isinstance(dims[2], int) and dims[3] == self.d_model:
+            return (f"{held}: the model keeps {dims[2]} residual streams side by side and mixes them in every "
+                    f"layer (hyper-connections), so there is no single residual stream{read}")
+        if len(dims) == 4 and dims[2] == "S" and isinstance(dims[0], int) and dims[3] == self.d_model:
+            return (f"{held}: the model keeps {dims[0]} residual streams stacked and mixes them in every layer "
+                    f"(AltUp), so there is no single residual stream{read}")
+        if len(dims) == 3 and dims[0] in ("B", 1) and dims[1] != "S" and dims[2] == self.d_model:
+            return (f"{held}: its blocks run over {self._describe(dims[1:2])} rows that are not the input's "
+                    f"positions (latents, or positions the model adds to the input), so a position of the "
+                    f"input has no residual vector{read}")
+        return None
 
     def _describe(self, dims: tuple) -> str:
         named = {k: v for k, v in zip(self.syms, ("batch", "pos")) if isinstance(k, sympy.Basic) and k.is_Symbol}
