@@ -527,9 +527,10 @@ class _Builder:
     def _canonical(self) -> None:
         st, t = self.st, self.table
         self._embeddings()
+        split = self._split_reason()
         for i, block in enumerate(st.blocks):
             p = f"blocks.{i}."
-            stacked = self._stacked_reason(block.resid_pre)
+            stacked = split or self._stacked_reason(block.resid_pre)
             if stacked is not None:
                 # the residual sum is over stacked streams: its terms are not the attention and MLP outputs
                 for suffix in STACKED_SUFFIXES:
@@ -558,6 +559,16 @@ class _Builder:
             self._block_norms(i, p, block)
         if st.final_norm is not None and st.final_norm in self.norms:
             self._norm("ln_final.", self.norms[st.final_norm], None)
+
+    def _split_reason(self) -> str | None:
+        """Why blocks have no residual sites when each layer is split over parallel module lists (XLM): the
+        block module holds only a part of the layer, and its input and output are no residual stream."""
+        lists = self.st.split_layers
+        if not lists:
+            return None
+        return (f"each layer is split over parallel module lists ({', '.join(lists)}) and no module holds a whole "
+                "layer, so fxlens finds no block boundaries to put residual sites at; read the modules by their HF "
+                "paths (raw module sites, e.g. " + f"{lists[-1]}.0" + ") instead")
 
     def _stacked_reason(self, name: str) -> str | None:
         """Why a block has no single residual stream, when it keeps several stacked (Gemma-3n's AltUp)."""

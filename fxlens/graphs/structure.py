@@ -34,6 +34,7 @@ RMSNorm written as ``x * pow(mean(x^2) + eps, -0.5)`` (Gemma-3n) counts as a nor
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -96,6 +97,9 @@ class Structure:
     final_norm: str | None = None  # HF path of the final norm module
     unembed: str | None = None  # node producing the main output (logits)
     unembed_module: str | None = None
+    # the parallel module lists a layer is split over (XLM: attentions.i, layer_norm1.i, ffns.i, layer_norm2.i),
+    # when no module holds a whole layer; empty otherwise
+    split_layers: tuple = ()
 
 
 def _module_nodes(graph: fx.Graph, calls: bool = False) -> dict[str, list[fx.Node]]:
@@ -239,7 +243,22 @@ def find_structure(graph: fx.Graph, dg: DataGraph | None = None, within: str | N
         prev_out = resid_post
 
     structure = Structure(blocks_path=prefix, blocks=tuple(blocks))
-    return _add_ends(dg, graph, structure, by_scope, norm_modules)
+    out = _add_ends(dg, graph, structure, by_scope, norm_modules)
+    split = _sibling_lists(prefix, paths, by_scope)
+    return dataclasses.replace(out, split_layers=(prefix,) + split) if split else out
+
+
+def _sibling_lists(prefix: str, paths: list[str], by_scope) -> tuple:
+    """Other module lists beside the blocks' list with the same indices and nodes of their own: a layer
+    split over parallel lists (XLM, FlauBERT), so that the block module holds only a part of each layer."""
+    parent = prefix.rsplit(".", 1)[0] if "." in prefix else ""
+    n = len(paths)
+    lists: dict = defaultdict(set)
+    for path in by_scope:
+        m = re.fullmatch(r"(.+)\.(\d+)", path)
+        if m and m.group(1) != prefix and m.group(1).rsplit(".", 1)[0] == parent and "." in m.group(1):
+            lists[m.group(1)].add(int(m.group(2)))
+    return tuple(sorted(p for p, idx in lists.items() if idx == set(range(n))))
 
 
 def _pick_resid_input(dg: DataGraph, external: set[str], block_nodes: set[str], outputs: list[str]) -> str:
@@ -489,6 +508,7 @@ def _add_ends(dg: DataGraph, graph: fx.Graph, s: Structure, by_scope, norm_modul
         final_norm=final_norm,
         unembed=unembed,
         unembed_module=unembed_module,
+        split_layers=s.split_layers,
     )
 
 
