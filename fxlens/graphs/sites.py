@@ -527,7 +527,7 @@ class _Builder:
     def _canonical(self) -> None:
         st, t = self.st, self.table
         self._embeddings()
-        split = self._split_reason()
+        split = self._split_reason() or self._side_state_reason()
         for i, block in enumerate(st.blocks):
             p = f"blocks.{i}."
             stacked = split or self._stacked_reason(block.resid_pre)
@@ -569,6 +569,24 @@ class _Builder:
         return (f"each layer is split over parallel module lists ({', '.join(lists)}) and no module holds a whole "
                 "layer, so fxlens finds no block boundaries to put residual sites at; read the modules by their HF "
                 "paths (raw module sites, e.g. " + f"{lists[-1]}.0" + ") instead")
+
+    def _side_state_reason(self) -> str | None:
+        """Why blocks have no residual sites when the layers also read a stack of earlier residual states
+        passed beside the hidden states (Inkling2's block attention residuals, ``block_states``, [batch, pos,
+        k, d_model]): the hidden states are then not all the state a layer reads, and patching them is not
+        patching the residual stream."""
+        blocks = self.st.blocks
+        for i, block in enumerate(blocks[1:], start=1):
+            earlier = {b.resid_pre for b in blocks[:i]}
+            for c in block.context:
+                dims = sym_dims(self.dg.node(c), *self.syms)
+                if (len(dims) == 4 and dims[:2] == ("B", "S") and isinstance(dims[2], int) and dims[3] == self.d_model
+                        and self.dg.upstream([c]) & earlier):
+                    return (f"block {i} reads, beside its hidden states, a stack of earlier residual states "
+                            f"[{self._describe(dims)}] (block attention residuals), so no single tensor is the residual "
+                            "stream and patching the hidden states is not patching all the state a layer reads; read "
+                            "the blocks' modules by their HF paths (raw module sites) instead")
+        return None
 
     def _stacked_reason(self, name: str) -> str | None:
         """Why a block has no single residual stream, when it keeps several stacked (Gemma-3n's AltUp)."""
