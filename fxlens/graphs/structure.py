@@ -124,23 +124,39 @@ def _block_calls(paths: list[str], by_call: dict, dg: DataGraph) -> list[tuple[s
 
 
 def _find_block_list(graph: fx.Graph, within: str | None = None) -> tuple[str, list[str]]:
+    """(the blocks' module list, the block module paths). The paths also hold the layers of another list
+    of the same layer class whose calls interleave with the first list's (HRM runs a low-level and a
+    high-level stack of one layer class in alternation): the blocks are then every layer call of both, in
+    the order they run, as HF's ``hidden_states`` count them."""
     coverage: dict[str, set] = defaultdict(set)
     indices: dict[str, set] = defaultdict(set)
-    for node in graph.nodes:
+    classes: dict[str, set] = defaultdict(set)
+    span: dict[str, list] = {}
+    for k, node in enumerate(graph.nodes):
         if node.op != "call_function" or op_name(node) not in MATMUL_OPS:
             continue
-        for path in scopes(node):
+        for path, cls in ((p, c) for p, c in (node.meta.get("nn_module_stack") or {}).values()):
             m = re.fullmatch(r"(.+)\.(\d+)", path)
             if m and (within is None or m.group(1).startswith(within + ".")):
                 coverage[m.group(1)].add(node.name)
                 indices[m.group(1)].add(int(m.group(2)))
+                classes[m.group(1)].add(str(cls))
+                lo_hi = span.setdefault(m.group(1), [k, k])
+                lo_hi[1] = k
     if not coverage:
         raise StructureError("no repeated blocks (a module list of layers holding matrix products) found")
     prefix = max(coverage, key=lambda p: (len(coverage[p]), -p.count(".")))
     idx = sorted(indices[prefix])
     if idx != list(range(len(idx))):
         raise StructureError(f"blocks under {prefix!r} are not numbered 0..n-1: {idx}")
-    return prefix, [f"{prefix}.{i}" for i in idx]
+    paths = [f"{prefix}.{i}" for i in idx]
+    for other in sorted(coverage):
+        nested = other.startswith(prefix + ".") or prefix.startswith(other + ".")
+        interleaved = span[prefix][0] < span[other][0] < span[prefix][1] or span[other][0] < span[prefix][0] < span[other][1]
+        if (other != prefix and not nested and interleaved and classes[other] == classes[prefix]
+                and sorted(indices[other]) == list(range(len(indices[other])))):
+            paths += [f"{other}.{i}" for i in sorted(indices[other])]
+    return prefix, paths
 
 
 def _sum_terms(dg: DataGraph, junction: str, entry: str, region: set[str]) -> list[str]:
