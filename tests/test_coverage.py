@@ -11,7 +11,8 @@ For each family of tests/all_families.py (a tiny random-weight model, 1-D weight
 - every ``blocks.{i}.hook_resid_pre`` against the hidden-states input of the i-th decoder-layer call (a
   ``register_forward_pre_hook(with_kwargs=True)`` on the module at ``model.graph.structure.blocks[i].path``;
   a layer called several times, as ALBERT's shared layer, gives one block per call) and the last block's
-  ``hook_resid_post`` against that layer's output (a forward hook), so that the reference does not
+  ``hook_resid_post`` (``hook_normalized_resid_post`` where a post-norm layer outputs it normalised, as
+  BERT's does) against that layer's output (a forward hook), so that the reference does not
   depend on what a family's ``output_hidden_states`` holds (Mamba's are the layers' outputs, XLM's last
   one is normalised); a sequence-first layer's [pos, batch, d] (XLNet, FSMT) is compared transposed;
 - ``fxlens.patching.get_act_patch_resid_pre`` with a plain callable metric, on 1x5 tokens, against a loop
@@ -336,7 +337,9 @@ def _check_side(hf, model, side, fx_out, layer_paths, resid: bool, problems):
     n = len(layer_paths)
     if resid:
         pairs = [(f"blocks.{i}.hook_resid_pre", inputs[i]) for i in range(n)]
-        pairs.append((f"blocks.{n - 1}.hook_resid_post", last))
+        # a post-norm layer (BERT) outputs its normalised residual: TransformerLens' hook_normalized_resid_post
+        post = f"blocks.{n - 1}.hook_normalized_resid_post"
+        pairs.append((post if post in cache else f"blocks.{n - 1}.hook_resid_post", last))
     else:
         # the raw site of the last block's module is its output as HF's forward hook sees it
         pairs = [(layer_paths[-1], last)]
@@ -403,8 +406,9 @@ def observe(family: str) -> dict:
             layer_paths = [b.path for b in model.graph.structure.blocks]
             n = len(layer_paths)
             without = resid_left_out(model, caught)
+            post = f"blocks.{n - 1}.hook_normalized_resid_post"
             sites = ([f"blocks.{i}.hook_resid_pre" for i in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
-                     if without is None else [layer_paths[-1]])
+                     + ([post] if post in model.sites else []) if without is None else [layer_paths[-1]])
             step = "padding"
             sides = _sides(model, record)
             fx_outs = {}
