@@ -14,8 +14,10 @@ Mechanism:
   *spine* is the chain of nodes every path from ``resid_pre`` to the block output passes through.
 - Consecutive spine nodes bound a segment. A segment whose interior holds a matrix product is a
   branch; the junction's sum is flattened into terms, each term is what a component adds to the
-  residual stream (``hook_attn_out`` / ``hook_mlp_out``), and a term is attention when an attention op
-  (SDPA or softmax) lies upstream of it. Parallel blocks (GPT-J, NeoX) yield two terms in one segment.
+  residual stream (``hook_attn_out`` / ``hook_mlp_out``), and a term mixes positions (attention, or a
+  mixer such as a state-space layer) when an attention op, a product of two activations, or an op that
+  moves values along the positions axis (RWKV's time shift and unrolled recurrence) lies upstream of it.
+  Parallel blocks (GPT-J, NeoX) yield two terms in one segment.
 - A branch's entry norm is the module, on the dominator chain of its first matrix product, that holds
   a normalisation op; a norm on the spine after a junction is a post-norm (BERT).
 
