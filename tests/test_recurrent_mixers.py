@@ -1,5 +1,6 @@
-"""Sweeps on models whose blocks mix positions outside attention (linear attention, state-space layers)
-run as whole-model rows: a row that starts late would not have the running state of earlier positions.
+"""Sweeps on models whose blocks mix positions outside attention (linear attention, state-space layers,
+RWKV's time mixing) run as whole-model rows: a row that starts late would not have the running state of
+earlier positions.
 
 Reference: a loop of plain HF forwards with a forward-pre-hook on the decoder layer putting the clean
 layer input at the cell's position (tests/test_coverage.py's ``hf_resid_pre_sweep``). Before the fix,
@@ -34,6 +35,25 @@ def test_minimax_sweep_equals_a_hooked_hf_loop_and_says_how_it_runs():
     assert len(told) == 1
     want = hf_resid_pre_sweep(hf, clean, corrupted, [b.path for b in model.graph.structure.blocks], metric)
     assert (got - want).abs().max() <= 1e-5
+
+
+def test_rwkv_time_mixing_is_a_mixer_and_its_sweep_equals_a_hooked_hf_loop():
+    """RWKV's time mixing shifts the sequence by one position and runs its recurrence position by position:
+    no attention op and no product of two activations, so it was taken for an MLP and the layered engine
+    reused rows from a late start (sweep off by 9.95 against a grid spread of 2.13)."""
+    hf = A.build("rwkv")
+    clean, corrupted = A.probe_ids(1, 5, seed=3), A.probe_ids(1, 5, seed=4)
+    with torch.no_grad():
+        metric = sweep_metric(hf(input_ids=clean).logits.shape[-1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fxlens.Model.from_hf(hf)
+        assert model.graph.mixes_outside_attention
+        assert "blocks.0.hook_mixer_out" in model.sites
+        _, cache = model.run_with_cache(clean)
+        got = patching.get_act_patch_resid_pre(model, corrupted, cache, metric)
+    want = hf_resid_pre_sweep(hf, clean, corrupted, [b.path for b in model.graph.structure.blocks], metric)
+    assert (got - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max()))
 
 
 def test_state_space_generation_equals_hf_generate_through_lengths_equal_to_model_sizes():

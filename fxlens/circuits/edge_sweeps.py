@@ -288,11 +288,14 @@ def full_rows(model, feed: dict, sets, metric, alt: torch.Tensor, max_rows: int 
             b.edges(sender_specs(model, comp), receiver_specs(comp, receivers), "edges", mask=masks.to(device),
                     alt=a.to(device, model.captured.dtype), result_sites=result_sites(model),
                     post_norms=post_norm_specs(comp))
-        if declared:
+        select = declared and model.graph.structure.unembed is not None  # else every entry, picked below
+        if select:
             b.select_vocab(model.graph.structure.unembed, vocab.to(device))
         plan, inputs = b.build()
         with torch.no_grad():
             logits = model._logits(model.programs.get(plan)(**tiled, **inputs))
+        if declared and not select:
+            logits = logits[..., vocab.to(logits.device)]
         if declared:
             b_idx = torch.arange(batch)[:, None, None].repeat(rows, 1, 1) + torch.arange(rows).repeat_interleave(batch)[:, None, None] * batch
             sel = logits[b_idx, pos.repeat(rows, 1)[:, :, None], inverse.view(batch, 1, -1).repeat(rows, 1, 1)]

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..architectures import table_for
+from ..graphs.bounds import max_positions
 from ..graphs.sites import Site, SiteError
 from ..passes import Read
 from .activation_cache import ActivationCache
@@ -107,7 +108,7 @@ class Config:
 def _config(derived: Derived, hf_model, table) -> Config:
     config = getattr(hf_model, "config", None)
     dims = derived.graph.dims
-    n_ctx = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    n_ctx = max_positions(config)
     max_seq = derived.captured.max_seq  # lengths beyond it were found not to work (``graphs.bounds``)
     n_ctx = max_seq if n_ctx is None or (max_seq is not None and max_seq < n_ctx) else n_ctx
     return Config(
@@ -373,7 +374,7 @@ class Model(TransformerLensSurface):
     def _lengths(self) -> tuple | None:
         """(min, max, why min, why max) for ``inputs.feed`` when the capture found bounds of its own."""
         cg, config = self._derived.captured, getattr(self.hf_model, "config", None)
-        max_pos = getattr(config, "max_position_embeddings", None)
+        max_pos = max_positions(config)
         if cg.min_seq <= 1 and (cg.max_seq is None or max_pos is None or cg.max_seq >= max_pos):
             return None
         why_max = (f"torch.export could not prove the model's code correct for longer inputs although "

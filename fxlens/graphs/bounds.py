@@ -26,14 +26,16 @@ Example::
     next_bounds("Suggested fixes:\n  seq = Dim('seq', min=3, max=64)", 1, 64)  # (3, 64)
     next_bounds("Suggested fixes:\\n  seq = 5", 1, 64)                           # STATIC
 
-Gotchas: only the sequence dimension is adjusted; a batch constraint is left to the error message.
+Gotchas: only the sequence dimension is adjusted; a batch constraint is left to the error message. A
+config's ``max_position_embeddings`` of 0 or less (XLNet's -1) is a sentinel for "no learned positions,
+any length": ``max_positions`` reads it as no bound, never as a length of -1.
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["STATIC", "REFINE", "next_bounds", "is_seq_constraint"]
+__all__ = ["STATIC", "REFINE", "next_bounds", "is_seq_constraint", "max_positions"]
 
 STATIC = "static"
 REFINE = "refine"
@@ -42,6 +44,13 @@ _DIM_FIX = re.compile(r"seq\s*=\s*Dim\(\s*['\"]seq['\"]\s*(?:,\s*min\s*=\s*(\d+)
 _CONST_FIX = re.compile(r"^\s*seq\s*=\s*(\d+)\s*$", re.M)
 _UPPER = re.compile(r"specified range (?:(\d+) <= )?seq <= (\d+) satisfy")
 _LOWER = re.compile(r"specified range (\d+) <= seq satisfy")
+
+
+def max_positions(config) -> int | None:
+    """The longest input ``config`` declares (``max_position_embeddings`` or ``n_positions``), or None when it
+    declares none or a sentinel of 0 or less (XLNet's -1: relative positions, no limit)."""
+    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def is_seq_constraint(text: str) -> bool:

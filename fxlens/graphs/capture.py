@@ -44,7 +44,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.fx.graph import CodeGen
 
-from .bounds import REFINE, STATIC, next_bounds
+from .bounds import REFINE, STATIC, max_positions, next_bounds
 from .causality import Probe, probe
 from .explain import explain
 from .functional import functionalize, is_mutation
@@ -171,9 +171,7 @@ MAX_RETRIES = 4  # narrower sequence ranges tried after a "Constraints violated 
 
 
 def _max_positions(model) -> int | None:
-    config = getattr(model, "config", None)
-    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    return int(value) if isinstance(value, int) else None
+    return max_positions(getattr(model, "config", None))
 
 
 def _example_inputs(model, accepts: set[str], length: int = EXAMPLE_LENGTH, bounds: tuple[int, int] | None = None,

@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import operator
+import re
 
 import torch
 import torch.fx as fx
@@ -96,6 +97,21 @@ def scopes(node: fx.Node) -> list[str]:
     """Module paths of the node's module stack, outermost first (``""`` is the root)."""
     stack = node.meta.get("nn_module_stack") or {}
     return [path for path, _cls in stack.values()]
+
+
+def call_scopes(node: fx.Node) -> list[str]:
+    """Like ``scopes``, but a module's second and later calls in one forward carry their call number:
+    ``model.layers.1@1`` is the second call of ``model.layers.1`` (a looped layer, ALBERT's shared layer).
+    torch.export keys ``nn_module_stack`` by call, with the same ``@k`` suffix on the key."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for key, (path, _cls) in stack.items():
+        m = _CALL.search(str(key))
+        out.append(f"{path}@{m.group(1)}" if m and path else path)
+    return out
+
+
+_CALL = re.compile(r"@(\d+)$")
 
 
 def scope(node: fx.Node) -> str:

@@ -445,6 +445,8 @@ class _Builder:
         passes the reason it cannot be laid out as ``unfit``."""
         if isinstance(view, str):
             view = View(view)
+        if axes is not None and rewrite is None:
+            view = self._sequence_first(view, axes)
         if axes is None:
             dims = sym_dims(self.dg.node(view.node), *self.syms)
             axes = _axes(view.layout.shape(dims))
@@ -461,6 +463,14 @@ class _Builder:
         and as the layered row engine, which feeds them from the base run, always has)."""
         return tuple(sorted(u.name for u in self.dg.node(block.resid_pre).users if u.name not in block.nodes))
 
+    def _sequence_first(self, view: View, axes: tuple) -> View:
+        """A node the graph holds sequence-first, [pos, batch, ...] (XLNet, FSMT), seen as [batch, pos, ...]."""
+        if view.layout.is_identity and axes[:2] == ("batch", "pos"):
+            dims = sym_dims(self.dg.node(view.node), *self.syms)
+            if len(dims) == len(axes) and dims[:2] == ("S", "B"):
+                return View(view.node, Layout((("permute", (1, 0) + tuple(range(2, len(dims)))),)))
+        return view
+
     def _misfit(self, view: View, axes: tuple, sizes: dict) -> str | None:
         """Why ``view`` cannot be shown with ``axes``, or None when it can."""
         dims = sym_dims(self.dg.node(view.node), *self.syms)
@@ -473,7 +483,24 @@ class _Builder:
             (d == want[a]) if want.get(a) is not None else isinstance(d, int) for a, d in zip(axes, user)
         ):
             return None
-        return f"the graph holds it as [{self._describe(dims)}], which does not lay out as [{', '.join(axes)}]"
+        why = self._residual_reason(dims) if tuple(axes) == RESID_AXES else None
+        return why or f"the graph holds it as [{self._describe(dims)}], which does not lay out as [{', '.join(axes)}]"
+
+    def _residual_reason(self, dims: tuple) -> str | None:
+        """Why a residual-shaped node is no [batch, pos, d_model] stream, in the user's terms."""
+        held = f"the graph holds it as [{self._describe(dims)}]"
+        read = "; read the blocks' modules by their HF paths (raw module sites) instead"
+        if len(dims) == 4 and dims[:2] == ("B", "S") and isinstance(dims[2], int) and dims[3] == self.d_model:
+            return (f"{held}: the model keeps {dims[2]} residual streams side by side and mixes them in every "
+                    f"layer (hyper-connections), so there is no single residual stream{read}")
+        if len(dims) == 4 and dims[2] == "S" and isinstance(dims[0], int) and dims[3] == self.d_model:
+            return (f"{held}: the model keeps {dims[0]} residual streams stacked and mixes them in every layer "
+                    f"(AltUp), so there is no single residual stream{read}")
+        if len(dims) == 3 and dims[0] in ("B", 1) and dims[1] != "S" and dims[2] == self.d_model:
+            return (f"{held}: its blocks run over {self._describe(dims[1:2])} rows that are not the input's "
+                    f"positions (latents, or positions the model adds to the input), so a position of the "
+                    f"input has no residual vector{read}")
+        return None
 
     def _describe(self, dims: tuple) -> str:
         named = {k: v for k, v in zip(self.syms, ("batch", "pos")) if isinstance(k, sympy.Basic) and k.is_Symbol}
@@ -521,9 +548,10 @@ class _Builder:
     def _canonical(self) -> None:
         st, t = self.st, self.table
         self._embeddings()
+        split = self._split_reason() or self._side_state_reason()
         for i, block in enumerate(st.blocks):
             p = f"blocks.{i}."
-            stacked = self._stacked_reason(block.resid_pre)
+            stacked = split or self._stacked_reason(block.resid_pre)
             if stacked is not None:
                 # the residual sum is over stacked streams: its terms are not the attention and MLP outputs
                 for suffix in STACKED_SUFFIXES:
@@ -559,6 +587,34 @@ class _Builder:
             self._block_norms(i, p, block)
         if st.final_norm is not None and st.final_norm in self.norms:
             self._norm("ln_final.", self.norms[st.final_norm], None)
+
+    def _split_reason(self) -> str | None:
+        """Why blocks have no residual sites when each layer is split over parallel module lists (XLM): the
+        block module holds only a part of the layer, and its input and output are no residual stream."""
+        lists = self.st.split_layers
+        if not lists:
+            return None
+        return (f"each layer is split over parallel module lists ({', '.join(lists)}) and no module holds a whole "
+                "layer, so fxlens finds no block boundaries to put residual sites at; read the modules by their HF "
+                "paths (raw module sites, e.g. " + f"{lists[-1]}.0" + ") instead")
+
+    def _side_state_reason(self) -> str | None:
+        """Why blocks have no residual sites when the layers also read a stack of earlier residual states
+        passed beside the hidden states (Inkling2's block attention residuals, ``block_states``, [batch, pos,
+        k, d_model]): the hidden states are then not all the state a layer reads, and patching them is not
+        patching the residual stream."""
+        blocks = self.st.blocks
+        for i, block in enumerate(blocks[1:], start=1):
+            earlier = {b.resid_pre for b in blocks[:i]}
+            for c in block.context:
+                dims = sym_dims(self.dg.node(c), *self.syms)
+                if (len(dims) == 4 and dims[:2] == ("B", "S") and isinstance(dims[2], int) and dims[3] == self.d_model
+                        and self.dg.upstream([c]) & earlier):
+                    return (f"block {i} reads, beside its hidden states, a stack of earlier residual states "
+                            f"[{self._describe(dims)}] (block attention residuals), so no single tensor is the residual "
+                            "stream and patching the hidden states is not patching all the state a layer reads; read "
+                            "the blocks' modules by their HF paths (raw module sites) instead")
+        return None
 
     def _stacked_reason(self, name: str) -> str | None:
         """Why a block has no single residual stream, when it keeps several stacked (Gemma-3n's AltUp)."""

@@ -6,13 +6,18 @@ not about module names.
 
 Mechanism:
 - Blocks are the integer-indexed children of the module list that covers most matrix products
-  (``model.layers.{i}``, ``transformer.h.{i}``, ``bert.encoder.layer.{i}``).
+  (``model.layers.{i}``, ``transformer.h.{i}``, ``bert.encoder.layer.{i}``), one block per *call*: a
+  layer the forward runs several times (ALBERT shares one layer across depth, Dory loops a middle
+  layer) is a block per call, in the order they run, as HF's ``hidden_states`` count them; torch.export
+  tells the calls apart in ``nn_module_stack`` (``nodes.call_scopes``). Such blocks share ``path``.
 - A block's residual input (``resid_pre``) is the external input that dominates its output; the
   *spine* is the chain of nodes every path from ``resid_pre`` to the block output passes through.
 - Consecutive spine nodes bound a segment. A segment whose interior holds a matrix product is a
   branch; the junction's sum is flattened into terms, each term is what a component adds to the
-  residual stream (``hook_attn_out`` / ``hook_mlp_out``), and a term is attention when an attention op
-  (SDPA or softmax) lies upstream of it. Parallel blocks (GPT-J, NeoX) yield two terms in one segment.
+  residual stream (``hook_attn_out`` / ``hook_mlp_out``), and a term mixes positions (attention, or a
+  mixer such as a state-space layer) when an attention op, a product of two activations, or an op that
+  moves values along the positions axis (RWKV's time shift and unrolled recurrence) lies upstream of it.
+  Parallel blocks (GPT-J, NeoX) yield two terms in one segment.
 - A branch's entry norm is the module, on the dominator chain of its first matrix product, that holds
   a normalisation op; a norm on the spine after a junction is a post-norm (BERT).
 
@@ -31,14 +36,17 @@ RMSNorm written as ``x * pow(mean(x^2) + eps, -0.5)`` (Gemma-3n) counts as a nor
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import defaultdict
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 
 from .dataflow import DataGraph
-from .nodes import ATTENTION_OPS, MATMUL_OPS, LAYOUT_OPS, is_op, is_tensor, op_name, scope, scopes, tensor_meta
+from .nodes import (ATTENTION_OPS, MATMUL_OPS, LAYOUT_OPS, call_scopes, is_op, is_tensor, op_name, scope, scopes,
+                    tensor_meta)
 
 __all__ = ["Branch", "Block", "Structure", "find_structure", "attention_module_branch", "is_norm_op", "StructureError", "NORM_OPS"]
 
@@ -91,35 +99,66 @@ class Structure:
     final_norm: str | None = None  # HF path of the final norm module
     unembed: str | None = None  # node producing the main output (logits)
     unembed_module: str | None = None
+    # the parallel module lists a layer is split over (XLM: attentions.i, layer_norm1.i, ffns.i, layer_norm2.i),
+    # when no module holds a whole layer; empty otherwise
+    split_layers: tuple = ()
 
 
-def _module_nodes(graph: fx.Graph) -> dict[str, list[fx.Node]]:
+def _module_nodes(graph: fx.Graph, calls: bool = False) -> dict[str, list[fx.Node]]:
+    """{module path: its nodes, in graph order}; with ``calls``, one entry per call of a module called
+    more than once (``model.layers.1``, ``model.layers.1@1``: see ``nodes.call_scopes``)."""
     by_scope: dict[str, list[fx.Node]] = defaultdict(list)
     for node in graph.nodes:
         if node.op == "call_function":
-            for path in scopes(node):
+            for path in (call_scopes(node) if calls else scopes(node)):
                 by_scope[path].append(node)
     return by_scope
 
 
+def _block_calls(paths: list[str], by_call: dict, dg: DataGraph) -> list[tuple[str, str]]:
+    """(module path, call key) of every call of the block modules, in the order they run: a layer run
+    several times in one forward (ALBERT's shared layer, a looped middle layer) is one block per call."""
+    calls = []
+    for path in paths:
+        pattern = re.compile(re.escape(path) + r"(@\d+)?")
+        calls += [(path, key) for key in by_call if pattern.fullmatch(key) and by_call[key]]
+    return sorted(calls, key=lambda c: dg.order[by_call[c[1]][0].name])
+
+
 def _find_block_list(graph: fx.Graph, within: str | None = None) -> tuple[str, list[str]]:
+    """(the blocks' module list, the block module paths). The paths also hold the layers of another list
+    of the same layer class whose calls interleave with the first list's (HRM runs a low-level and a
+    high-level stack of one layer class in alternation): the blocks are then every layer call of both, in
+    the order they run, as HF's ``hidden_states`` count them."""
     coverage: dict[str, set] = defaultdict(set)
     indices: dict[str, set] = defaultdict(set)
-    for node in graph.nodes:
+    classes: dict[str, set] = defaultdict(set)
+    span: dict[str, list] = {}
+    for k, node in enumerate(graph.nodes):
         if node.op != "call_function" or op_name(node) not in MATMUL_OPS:
             continue
-        for path in scopes(node):
+        for path, cls in ((p, c) for p, c in (node.meta.get("nn_module_stack") or {}).values()):
             m = re.fullmatch(r"(.+)\.(\d+)", path)
             if m and (within is None or m.group(1).startswith(within + ".")):
                 coverage[m.group(1)].add(node.name)
                 indices[m.group(1)].add(int(m.group(2)))
+                classes[m.group(1)].add(str(cls))
+                lo_hi = span.setdefault(m.group(1), [k, k])
+                lo_hi[1] = k
     if not coverage:
         raise StructureError("no repeated blocks (a module list of layers holding matrix products) found")
     prefix = max(coverage, key=lambda p: (len(coverage[p]), -p.count(".")))
     idx = sorted(indices[prefix])
     if idx != list(range(len(idx))):
         raise StructureError(f"blocks under {prefix!r} are not numbered 0..n-1: {idx}")
-    return prefix, [f"{prefix}.{i}" for i in idx]
+    paths = [f"{prefix}.{i}" for i in idx]
+    for other in sorted(coverage):
+        nested = other.startswith(prefix + ".") or prefix.startswith(other + ".")
+        interleaved = span[prefix][0] < span[other][0] < span[prefix][1] or span[other][0] < span[prefix][0] < span[other][1]
+        if (other != prefix and not nested and interleaved and classes[other] == classes[prefix]
+                and sorted(indices[other]) == list(range(len(indices[other])))):
+            paths += [f"{other}.{i}" for i in sorted(indices[other])]
+    return prefix, paths
 
 
 def _sum_terms(dg: DataGraph, junction: str, entry: str, region: set[str]) -> list[str]:
@@ -200,11 +239,12 @@ def find_structure(graph: fx.Graph, dg: DataGraph | None = None, within: str | N
     by_scope = _module_nodes(graph)
     norm_modules = _norm_modules(by_scope)
     prefix, paths = _find_block_list(graph, within)
+    by_call = _module_nodes(graph, calls=True)
 
     blocks = []
     prev_out: str | None = None
-    for index, path in enumerate(paths):
-        block_nodes = {n.name for n in by_scope[path]}
+    for index, (path, key) in enumerate(_block_calls(paths, by_call, dg)):
+        block_nodes = {n.name for n in by_call[key]}
         external = set()
         for name in block_nodes:
             for src in dg.node(name).all_input_nodes:
@@ -221,7 +261,22 @@ def find_structure(graph: fx.Graph, dg: DataGraph | None = None, within: str | N
         prev_out = resid_post
 
     structure = Structure(blocks_path=prefix, blocks=tuple(blocks))
-    return _add_ends(dg, graph, structure, by_scope, norm_modules)
+    out = _add_ends(dg, graph, structure, by_scope, norm_modules)
+    split = _sibling_lists(prefix, paths, by_scope)
+    return dataclasses.replace(out, split_layers=(prefix,) + split) if split else out
+
+
+def _sibling_lists(prefix: str, paths: list[str], by_scope) -> tuple:
+    """Other module lists beside the blocks' list with the same indices and nodes of their own: a layer
+    split over parallel lists (XLM, FlauBERT), so that the block module holds only a part of each layer."""
+    parent = prefix.rsplit(".", 1)[0] if "." in prefix else ""
+    n = len(paths)
+    lists: dict = defaultdict(set)
+    for path in by_scope:
+        m = re.fullmatch(r"(.+)\.(\d+)", path)
+        if m and m.group(1) != prefix and m.group(1).rsplit(".", 1)[0] == parent and "." in m.group(1):
+            lists[m.group(1)].add(int(m.group(2)))
+    return tuple(sorted(p for p, idx in lists.items() if idx == set(range(n))))
 
 
 def _pick_resid_input(dg: DataGraph, external: set[str], block_nodes: set[str], outputs: list[str]) -> str:
@@ -305,12 +360,16 @@ _PRODUCTS = frozenset({"matmul", "bmm", "baddbmm", "einsum"})
 
 
 def _mixes_positions(dg, nodes) -> bool:
-    """Whether a branch is attention: an attention op, or a product of two activations (q @ k).
+    """Whether a branch mixes positions (attention, or a mixer such as a state-space layer): an
+    attention op, a product of two activations (q @ k), or an op that moves values along the positions
+    axis (``_moves_positions``: RWKV's time mixing shifts the sequence and runs a recurrence over it
+    position by position, with no product of two activations).
 
     A softmax alone does not make attention: a mixture-of-experts router takes the softmax of a
     token's expert logits, which never mixes positions.
     """
     inputs = {n.name for n in dg.graph.nodes if n.op == "placeholder"}
+    seq = _positions_size(dg)
     for n in nodes:
         name = op_name(dg.node(n))
         if name in ATTENTION_OPS:
@@ -319,6 +378,59 @@ def _mixes_positions(dg, nodes) -> bool:
             operands = dg.data_inputs(n)
             if len(operands) >= 2 and all(dg.upstream([a]) & inputs for a in operands[:2]):
                 return True
+        if seq is not None and _moves_positions(dg.node(n), seq):
+            return True
+    return False
+
+
+def _positions_size(dg):
+    """The length of the positions axis (input_ids' second axis: a symbol, or an int in a capture of one
+    length), or None."""
+    ids = next((n for n in dg.graph.nodes if n.op == "placeholder" and n.name == "input_ids"), None)
+    val = tensor_meta(ids) if ids is not None else None
+    if val is None or len(val.shape) != 2:
+        return None
+    return _expr(val.shape[1])
+
+
+def _expr(d):
+    """A size as a sympy expression or an int."""
+    return d.node.expr if isinstance(d, torch.SymInt) else d
+
+
+def _is_positions_axis(val, axis, seq) -> bool:
+    """Whether ``axis`` of a [batch, pos, ...] tensor ``val`` is its positions axis."""
+    if not isinstance(val, torch.Tensor) or val.dim() < 3 or not isinstance(axis, int):
+        return False
+    return axis % val.dim() == 1 and _expr(val.shape[1]) == seq
+
+
+def _moves_positions(node: fx.Node, seq) -> bool:
+    """An op that picks one position of a [batch, pos, ...] tensor, a strict part of its positions, or joins
+    or pads along them: values move between positions (a time shift, a recurrence unrolled over positions)."""
+    name = op_name(node)
+    src = node.args[0] if node.args else None
+    if name in ("cat", "stack") and isinstance(src, (list, tuple)) and len(src) > 1:
+        axis = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        return _is_positions_axis(tensor_meta(node), axis, seq)
+    if not isinstance(src, fx.Node):
+        return False
+    val = tensor_meta(src)
+    if name == "select":
+        return _is_positions_axis(val, node.args[1], seq)
+    if name == "slice":
+        axis = node.args[1] if len(node.args) > 1 else 0
+        out = tensor_meta(node)
+        return (_is_positions_axis(val, axis, seq) and isinstance(out, torch.Tensor) and out.dim() == val.dim()
+                and _expr(out.shape[1]) != seq)
+    if name in ("roll", "cumsum", "flip"):
+        axis = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        axis = axis[0] if isinstance(axis, (list, tuple)) and axis else axis
+        return _is_positions_axis(val, axis, seq)
+    if name == "constant_pad_nd":
+        pad = node.args[1] if len(node.args) > 1 else ()
+        k = (val.dim() - 2) if isinstance(val, torch.Tensor) else 0  # the pad pairs run from the last axis: pair k pads axis 1 of [b, pos, ...]
+        return (_is_positions_axis(val, 1, seq) and len(pad) > 2 * k + 1 and any(pad[2 * k: 2 * k + 2]))
     return False
 
 
@@ -414,6 +526,7 @@ def _add_ends(dg: DataGraph, graph: fx.Graph, s: Structure, by_scope, norm_modul
         final_norm=final_norm,
         unembed=unembed,
         unembed_module=unembed_module,
+        split_layers=s.split_layers,
     )
 
 

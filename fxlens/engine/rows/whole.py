@@ -63,12 +63,17 @@ def run_whole(model, rows: list, feed: dict, readout, max_rows: int = 32) -> tor
                 b.edit(entries[0][1].site, set_to, (placed[0],), placed[1])
         if inputs:
             _receivers(b, inputs, layout, batch, seq, model)
-        if declared:
+        # a head that is not one unembedding (Dory scales the logits by a per-entry vector after it)
+        # computes every entry, and the metric's entries are picked from them
+        select = declared and model.graph.structure.unembed is not None
+        if select:
             b.select_vocab(model.graph.structure.unembed, vocab.to(device))
         plan, graph_inputs = b.build()
         tiled = {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in feed.items()}
         with torch.no_grad():
             logits = model._logits(model.programs.get(plan)(**tiled, **graph_inputs))
+        if declared and not select:
+            logits = logits[..., vocab.to(logits.device)]
         if declared:
             rows_idx = torch.arange(n * batch)[:, None, None]
             sel = logits[rows_idx, pos.repeat(n, 1)[:, :, None].to(logits.device), inverse.view(batch, 1, -1).repeat(n, 1, 1).to(logits.device)]
