@@ -27,21 +27,10 @@ Every other reader sees the run as it is.
 from __future__ import annotations
 
 import torch
+from circuit_references import current as sender_value
+from circuit_references import parse
 
 D_HEAD = 16
-
-
-def parse(name):
-    """('input'|'head'|'mlp'|'q'|'k'|'v'|'logits', layer, head) of a sender or receiver name."""
-    if name in ("input", "logits"):
-        return name, None, None
-    if name.startswith("m"):
-        return "mlp", int(name[1:]), None
-    layer, rest = name[1:].split(".h")
-    if "<" in rest:
-        head, kind = rest[:-1].split("<")
-        return kind, int(layer), int(head)
-    return "head", int(layer), int(rest)
 
 
 def reaches(sender, receiver) -> bool:
@@ -167,15 +156,6 @@ def hf_run(family, hf, ids, mask, read=None):
         for h in handles:
             h.remove()
     return logits, cur
-
-
-def sender_value(cur, sender):
-    kind, layer, head = parse(sender)
-    if kind == "input":
-        return cur["input"]
-    if kind == "head":
-        return cur[("result", layer)][:, :, head]
-    return cur[("mlp", layer)]
 
 
 def hf_sender_values(family, hf, ids, mask):

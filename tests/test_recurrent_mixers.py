@@ -17,14 +17,20 @@ from fxlens import patching
 from test_coverage import hf_resid_pre_sweep, sweep_metric
 
 
-def test_minimax_sweep_equals_a_hooked_hf_loop_and_says_how_it_runs():
-    hf = A.build("minimax")
+def _sweep_case(family):
+    """(hf, fxlens model, clean ids, corrupted ids, metric) of the coverage harness's sweep check."""
+    hf = A.build(family)
     clean, corrupted = A.probe_ids(1, 5, seed=3), A.probe_ids(1, 5, seed=4)
     with torch.no_grad():
         metric = sweep_metric(hf(input_ids=clean).logits.shape[-1])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = fxlens.Model.from_hf(hf)
+    return hf, model, clean, corrupted, metric
+
+
+def test_minimax_sweep_equals_a_hooked_hf_loop_and_says_how_it_runs():
+    hf, model, clean, corrupted, metric = _sweep_case("minimax")
     assert any(s.kind == "mixer_out" for s in model.site_table.values())
     _, cache = model.run_with_cache(clean)
     with warnings.catch_warnings(record=True) as seen:
@@ -41,13 +47,9 @@ def test_rwkv_time_mixing_is_a_mixer_and_its_sweep_equals_a_hooked_hf_loop():
     """RWKV's time mixing shifts the sequence by one position and runs its recurrence position by position:
     no attention op and no product of two activations, so it was taken for an MLP and the layered engine
     reused rows from a late start (sweep off by 9.95 against a grid spread of 2.13)."""
-    hf = A.build("rwkv")
-    clean, corrupted = A.probe_ids(1, 5, seed=3), A.probe_ids(1, 5, seed=4)
-    with torch.no_grad():
-        metric = sweep_metric(hf(input_ids=clean).logits.shape[-1])
+    hf, model, clean, corrupted, metric = _sweep_case("rwkv")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = fxlens.Model.from_hf(hf)
         assert model.graph.mixes_outside_attention
         assert "blocks.0.hook_mixer_out" in model.sites
         _, cache = model.run_with_cache(clean)

@@ -20,13 +20,17 @@ import fxlens
 SEQ = 5
 
 
-@pytest.fixture(scope="module")
-def mamba():
-    hf = A.build("mamba")
+def _wrapped(family):
+    hf = A.build(family)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = fxlens.Model.from_hf(hf)
     return hf, model
+
+
+@pytest.fixture(scope="module")
+def mamba():
+    return _wrapped("mamba")
 
 
 def mixer_by_hand(mixer, x, edit=None):
@@ -66,11 +70,7 @@ def hf_with_mixer_by_hand(hf, layer, ids, edit=None):
 
 @pytest.fixture(scope="module")
 def falcon_mamba():
-    hf = A.build("falcon_mamba")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = fxlens.Model.from_hf(hf)
-    return hf, model
+    return _wrapped("falcon_mamba")
 
 
 @pytest.mark.parametrize("family", ["mamba", "falcon_mamba"])
