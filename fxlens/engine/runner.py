@@ -34,7 +34,7 @@ import math
 import torch
 import torch.fx as fx
 
-__all__ = ["Runner", "runner"]
+__all__ = ["Runner"]
 
 _INLINE = (bool, int, str, type(None))  # written into the source as literals
 
@@ -128,7 +128,3 @@ class Runner:
         exec(compile(src, f"<fxlens runner of {type(gm).__name__}>", "exec"), scope)
         return scope["forward"]
 
-
-def runner(gm: fx.GraphModule):
-    """``gm`` as a ``Runner`` (see the module docstring)."""
-    return Runner(gm)
