@@ -54,7 +54,8 @@ from .functional import functionalize, is_mutation
 from .layout import IDENTITY
 from .mlp import find_mlp
 from .moe import find_moe
-from .nodes import is_tensor, op_name
+from .module_sites import module_outputs
+from .nodes import op_name
 from .norms import find_norm
 from .sites import SPLITTABLE_PROJECTIONS, rewritten, PATTERN_AXES, QKV_AXES, RESID_AXES, ModelGraph, Site, SiteError, SiteTable, _Builder, _dims, _plain
 from .structure import StructureError, _module_nodes, _norm_modules, find_structure
@@ -375,7 +376,7 @@ def analyse_seq2seq(cg: Seq2SeqCaptured) -> Seq2SeqGraph:
         if stack == "decoder":
             cross = _cross_attention(dg, cg, st, norms, sites, left_out)
     taken = {s.name for s in sites}
-    sites += _raw_sites(dg, cg, by_scope, taken)
+    sites += _raw_sites(dg, cg, taken)
     order = {name: i for i, name in enumerate(dg.order)} if not isinstance(dg.order, dict) else dg.order
     sites.sort(key=lambda s: (order.get(s.rewrite[1], 0), 1) if s.rewrite else (order.get(s.node, 0), 0))
     table = SiteTable(OrderedDict((s.name, s) for s in sites), len(stacks["decoder"][0].blocks), left_out)
@@ -503,23 +504,14 @@ def _cross_pattern(dg, branch, syms) -> tuple | None:
     return None
 
 
-def _raw_sites(dg, cg, by_scope, taken) -> list:
-    """Every module's output under its HF path, axes named from both lengths."""
-    from .structure import _escaping
-
+def _raw_sites(dg, cg, taken) -> list:
+    """Every module call's output under its HF path (``module_sites``), axes named from both lengths."""
     names = {cg.batch_symbol: "batch", cg.seq_symbol: "pos", cg.decoder_seq_symbol: "pos"}
     out = []
-    for path, nodes in by_scope.items():
-        if not path or path in taken:
-            continue
-        members = {n.name for n in nodes}
-        escaping = [o for o in _escaping(members, dg) if is_tensor(dg.node(o))]
-        if not escaping:
-            continue
-        node = dg.node(escaping[0])
-        dims = [(d.node.expr if isinstance(d, torch.SymInt) else d) for d in node.meta["val"].shape]
+    for name, node_name in module_outputs(dg.graph, dg, taken):
+        dims = [(d.node.expr if isinstance(d, torch.SymInt) else d) for d in dg.node(node_name).meta["val"].shape]
         axes = tuple(names.get(d, f"dim{i}") for i, d in enumerate(dims))
-        out.append(Site(path, node.name, IDENTITY, axes, None, "module"))
+        out.append(Site(name, node_name, IDENTITY, axes, None, "module"))
     return out
 
 

@@ -38,11 +38,12 @@ from .capture import CapturedGraph
 from .dataflow import DataGraph
 from .layout import IDENTITY, Layout
 from .mlp import Mlp, find_mlp
+from .module_sites import module_outputs
 from .moe import Moe, find_moe
-from .nodes import ATTENTION_OPS, is_tensor, op_name, scope, sym_dims, tensor_meta
+from .nodes import ATTENTION_OPS, op_name, scope, sym_dims, tensor_meta
 from .norms import Norm, find_norm
 from .ssm import find_scan
-from .structure import (Structure, StructureError, _escaping, _module_nodes, _norm_modules, attention_module_branch,
+from .structure import (Structure, StructureError, _module_nodes, _norm_modules, attention_module_branch,
                         find_structure)
 from .vocab import input_vocab, token_embedding
 
@@ -307,7 +308,7 @@ def analyse(cg: CapturedGraph, table=None) -> ModelGraph:
             if chain is not None:
                 scans[block.index] = chain
     builder = _Builder(dg, syms, st, attns, mlps, norms, table, moes, scans)
-    sites = builder.build(by_scope)
+    sites = builder.build()
     for i, why in unfound.items():
         if is_mixer(dg, st.blocks[i].attn):
             why = (f"block {i} mixes positions without attention (a state-space or convolution layer); its output "
@@ -518,31 +519,17 @@ class _Builder:
         node = site.rewrite[1] if site.rewrite else site.node
         return (self.dg.order.get(node, 0), 0 if site.rewrite is None else 1)
 
-    def build(self, by_scope) -> "OrderedDict[str, Site]":
+    def build(self) -> "OrderedDict[str, Site]":
         self._canonical()
         canonical = {s.name for s in self.sites}
-        self._raw(by_scope, canonical)
+        self._raw(canonical)
         ordered = sorted(self.sites, key=self.order)
         return OrderedDict((s.name, s) for s in ordered)
 
     # ---- raw ----------------------------------------------------------------------------------
-    def _raw(self, by_scope, taken) -> None:
-        for path, nodes in by_scope.items():
-            if not path or path in taken:
-                continue
-            members = {n.name for n in nodes}
-            out = [o for o in _escaping(members, self.dg) if is_tensor(self.dg.node(o)) and not self._alias_of_input(o, members)]
-            if out:
-                # a tuple output's elements escape in the order they are computed: take the first
-                self.add(path, out[0])
-
-    def _alias_of_input(self, name: str, members: set) -> bool:
-        """A no-op cast or copy of the module's own input (float32 ``.to(float32)`` inside RMSNorm)."""
-        node = self.dg.node(name)
-        if op_name(node) not in ("to", "_to_copy", "type_as", "clone", "contiguous", "alias", "dropout"):
-            return False
-        src = [a for a in node.all_input_nodes if a.op != "get_attr"]
-        return bool(src) and src[0].name not in members
+    def _raw(self, taken) -> None:
+        for name, node in module_outputs(self.dg.graph, self.dg, taken):
+            self.add(name, node)
 
     # ---- canonical ----------------------------------------------------------------------------
     def _canonical(self) -> None:

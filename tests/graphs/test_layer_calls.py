@@ -85,3 +85,55 @@ def test_layers_without_one_residual_stream_offer_no_residual_sites_and_say_why(
     _, cache = model.run_with_cache(ids, names_filter=[last])
     _, _, want = hf_forward(hf, ids, None, [b.path for b in model.graph.structure.blocks])
     assert (cache[last] - want).abs().max() <= 1e-5
+
+
+def _call_outputs(hf, paths, ids, edit=None):
+    """Every call's output of each module path, by plain forward hooks; ``edit = (path, k, fn)`` replaces
+    the k-th call's output of ``path`` (first element of a tuple output) by ``fn(output)``."""
+    modules, outs, handles = dict(hf.named_modules()), {p: [] for p in paths}, []
+
+    def hook(path):
+        def fn(_mod, _args, out):
+            first = out[0] if isinstance(out, tuple) else out
+            if edit is not None and edit[0] == path and len(outs[path]) == edit[1]:
+                first = edit[2](first)
+                out = (first, *out[1:]) if isinstance(out, tuple) else first
+            outs[path].append(first.detach().clone())
+            return out
+        return fn
+
+    for p in paths:
+        handles.append(modules[p].register_forward_hook(hook(p)))
+    try:
+        with torch.no_grad():
+            logits = hf(input_ids=ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return outs, logits
+
+
+@pytest.mark.parametrize("family", ["albert", "dory"])
+def test_raw_sites_name_each_call_of_a_module(family):
+    """``path`` is a module's first call, ``path@k`` its (k+1)-th, read and written."""
+    hf, model = _wrap(family)
+    modules = dict(hf.named_modules())
+    looped = sorted({n.split("@")[0] for n in model.sites if "@" in n})
+    assert looped and all(p in modules for p in looped)
+    ids = A.probe_ids(2, 5, seed=5)
+    outs, _ = _call_outputs(hf, looped, ids)
+    names = [p if k == 0 else f"{p}@{k}" for p in looped for k in range(len(outs[p]))]
+    assert set(names) >= {n for n in model.sites if "@" in n}
+    assert any(len(outs[p]) > 2 for p in looped) or family == "albert"
+    _, cache = model.run_with_cache(ids, names_filter=names)
+    for p in looped:
+        for k, want in enumerate(outs[p]):
+            name = p if k == 0 else f"{p}@{k}"
+            assert (cache[name] - want).abs().max() <= 1e-5, name
+    # a write at the second call only
+    layer = max(looped, key=lambda p: (len(outs[p]), -len(p)))
+    _, want = _call_outputs(hf, [layer], ids, edit=(layer, 1, lambda t: t * 0.5))
+    got = model.run_with_hooks(ids, fwd_hooks=[(f"{layer}@1", lambda t, hook: t * 0.5)])
+    assert (got - want).abs().max() <= 1e-5
+    _, first_only = _call_outputs(hf, [layer], ids, edit=(layer, 0, lambda t: t * 0.5))
+    assert (got - first_only).abs().max() > 1e-3  # the two calls are told apart
