@@ -107,3 +107,15 @@ def test_generation_on_doge_recomputes_instead_of_stepping_from_cached_keys():
         got = model.generate(ids, 6, stop_at_eos=False)
     assert torch.equal(got, want)
     assert any("step from cached keys and values would not be exact" in str(w.message) for w in seen)
+
+
+@pytest.mark.parametrize("family", ["bitnet", "diffllama", "granite_swa"])
+def test_blocks_with_unrecognised_attention_keep_the_layered_engine_exactly(family):
+    """Attention with a norm before its output projection (BitNet, DiffLlama) or a sliding window is not
+    recognised as heads; such a block reads a [q, k] mask that packed rows cannot gather per token. These
+    blocks run rows unpacked: before, the packed call failed and every sweep fell back to whole-model forwards."""
+    model, grids, seen = _sweeps(family)
+    for got, want in grids:
+        _close(got, want)
+    assert not [w for w in seen if "cannot run this model's sweeps" in str(w.message)]
+    assert model.last_sweep_stats["block_calls"] > 0

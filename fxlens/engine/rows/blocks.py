@@ -102,6 +102,9 @@ class Blocks:
             a = self.graph.attn[i]
             contexts = frozenset(self.seg.block_context[i])
             if a is None:
+                if any(len(self.seq_dims.get(c, [])) > 1 for c in contexts):
+                    packing = None  # attention not recognised, yet the block reads a [q, k] mask: nothing places it
+                    break
                 packing.append((None, frozenset(), contexts))
                 continue
             core = (a.q_in, a.k_in, a.v_in, a.z_heads, str(i))
