@@ -259,9 +259,11 @@ def _pos_axis(x, ids) -> int:
     raise FamilyFails(f"the layer input {tuple(x.shape)} has no positions axis for token ids {tuple(ids.shape)}")
 
 
-def hf_resid_pre_sweep(hf, clean, corrupted, layer_paths, metric) -> torch.Tensor:
-    """[n_layers, pos]: one HF forward of ``corrupted`` per cell, the clean layer input put at the cell's position."""
-    _, clean_inputs, _ = hf_forward(hf, clean, None, layer_paths)
+def hf_resid_pre_sweep(hf, clean, corrupted, layer_paths, metric, mask=None) -> torch.Tensor:
+    """[n_layers, pos]: one HF forward of ``corrupted`` per cell, the clean layer input put at the cell's position
+    (in every row; ``mask``: both runs' attention mask)."""
+    _, clean_inputs, _ = hf_forward(hf, clean, mask, layer_paths)
+    extra = {} if mask is None else {"attention_mask": mask}
     out = torch.zeros(len(layer_paths), clean.shape[1])
     for layer, path in enumerate(layer_paths):
         call = _call_index(layer_paths, layer)
@@ -281,7 +283,7 @@ def hf_resid_pre_sweep(hf, clean, corrupted, layer_paths, metric) -> torch.Tenso
             handle = hf.get_submodule(path).register_forward_pre_hook(pre, with_kwargs=True)
             try:
                 with torch.no_grad():
-                    out[layer, pos] = float(metric(hf(input_ids=corrupted).logits))
+                    out[layer, pos] = float(metric(hf(input_ids=corrupted, **extra).logits))
             finally:
                 handle.remove()
     return out

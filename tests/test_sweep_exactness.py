@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import all_families as A
+import hf_hooks as H
 import fxlens
 from fxlens import patching
 from fxlens.engine.rows import RowEngine
@@ -118,4 +119,28 @@ def test_blocks_with_unrecognised_attention_keep_the_layered_engine_exactly(fami
     for got, want in grids:
         _close(got, want)
     assert not [w for w in seen if "cannot run this model's sweeps" in str(w.message)]
+    assert model.last_sweep_stats["block_calls"] > 0
+
+
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+def test_alibi_rows_read_every_key_and_keep_the_layered_engine(padding):
+    """BLOOM's ALiBi bias, [batch*heads, 1, key], is over keys: a row that starts at position p still reads
+    keys 0..p-1. It was sliced like a per-query tensor, the suffix-exactness probe then sent every BLOOM sweep
+    to whole-model forwards; now rows run layered, exact against the hooked HF loop, padded on either side."""
+    hf = A.build("bloom")
+    model = _model(hf)
+    clean, corrupted = A.probe_ids(3, SEQ, seed=3), A.probe_ids(3, SEQ, seed=4)
+    mask = None if padding == "none" else H.padding_mask(clean, padding)
+    real = torch.ones(3, SEQ) if mask is None else mask.float()
+
+    def metric(logits):  # every real position's logits, none of the padding's
+        return (logits.log_softmax(-1)[..., :9].sum(-1) * real).sum()
+
+    paths = [b.path for b in model.graph.structure.blocks]
+    _, cache = model.run_with_cache(clean, mask, names_filter=lambda n: n.endswith("hook_resid_pre"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = patching.get_act_patch_resid_pre(model, corrupted, cache, metric, attention_mask=mask)
+    _close(got, hf_resid_pre_sweep(hf, clean, corrupted, paths, metric, mask))
+    assert not [w for w in seen if "whole-model" in str(w.message)], [str(w.message) for w in seen]
     assert model.last_sweep_stats["block_calls"] > 0

@@ -49,11 +49,18 @@ class Blocks:
         self.causal = derived.captured.is_causal
         syms = (self.captured.batch_symbol, self.captured.seq_symbol)
         nodes = {n.name: n for n in seg.prelude.graph.nodes}
-        self.seq_dims = {}
+        self.seq_dims = {}  # context -> its positions axes: one (query positions), or two ([.., q, k] mask)
+        self.key_only = set()  # contexts over keys alone, broadcast over queries: never sliced or gathered
         for names in list(seg.block_context) + [seg.head_context]:
             for c in names:
                 dims = sym_dims(nodes[c], *syms)
-                self.seq_dims[c] = [i for i, d in enumerate(dims) if d == "S"]
+                seq = [i for i, d in enumerate(dims) if d == "S"]
+                if seq == [len(dims) - 1] and len(dims) >= 3 and dims[-2] == 1:
+                    # ALiBi's [batch*heads, 1, key] bias: a row's queries read every key. A wrong guess here is
+                    # caught by the suffix-exactness probe (``exactness.py``), which then runs rows whole-model.
+                    self.key_only.add(c)
+                    seq = []
+                self.seq_dims[c] = seq
         # per block: ((k node, its attention consumer), (v node, its consumer)), or None without attention
         self.kv_uses = [None if a is None else ((a.k_in, a.k_consumer), (a.v_in, a.v_consumer)) for a in self.graph.attn]
         self._packing = False

@@ -96,7 +96,7 @@ class CostModel:
             ctx = {}
             for c, v in base.context.items():
                 dims = blocks.seq_dims.get(c, [])
-                ctx[c] = v[:1, ..., :1, :1] if len(dims) == 2 else v[:1, :1] if dims else v
+                ctx[c] = v[:1, ..., :1, :1] if len(dims) == 2 else v[:1, :1] if dims else v[:1, ..., :1] if c in blocks.key_only else v
             feed = blocks.feed(layer, h, ctx)
             prog(**feed)
             prog(**feed)
