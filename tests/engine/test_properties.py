@@ -58,7 +58,8 @@ def batches(draw):
 
 def expected_sizes(model, name, ids) -> dict:
     c = model.cfg
-    heads = c.n_key_value_heads if name.endswith(("hook_k", "hook_v", "hook_rot_k")) else c.n_heads
+    # k and v (and their inputs, as TransformerLens splits them) have the key-value heads of grouped-query attention
+    heads = c.n_key_value_heads if name.endswith(("hook_k", "hook_v", "hook_rot_k", "hook_k_input", "hook_v_input")) else c.n_heads
     b, p = ids.shape
     return {"batch": b, "pos": p, "query_pos": p, "key_pos": p, "head": heads, "d_head": c.d_head,
             "d_model": c.d_model, "d_mlp": c.d_mlp, "one": 1}
