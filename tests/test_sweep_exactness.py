@@ -144,3 +144,28 @@ def test_alibi_rows_read_every_key_and_keep_the_layered_engine(padding):
     _close(got, hf_resid_pre_sweep(hf, clean, corrupted, paths, metric, mask))
     assert not [w for w in seen if "whole-model" in str(w.message)], [str(w.message) for w in seen]
     assert model.last_sweep_stats["block_calls"] > 0
+
+
+@pytest.mark.parametrize("family", ["deepseek_v32", "glm_moe_dsa"])
+def test_sizes_capped_by_the_length_keep_the_layered_engine_exactly(family):
+    """DeepSeek's sparse-attention indexer keeps top-Min(index_topk, seq) keys: a block reads that size from
+    outside. It is recomputed from the block's own input like any size of the batch and sequence sizes;
+    before, every sweep of these models fell back to whole-model forwards. index_topk is set below the
+    sequence length, so that the indexer drops keys."""
+    hf = A.build(family)
+    for layer in hf.model.layers:
+        layer.self_attn.indexer.index_topk = 3
+    hf.config.index_topk = 3
+    model = _model(hf)
+    clean, corrupted = A.probe_ids(1, 8, seed=3), A.probe_ids(1, 8, seed=4)
+    paths = [b.path for b in model.graph.structure.blocks]
+    _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
+    with torch.no_grad():
+        metric = sweep_metric(hf(input_ids=clean).logits.shape[-1])
+    for m in (metric, fxlens.metrics.logit_diff(3, 7)):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            got = patching.get_act_patch_resid_pre(model, corrupted, cache, m)
+        _close(got, hf_resid_pre_sweep(hf, clean, corrupted, paths, m))
+        assert not [w for w in seen if "whole-model" in str(w.message)], [str(w.message) for w in seen]
+        assert model.last_sweep_stats["block_calls"] > 0

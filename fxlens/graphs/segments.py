@@ -26,7 +26,9 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
+import sympy
 import torch
+import torch.utils._sympy.functions as symfn
 import torch.fx as fx
 from torch.fx.graph import CodeGen
 
@@ -40,6 +42,10 @@ HIDDEN_ROLE = "fxl_hidden"
 
 class SegmentError(RuntimeError):
     pass
+
+
+# torch's shape expressions use its own Min/Max (torch.utils._sympy.functions), not sympy's
+_MIN_MAX = {sympy.Min: "min", sympy.Max: "max", symfn.Min: "min", symfn.Max: "max"}
 
 
 @dataclass
@@ -89,6 +95,13 @@ def _subgraph(root: fx.GraphModule, nodes: list[fx.Node], hidden: fx.Node, outpu
             out = base
             for _ in range(int(expr.exp) - 1):
                 out = g.call_function(operator.mul, (out, base))
+            return out
+        if expr.func in _MIN_MAX and expr.free_symbols <= set(syms):
+            # a top-k width capped by the length (DeepSeek's sparse-attention indexer: Min(2048, seq))
+            pick = torch.sym_min if _MIN_MAX[expr.func] == "min" else torch.sym_max
+            out = size(expr.args[0])
+            for a in expr.args[1:]:
+                out = g.call_function(pick, (out, size(a)))
             return out
         raise SegmentError(f"a block reads the size {expr} from outside; only sizes computed from the batch and sequence sizes are supported")
 
