@@ -10,6 +10,8 @@ Usage::
 
     # after FXLENS_COVERAGE_RECORD=/tmp/cov pytest -n 2 tests/test_coverage.py (see that file's docstring)
     python scripts/family_table.py --record /tmp/cov     # rewrite tests/coverage_expected.json, then the table
+    python scripts/family_table.py --record /tmp/cov --merge   # update only the families recorded (after a -k run);
+                                                               # their capture times stay the full run's
     python scripts/family_table.py                       # the table only, from the checked-in file
     python scripts/family_table.py --check               # exit 1 if the README's table is not the generated one
 """
@@ -42,8 +44,10 @@ def match_substring(message: str) -> str:
     return line[:MATCH_LEN].rstrip()
 
 
-def record(folder: pathlib.Path) -> dict:
-    """{family: outcome} from a recording run, plus every skipped family with its reason."""
+def record(folder: pathlib.Path, merge_into: dict | None = None) -> dict:
+    """{family: outcome} from a recording run, plus every skipped family with its reason. ``merge_into``: the
+    current outcomes, updated with the recorded families only; their timings are kept from ``merge_into``
+    (a run of a few families on a busy machine must not rewrite the full run's timings)."""
     sys.path.insert(0, str(ROOT / "tests"))
     import all_families as A  # noqa: PLC0415 - only needed when recording
 
@@ -52,6 +56,9 @@ def record(folder: pathlib.Path) -> dict:
     for family in A.FAMILIES:
         path = folder / f"{family}.json"
         if not path.exists():
+            if merge_into is not None and family in merge_into:
+                out[family] = merge_into[family]
+                continue
             missing.append(family)
             continue
         o = json.loads(path.read_text())
@@ -59,8 +66,9 @@ def record(folder: pathlib.Path) -> dict:
         if o["status"] == "refuses":
             entry["match"] = match_substring(o.get("message", o.get("detail", "")))
         for k in ("capture_s", "total_s"):
-            if o.get(k) is not None:
-                entry[k] = o[k]
+            kept = (merge_into or {}).get(family, {}).get(k)
+            if kept is not None or o.get(k) is not None:
+                entry[k] = kept if kept is not None else o[k]
         for k in ("warnings", "notes"):
             if o.get(k):
                 entry[k] = o[k]
@@ -129,10 +137,12 @@ def write_readme(text: str, readme: pathlib.Path = README) -> bool:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--record", type=pathlib.Path, help="folder of per-family outcomes from FXLENS_COVERAGE_RECORD")
+    p.add_argument("--merge", action="store_true", help="with --record: update only the recorded families")
     p.add_argument("--check", action="store_true", help="exit 1 if the README's table is not the generated one")
     args = p.parse_args(argv)
     if args.record:
-        EXPECTED.write_text(json.dumps(record(args.record), indent=1) + "\n")
+        current = json.loads(EXPECTED.read_text()) if args.merge else None
+        EXPECTED.write_text(json.dumps(record(args.record, current), indent=1) + "\n")
     expected = json.loads(EXPECTED.read_text())
     text = table(expected)
     if args.check:
