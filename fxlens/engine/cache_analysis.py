@@ -158,7 +158,7 @@ class CacheAnalysis:
             if ((incl_mid and i < n) or (mlp_input and i == n)) and self._sites.get_act_name("resid_mid", i) in self._sites:
                 labels.append(f"{i}_mid")
                 out.append(self["resid_mid", i])
-        stacked = torch.stack([pos_slice.apply(t, dim=-2) for t in out])
+        stacked = torch.stack(_together([pos_slice.apply(t, dim=-2) for t in out]))
         if apply_ln:
             stacked = self.apply_ln_to_stack(stacked, n, mlp_input=mlp_input, pos_slice=pos_slice,
                                              has_batch_dim=self.has_batch_dim, recompute_ln=n == n_layers)
@@ -200,7 +200,7 @@ class CacheAnalysis:
         if not out:
             raise ValueError(f"decompose_resid(layer={layer}, mode={mode!r}, incl_embeds={incl_embeds}) selects no component")
         shape = torch.broadcast_shapes(*(t.shape for t in out))
-        stacked = torch.stack([t.expand(shape) for t in out])
+        stacked = torch.stack(_together([t.expand(shape) for t in out]))
         if apply_ln:
             stacked = self.apply_ln_to_stack(stacked, n, mlp_input=mlp_input, pos_slice=pos_slice, has_batch_dim=self.has_batch_dim)
         labels = [label for _, label in terms]
@@ -252,13 +252,13 @@ class CacheAnalysis:
             parts.append(result)
             labels += [f"L{i}H{h}" for h in range(result.shape[-2])]
         if parts:
-            stack = _first(torch.cat(parts, dim=-2))
+            stack = _first(torch.cat(_together(parts), dim=-2))
         else:
             like = pos_slice.apply(self["resid_pre", 0], dim=-2)
             stack = like.new_zeros((0, *like.shape))
         if incl_remainder:
             total = pos_slice.apply(self["resid_post", n - 1] if n > 0 else self["resid_pre", 0], dim=-2)
-            stack = torch.cat([stack, (total - stack.sum(0))[None]])
+            stack = torch.cat([stack, (total.to(stack.device) - stack.sum(0))[None]])
             labels.append("remainder")
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, n, pos_slice=pos_slice, has_batch_dim=self.has_batch_dim)
@@ -299,9 +299,9 @@ class CacheAnalysis:
         parts = [self._neurons(i, neuron_slice, pos_slice, project, ln) for i in range(n)]
         labels = [f"L{i}N{int(j)}" for i in range(n) for j in neuron_slice.indices(self["post", i].shape[-1])]
         if parts and project is not None and project.ndim == 1:
-            stack = torch.cat(parts, dim=-1).movedim(-1, 0)  # [batch, pos, neurons] -> [neurons, batch, pos]
+            stack = torch.cat(_together(parts), dim=-1).movedim(-1, 0)  # [batch, pos, neurons] -> [neurons, batch, pos]
         elif parts:
-            stack = _first(torch.cat(parts, dim=-2))
+            stack = _first(torch.cat(_together(parts), dim=-2))
         else:
             like = pos_slice.apply(self["resid_pre", 0], dim=-2)
             if project is not None:
@@ -314,7 +314,7 @@ class CacheAnalysis:
                 total = self.apply_ln_to_stack(total, n, mlp_input=mlp_input, pos_slice=pos_slice, has_batch_dim=self.has_batch_dim)
             if project is not None:
                 total = total @ project.to(total.dtype)
-            stack = torch.cat([stack, total - stack.sum(0, keepdim=True)])
+            stack = torch.cat([stack, total.to(stack.device) - stack.sum(0, keepdim=True)])
             labels.append("remainder")
         return (stack, labels) if return_labels else stack
 
@@ -363,5 +363,12 @@ class CacheAnalysis:
         like = embeds[0]
         parts.append(finish(torch.as_tensor(bias, dtype=like.dtype, device=like.device).expand(like.shape)[None]))
         labels.append("bias")
-        stack = torch.cat(parts)
+        stack = torch.cat(_together(parts))
         return (stack, labels) if return_labels else stack
+
+
+def _together(parts: list) -> list:
+    """``parts`` on one device: the last one's (for a model spread over devices, the LM head's side, where
+    stacks are unembedded); unchanged on one device."""
+    device = parts[-1].device if parts else None
+    return [p if p.device == device else p.to(device) for p in parts]

@@ -27,6 +27,11 @@ Example::
     cg = capture(hf_model)
     out = cg.module(input_ids=ids, attention_mask=mask)["outputs"]["logits"]
 
+Several devices: a model dispatched over devices by accelerate (``device_map``) is exported through
+its hooks (their transfers are in the graph); ``device`` is its first weight's (the embedding's), where
+inputs are fed. The engine places every program it builds on the blocks' devices
+(``passes.place_devices``).
+
 Gotchas: the graph is specialised to the model's dtype and device (``.to(float32)`` on a float32
 tensor is traced as an alias), so capture again after moving the model; a model whose forward
 takes no ``attention_mask`` is captured with ``input_ids`` only.
@@ -60,8 +65,10 @@ class CaptureError(RuntimeError):
 
 
 def _check_devices(model) -> None:
-    """Refuse weights offloaded to the meta device or spread over several devices (a ``device_map``),
-    naming the fix: the captured program and its rows run on one device."""
+    """Refuse weights offloaded to the meta device, or spread over several devices with nothing to move
+    activations between them, naming the fix. A model dispatched by accelerate (``device_map``) is
+    captured through its hooks, whose transfers torch.export records; the engine then places every
+    program on its blocks' devices (``passes.place_devices``)."""
     devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
     name = type(model).__name__
     if any(d.type == "meta" for d in devices):
@@ -70,11 +77,11 @@ def _check_devices(model) -> None:
             "loaded yet): fxlens needs every weight in memory. Load it with device_map={'': 'cuda:0'} (or 'cpu'), "
             "or without a device_map and move it with .to(device)"
         )
-    if len(devices) > 1:
+    if len(devices) > 1 and not any(hasattr(m, "_hf_hook") for m in model.modules()):
         raise CaptureError(
-            f"{name}'s weights live on several devices ({', '.join(sorted(map(str, devices)))}), as a device_map "
-            "spreading layers over devices leaves them; fxlens runs a model on one device for now. Load it with "
-            "device_map={'': 'cuda:0'}, or move it with .to(device)"
+            f"{name}'s weights live on several devices ({', '.join(sorted(map(str, devices)))}) but no accelerate hooks "
+            "move activations between them, so the model itself cannot run. Load it with device_map='auto' (or a "
+            "dict of module paths to devices), which dispatches it with those hooks, or move it with .to(device)"
         )
 
 
