@@ -35,10 +35,10 @@ class OnDevice(torch.Tensor):
 
     @staticmethod
     def __new__(cls, data: torch.Tensor, device):
-        # a meta tensor to C++ (its device guards are no-ops; a CUDA one is missing on a CPU build), the
-        # labelled device to Python
+        # a CPU tensor to C++ (device guards, and index tensors made from Python lists, are the CPU's; a CUDA
+        # guard is missing on a CPU build), the labelled device to Python
         r = torch.Tensor._make_wrapper_subclass(cls, data.shape, strides=data.stride(), storage_offset=data.storage_offset(),
-                                                dtype=data.dtype, device=torch.device("meta"), requires_grad=False)
+                                                dtype=data.dtype, device=torch.device("cpu"), requires_grad=False)
         r.cpu_data = data
         r.label = torch.device(device)
         return r
@@ -51,6 +51,19 @@ class OnDevice(torch.Tensor):
 
     def tolist(self):  # torch refuses tolist on subclasses
         return self.cpu_data.tolist()
+
+    def to(self, *args, **kwargs):
+        # C++ takes this for a CPU tensor already: a move to the CPU is made here
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None and torch.device(device).type == "cpu":
+            return self.cpu_data.to(dtype=dtype or self.dtype, copy=True)
+        return super().to(*args, **kwargs)
+
+    def cpu(self):
+        return self.to("cpu")
+
+    def untyped_storage(self):
+        return self.cpu_data.untyped_storage()
 
     def __repr__(self):
         return f"OnDevice({self.device}, {self.cpu_data!r})"
