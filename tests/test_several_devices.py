@@ -245,3 +245,27 @@ def test_emulated_devices_refuse_a_mismatch_as_cuda_does():
         with pytest.raises(DeviceMismatch):
             a @ b
         assert (a @ b.to("cuda:0")).device == FIRST
+
+
+def test_capture_strips_the_moves_accelerate_makes_and_keeps_casts():
+    # what torch.export records of a dispatched model's hooks: x.to("cuda:1") at a block's entry
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fxlens.graphs.placement import strip_transfers
+
+    aten = torch.ops.aten
+    with FakeTensorMode():
+        x0, x1 = torch.empty(2, 3, device="cuda:0"), torch.empty(2, 3, device="cuda:1")
+        h1 = torch.empty(2, 3, device="cuda:1", dtype=torch.float16)
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = x0
+    moved = g.call_function(aten._to_copy.default, (x,), {"device": torch.device("cuda:1")})
+    moved.meta["val"] = x1
+    cast = g.call_function(aten._to_copy.default, (x,), {"dtype": torch.float16, "device": torch.device("cuda:1")})
+    cast.meta["val"] = h1
+    y = g.call_function(aten.add.Tensor, (moved, 1))
+    g.output((y, cast))
+    assert strip_transfers(g) == 1
+    assert y.args[0] is x
+    assert cast.kwargs == {"dtype": torch.float16}
