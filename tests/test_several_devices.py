@@ -269,3 +269,50 @@ def test_capture_strips_the_moves_accelerate_makes_and_keeps_casts():
     assert strip_transfers(g) == 1
     assert y.args[0] is x
     assert cast.kwargs == {"dtype": torch.float16}
+
+
+def test_capture_of_a_spread_model_probes_and_checks_the_placed_graph(monkeypatch):
+    # capture's path for several devices (strip accelerate's moves, place, probe, self-check), with every
+    # module placed on the CPU: export cannot run on emulated devices
+    import fxlens.graphs.capture as cap
+    from fxlens.graphs.placement import module_devices
+
+    hf = make("llama")
+    paths = {".".join(p.split(".")[:i]) for p, _ in hf.named_parameters() for i in range(1, p.count(".") + 1)}
+    calls = []
+
+    def table(gm):
+        calls.append(gm)
+        assert module_devices(gm) is None
+        return tuple((p, "cpu") for p in sorted(paths)), "cpu"
+
+    monkeypatch.setattr(cap, "_several_devices", lambda model: True)
+    monkeypatch.setattr(cap, "module_devices", table)
+    model = fxlens.Model.from_hf(hf)
+    assert calls
+    ids = tokens(2, 6)
+    with torch.no_grad():
+        assert diff(model(ids), hf(ids).logits) <= TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_analysis_across_devices_equals_the_model_on_one_device(family):
+    # references: the CPU model (test_cache_analysis_vs_tl holds it to TransformerLens)
+    _, model, spread = models(family)
+    ids, _ = pair()
+    calls = {
+        "accumulated_resid": lambda c: c.accumulated_resid(apply_ln=True),
+        "decompose_resid": lambda c: c.decompose_resid(apply_ln=True),
+        "stack_head_results": lambda c: c.stack_head_results(incl_remainder=True, apply_ln=True),
+        "stack_neuron_results": lambda c: c.stack_neuron_results(2, incl_remainder=True, apply_ln=True),
+        "get_full_resid_decomposition": lambda c: c.get_full_resid_decomposition(expand_neurons=True, apply_ln=True),
+        "logit_attrs": lambda c: c.logit_attrs(c.decompose_resid(apply_ln=True), tokens=5, incorrect_tokens=9),
+    }
+    with torch.no_grad():
+        _, cache = model.run_with_cache(ids)
+    with Emulated(), torch.no_grad():
+        _, spread_cache = spread.run_with_cache(ids)
+        got = {name: call(spread_cache).to("cpu") for name, call in calls.items()}
+    for name, call in calls.items():
+        with torch.no_grad():
+            assert diff(got[name], call(cache)) <= TOL, name

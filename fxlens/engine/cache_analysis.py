@@ -94,7 +94,8 @@ class CacheAnalysis:
             residual_stack = residual_stack - residual_stack.mean(dim=-1, keepdim=True)
         scale = self._ln_scale(layer, mlp_input, pos_slice, batch_slice)
         weight, _ = maps.norm_affine(model, path)
-        return residual_stack / scale * weight
+        # on the norm's device (a model spread over devices: the stack may hold earlier blocks' terms)
+        return residual_stack.to(scale.device) / scale * weight.to(scale.device)
 
     def _ln_linear(self, W: torch.Tensor, layer: int, mlp_input: bool) -> torch.Tensor:
         """What apply_ln does to the rows of ``W`` [..., d_model], except dividing by the scale."""
@@ -102,7 +103,7 @@ class CacheAnalysis:
         path = self._norm_path(layer, mlp_input)
         if maps.norm_kind(model, path) == "layernorm":
             W = W - W.mean(dim=-1, keepdim=True)
-        return W * maps.norm_affine(model, path)[0]
+        return W * maps.norm_affine(model, path)[0].to(W.device)  # the norm's device may be another block's
 
     # ---- direct logit attribution ----------------------------------------------------------------
     def logit_attrs(self, residual_stack: torch.Tensor, tokens, incorrect_tokens=None, pos_slice=None,
@@ -277,9 +278,9 @@ class CacheAnalysis:
         W = neuron_slice.apply(W_out, dim=0).to(acts.dtype)
         if ln is not None:
             W = self._ln_linear(W, ln[0], ln[1])
-            acts = acts / self._ln_scale(ln[0], ln[1], ln[2], Slice(None))
+            acts = acts / self._ln_scale(ln[0], ln[1], ln[2], Slice(None)).to(acts.device)
         if project is not None:
-            W = W @ project.to(W.dtype)
+            W = W @ project.to(W.device, W.dtype)
             if project.ndim == 1:
                 return acts * W
         return acts[..., None] * W
@@ -357,14 +358,19 @@ class CacheAnalysis:
         embeds, embed_labels = self.decompose_resid(0, mode="attn", pos_slice=pos_slice, return_labels=True)
         parts.append(finish(embeds))
         labels += embed_labels
-        bias = sum(maps.attn_out_weight(model, i)[1] for i in range(heads_upto))
-        if expand_neurons:
-            bias = bias + sum(maps.mlp_out_weight(model, i)[1] for i in range(n))
         like = embeds[0]
+        # each layer's bias on its own block's device: summed where the embeddings are
+        bias = sum(_on(maps.attn_out_weight(model, i)[1], like.device) for i in range(heads_upto))
+        if expand_neurons:
+            bias = bias + sum(_on(maps.mlp_out_weight(model, i)[1], like.device) for i in range(n))
         parts.append(finish(torch.as_tensor(bias, dtype=like.dtype, device=like.device).expand(like.shape)[None]))
         labels.append("bias")
         stack = torch.cat(_together(parts))
         return (stack, labels) if return_labels else stack
+
+
+def _on(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def _together(parts: list) -> list:
