@@ -15,6 +15,11 @@ Example::
 
 ``placed(model, device_of)`` is the fxlens Model computing with its weights labelled ``device_of(path)``
 (a capture on the CPU, bound like a ``device_map`` would leave the weights).
+
+Limits: C++ sees a CPU tensor (a CUDA device guard is missing on a CPU build), so what C++ allocates from
+a tensor's options (autograd's gradient buffers, index tensors made from Python lists) is unlabelled: the
+CPU. Gradients across emulated devices are therefore not checked; index tensors are (CUDA takes CPU ones).
+``.to("cpu")``/``.cpu()`` are handled in Python, since C++ takes the tensor for a CPU one already.
 """
 
 from __future__ import annotations

@@ -6,6 +6,12 @@ captured on the CPU and its weights labelled ``cuda:0`` (embeddings, first half 
 ``cuda:1`` (second half, final norm, LM head), as a ``device_map`` leaves them. Every operator refuses
 inputs on two devices as CUDA does, and computes with the real values, so each feature is checked twice:
 no device mismatch anywhere, and the numbers equal the HF model's own (hooks on the HF forward).
+
+Not covered here: gradients (attribution, EAP, ``incl_bwd``: autograd allocates on the C++ device, which
+the emulation keeps on the CPU), a plain metric's tracing (``engine.metric_reads`` traces under fake
+tensors, which cannot wrap an emulated one: the sweeps fall back to full logits here, exactly) and
+torch.export of a model dispatched by accelerate (capture's path for it runs with every module placed
+on the CPU, ``test_capture_of_a_spread_model_...``). ``benchmarks/gpu.sh`` runs a real two-GPU split.
 """
 
 import pytest
