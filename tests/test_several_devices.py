@@ -322,3 +322,17 @@ def test_cache_analysis_across_devices_equals_the_model_on_one_device(family):
     for name, call in calls.items():
         with torch.no_grad():
             assert diff(got[name], call(cache)) <= TOL, name
+
+
+def test_interventions_on_a_pattern_and_on_heads_across_devices_equal_the_model_on_one_device():
+    _, model, spread = models("llama")
+    clean, corrupted = pair()
+    _, cache = model.run_with_cache(clean)
+    specs = [fxlens.Ablate("blocks.3.attn.hook_pattern", head=1), fxlens.Patch("blocks.2.attn.hook_z", source=cache, head=0),
+             fxlens.Scale("blocks.0.mlp.hook_post", factor=0.5), fxlens.Ablate("blocks.1.attn.hook_v", how="mean")]
+    with torch.no_grad():
+        want = model.run_with_interventions(corrupted, specs)
+    with Emulated(), torch.no_grad():
+        got = spread.run_with_interventions(corrupted, specs)
+    assert got.device == LAST
+    assert diff(got, want) <= TOL

@@ -51,7 +51,7 @@ import torch.fx as fx
 
 from .nodes import tensor_meta
 
-__all__ = ["module_devices", "place", "strip_transfers", "to_device"]
+__all__ = ["module_device", "module_devices", "place", "strip_transfers", "to_device"]
 
 aten = torch.ops.aten
 _TRANSFERS = (aten._to_copy.default, aten.to.dtype_layout, aten.to.device, aten.to.dtype, aten.to.other)
@@ -89,6 +89,14 @@ def module_devices(gm: fx.GraphModule) -> tuple[tuple, str] | None:
     return table, str(first)
 
 
+def module_device(node: fx.Node, table: dict):
+    """The device of the innermost module of ``node``'s ``nn_module_stack`` in ``table`` (path -> device), or None."""
+    for path, _ in reversed(list((node.meta.get("nn_module_stack") or {}).values())):
+        if path in table:
+            return table[path]
+    return None
+
+
 def _value_device(node: fx.Node):
     val = node.meta.get("val")
     return val.device if isinstance(val, torch.Tensor) else None
@@ -105,9 +113,9 @@ def place(gm: fx.GraphModule, modules: tuple, default: str) -> fx.GraphModule:
     moved: dict[tuple, fx.Node] = {}
 
     def own(node: fx.Node) -> torch.device:
-        for path, _ in reversed(list((node.meta.get("nn_module_stack") or {}).values())):
-            if path in table:
-                return table[path]
+        found = module_device(node, table)
+        if found is not None:
+            return found
         inputs = node.all_input_nodes
         for kind in (lambda n: n.op != "get_attr", lambda n: n.op == "get_attr"):
             found = next((where[n] for n in inputs if kind(n) and where.get(n) is not None), None)

@@ -25,7 +25,9 @@ from typing import ClassVar
 
 import torch.fx as fx
 
-from ..graphs.placement import module_devices, place, to_device
+import torch
+
+from ..graphs.placement import module_device, module_devices, place, to_device
 
 __all__ = ["PlaceDevices", "place_devices", "to_device"]
 
@@ -45,6 +47,10 @@ class PlaceDevices:
     @property
     def devices(self) -> tuple:
         return tuple(sorted({d for _, d in self.modules}))
+
+    def device_of(self, node: fx.Node) -> torch.device | None:
+        """Where ``node`` (of the captured graph) runs: its module's device, or None outside placed modules."""
+        return module_device(node, {path: torch.device(d) for path, d in self.modules})
 
 
 def place_devices(gm: fx.GraphModule, spec: PlaceDevices) -> fx.GraphModule:
