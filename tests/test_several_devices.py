@@ -336,3 +336,26 @@ def test_interventions_on_a_pattern_and_on_heads_across_devices_equal_the_model_
         got = spread.run_with_interventions(corrupted, specs)
     assert got.device == LAST
     assert diff(got, want) <= TOL
+
+
+def _spread_without_running(hf, module):
+    """``hf`` with ``module``'s weights labelled cuda:1 and an accelerate-like hook attribute on it (capture
+    refuses before anything runs)."""
+    for sub in module.modules():
+        for key, p in list(sub._parameters.items()):
+            if p is not None:
+                sub._parameters[key] = label(p.detach(), "cuda:1")
+    module._hf_hook = object()
+    return hf
+
+
+def test_an_encoder_decoder_on_several_devices_is_refused_with_the_fix():
+    import transformers
+
+    c = transformers.BartConfig(vocab_size=50, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64)
+    hf = transformers.BartForConditionalGeneration(c).eval()
+    with Emulated():
+        _spread_without_running(hf, hf.model.decoder.layers[1])
+        with pytest.raises(CaptureError, match=r"encoder-decoders run on one device.*device_map=\{'': 'cuda:0'\}"):
+            fxlens.Model.from_hf(hf)
