@@ -469,7 +469,6 @@ def bench_devices(name, hf, model, args):
                        f"{t / t_one:.2f}x", f"|diff| {diff:.1e}" if diff < 1e-3 else f"DIFFER by {diff:.1e}")
     finally:
         sync = one_gpu_sync
-        del spread
 
 
 TASKS = {"overhead": bench_overhead, "sweeps": bench_sweeps, "long": bench_long, "path": bench_path_patching,
