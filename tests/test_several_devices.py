@@ -359,3 +359,24 @@ def test_an_encoder_decoder_on_several_devices_is_refused_with_the_fix():
         _spread_without_running(hf, hf.model.decoder.layers[1])
         with pytest.raises(CaptureError, match=r"encoder-decoders run on one device.*device_map=\{'': 'cuda:0'\}"):
             fxlens.Model.from_hf(hf)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_placement_onto_the_cpu_alone_computes_bit_identical_results(family):
+    # every program through the placement pass with a table of CPU devices: the moves it inserts are the
+    # only change, and a move changes no value
+    hf, model, _ = models(family)
+    forced = fxlens.Model.from_hf(hf)
+    table = PlaceDevices(tuple((path, "cpu") for path, _ in models(family)[2].derived.placement.modules), "cpu")
+    forced.derived._items["placement"] = table
+    clean, corrupted = pair()
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean)
+        assert torch.equal(forced(clean), hf(clean).logits)
+        assert torch.equal(forced(clean), model(clean))
+        for fn in (patching.get_act_patch_resid_pre, patching.get_act_patch_attn_head_out_all_pos):
+            assert torch.equal(fn(forced, corrupted, cache, metrics.logit_diff(5, 9)), fn(model, corrupted, cache, metrics.logit_diff(5, 9)))
+        out = forced.generate(clean, max_new_tokens=3, do_sample=False, stop_at_eos=False)
+        assert torch.equal(out, model.generate(clean, max_new_tokens=3, do_sample=False, stop_at_eos=False))
+    gm = forced.programs.get(()).graph_module
+    assert any(n.target is to_device for n in gm.graph.nodes)
