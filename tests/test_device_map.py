@@ -3,8 +3,7 @@
 A model loaded with a device_map carries accelerate's ``AlignDevicesHook`` on every block (moving each
 block's inputs to its device). On one device the capture must go through those hooks and give caches,
 interventions and sweeps equal to plain HF hooks on the same dispatched model. Weights offloaded to the
-meta device, or spread over several devices, are refused at capture with the fix (rows on each block's
-device are not built yet: that needs a machine with several devices to test).
+meta device are refused at capture with the fix. Blocks on several devices: ``test_several_devices``.
 """
 
 import pytest

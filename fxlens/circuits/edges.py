@@ -111,7 +111,8 @@ def sender_values(model, tokens, attention_mask=None, senders=None) -> torch.Ten
     for s in wanted:
         value = cache[sender_site(model, s).name]
         parts.append(value[:, :, s.head] if s.kind == "head" else value)
-    return torch.stack(parts, dim=2)
+    device = model.captured.device  # senders of a model spread over devices: gathered where its inputs are fed
+    return torch.stack([p.to(device) for p in parts], dim=2)
 
 
 def reference_feed(model, reference, attention_mask=None, reference_attention_mask=None, what: str = "the reference") -> dict:

@@ -139,10 +139,10 @@ def _layers_method(model, comp, feed, corrupted, metric, recv, senders, freeze_m
                     p0 = _first_change(delta)
                     if p0 < delta.shape[1]:
                         entry = base.values[mlp_sites[layer].name][:, p0:].repeat(len(joined), 1, 1)
-                        x = entry + delta[:, p0:]
+                        x = entry + delta[:, p0:].to(entry.device)  # the block's device (a model spread over devices)
                         out = mlps[layer](**{model.graph.structure.blocks[layer].mlp.entry: x})["outputs"]["mlp"]
                         m = index[f"m{layer}"]
-                        delta[:, p0:] += out - clean[:, p0:, m].repeat(len(joined), 1, 1)
+                        delta[:, p0:] += out.to(delta.device) - clean[:, p0:, m].repeat(len(joined), 1, 1)
         join((comp.n_layers + 1, 0))
     n = len(senders)
 
@@ -155,7 +155,7 @@ def _layers_method(model, comp, feed, corrupted, metric, recv, senders, freeze_m
     readout = engine.readout(base, metric)
     with torch.no_grad():
         if any(r.kind == "logits" for r in recv):
-            h = base.final.repeat(n, 1, 1) + by_sender(delta, joined)
+            h = base.final.repeat(n, 1, 1) + by_sender(delta, joined).to(base.final.device)
             values = readout.final(h, n)
             return {s.name: float(values[k]) for k, s in enumerate(senders)}
         # in a causal model, positions before the first one any receiver's input changes at keep their
@@ -165,7 +165,7 @@ def _layers_method(model, comp, feed, corrupted, metric, recv, senders, freeze_m
         inputs = [[] for _ in range(n)]
         for (layer, stage) in read_points:
             d, rows_joined = snapshots[(layer, stage)]
-            absolute = (base.hidden[layer].repeat(n, 1, 1) + by_sender(d, rows_joined)).view(n, batch, base.seq, -1)
+            absolute = (base.hidden[layer].repeat(n, 1, 1) + by_sender(d, rows_joined).to(base.hidden[layer].device)).view(n, batch, base.seq, -1)
             for r in recv:
                 if (r.layer, r.stage) == (layer, stage):
                     for k in range(n):

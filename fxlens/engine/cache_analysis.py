@@ -94,7 +94,8 @@ class CacheAnalysis:
             residual_stack = residual_stack - residual_stack.mean(dim=-1, keepdim=True)
         scale = self._ln_scale(layer, mlp_input, pos_slice, batch_slice)
         weight, _ = maps.norm_affine(model, path)
-        return residual_stack / scale * weight
+        # on the norm's device (a model spread over devices: the stack may hold earlier blocks' terms)
+        return residual_stack.to(scale.device) / scale * weight.to(scale.device)
 
     def _ln_linear(self, W: torch.Tensor, layer: int, mlp_input: bool) -> torch.Tensor:
         """What apply_ln does to the rows of ``W`` [..., d_model], except dividing by the scale."""
@@ -102,7 +103,7 @@ class CacheAnalysis:
         path = self._norm_path(layer, mlp_input)
         if maps.norm_kind(model, path) == "layernorm":
             W = W - W.mean(dim=-1, keepdim=True)
-        return W * maps.norm_affine(model, path)[0]
+        return W * maps.norm_affine(model, path)[0].to(W.device)  # the norm's device may be another block's
 
     # ---- direct logit attribution ----------------------------------------------------------------
     def logit_attrs(self, residual_stack: torch.Tensor, tokens, incorrect_tokens=None, pos_slice=None,
@@ -158,7 +159,7 @@ class CacheAnalysis:
             if ((incl_mid and i < n) or (mlp_input and i == n)) and self._sites.get_act_name("resid_mid", i) in self._sites:
                 labels.append(f"{i}_mid")
                 out.append(self["resid_mid", i])
-        stacked = torch.stack([pos_slice.apply(t, dim=-2) for t in out])
+        stacked = torch.stack(_together([pos_slice.apply(t, dim=-2) for t in out]))
         if apply_ln:
             stacked = self.apply_ln_to_stack(stacked, n, mlp_input=mlp_input, pos_slice=pos_slice,
                                              has_batch_dim=self.has_batch_dim, recompute_ln=n == n_layers)
@@ -200,7 +201,7 @@ class CacheAnalysis:
         if not out:
             raise ValueError(f"decompose_resid(layer={layer}, mode={mode!r}, incl_embeds={incl_embeds}) selects no component")
         shape = torch.broadcast_shapes(*(t.shape for t in out))
-        stacked = torch.stack([t.expand(shape) for t in out])
+        stacked = torch.stack(_together([t.expand(shape) for t in out]))
         if apply_ln:
             stacked = self.apply_ln_to_stack(stacked, n, mlp_input=mlp_input, pos_slice=pos_slice, has_batch_dim=self.has_batch_dim)
         labels = [label for _, label in terms]
@@ -252,13 +253,13 @@ class CacheAnalysis:
             parts.append(result)
             labels += [f"L{i}H{h}" for h in range(result.shape[-2])]
         if parts:
-            stack = _first(torch.cat(parts, dim=-2))
+            stack = _first(torch.cat(_together(parts), dim=-2))
         else:
             like = pos_slice.apply(self["resid_pre", 0], dim=-2)
             stack = like.new_zeros((0, *like.shape))
         if incl_remainder:
             total = pos_slice.apply(self["resid_post", n - 1] if n > 0 else self["resid_pre", 0], dim=-2)
-            stack = torch.cat([stack, (total - stack.sum(0))[None]])
+            stack = torch.cat([stack, (total.to(stack.device) - stack.sum(0))[None]])
             labels.append("remainder")
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, n, pos_slice=pos_slice, has_batch_dim=self.has_batch_dim)
@@ -277,9 +278,9 @@ class CacheAnalysis:
         W = neuron_slice.apply(W_out, dim=0).to(acts.dtype)
         if ln is not None:
             W = self._ln_linear(W, ln[0], ln[1])
-            acts = acts / self._ln_scale(ln[0], ln[1], ln[2], Slice(None))
+            acts = acts / self._ln_scale(ln[0], ln[1], ln[2], Slice(None)).to(acts.device)
         if project is not None:
-            W = W @ project.to(W.dtype)
+            W = W @ project.to(W.device, W.dtype)
             if project.ndim == 1:
                 return acts * W
         return acts[..., None] * W
@@ -299,9 +300,9 @@ class CacheAnalysis:
         parts = [self._neurons(i, neuron_slice, pos_slice, project, ln) for i in range(n)]
         labels = [f"L{i}N{int(j)}" for i in range(n) for j in neuron_slice.indices(self["post", i].shape[-1])]
         if parts and project is not None and project.ndim == 1:
-            stack = torch.cat(parts, dim=-1).movedim(-1, 0)  # [batch, pos, neurons] -> [neurons, batch, pos]
+            stack = torch.cat(_together(parts), dim=-1).movedim(-1, 0)  # [batch, pos, neurons] -> [neurons, batch, pos]
         elif parts:
-            stack = _first(torch.cat(parts, dim=-2))
+            stack = _first(torch.cat(_together(parts), dim=-2))
         else:
             like = pos_slice.apply(self["resid_pre", 0], dim=-2)
             if project is not None:
@@ -314,7 +315,7 @@ class CacheAnalysis:
                 total = self.apply_ln_to_stack(total, n, mlp_input=mlp_input, pos_slice=pos_slice, has_batch_dim=self.has_batch_dim)
             if project is not None:
                 total = total @ project.to(total.dtype)
-            stack = torch.cat([stack, total - stack.sum(0, keepdim=True)])
+            stack = torch.cat([stack, total.to(stack.device) - stack.sum(0, keepdim=True)])
             labels.append("remainder")
         return (stack, labels) if return_labels else stack
 
@@ -357,11 +358,23 @@ class CacheAnalysis:
         embeds, embed_labels = self.decompose_resid(0, mode="attn", pos_slice=pos_slice, return_labels=True)
         parts.append(finish(embeds))
         labels += embed_labels
-        bias = sum(maps.attn_out_weight(model, i)[1] for i in range(heads_upto))
-        if expand_neurons:
-            bias = bias + sum(maps.mlp_out_weight(model, i)[1] for i in range(n))
         like = embeds[0]
+        # each layer's bias on its own block's device: summed where the embeddings are
+        bias = sum(_on(maps.attn_out_weight(model, i)[1], like.device) for i in range(heads_upto))
+        if expand_neurons:
+            bias = bias + sum(_on(maps.mlp_out_weight(model, i)[1], like.device) for i in range(n))
         parts.append(finish(torch.as_tensor(bias, dtype=like.dtype, device=like.device).expand(like.shape)[None]))
         labels.append("bias")
-        stack = torch.cat(parts)
+        stack = torch.cat(_together(parts))
         return (stack, labels) if return_labels else stack
+
+
+def _on(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def _together(parts: list) -> list:
+    """``parts`` on one device: the last one's (for a model spread over devices, the LM head's side, where
+    stacks are unembedded); unchanged on one device."""
+    device = parts[-1].device if parts else None
+    return [p if p.device == device else p.to(device) for p in parts]

@@ -353,7 +353,15 @@ class Derived:
     @property
     def programs(self) -> Programs:
         """Programs built from the whole captured graph, keyed by plan."""
-        return self.item("programs", lambda: Programs(self.captured.module))
+        return self.item("programs", lambda: Programs(self.captured.module, placement=self.placement))
+
+    @property
+    def placement(self):
+        """Where each module's nodes run when the weights live on several devices (``passes.place_devices``),
+        read off the bound tensors; None on one device."""
+        from ..passes.place_devices import PlaceDevices
+
+        return self.item("placement", lambda: PlaceDevices.of(self.captured.module))
 
     @property
     def segments(self):

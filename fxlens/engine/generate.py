@@ -167,7 +167,8 @@ def generate(
             if stop_at_eos:
                 token = torch.where(done, torch.as_tensor(eos_token_id, device=token.device), token)
                 done |= token == eos_token_id
-            ids = torch.cat([ids, token[:, None].to(ids.dtype)], dim=1)
+            # logits come from the LM head's device (a model spread over devices): the token joins the prompt's
+            ids = torch.cat([ids, token[:, None].to(ids.device, ids.dtype)], dim=1)
             if mask is not None:
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             if stop_at_eos and bool(done.all()):

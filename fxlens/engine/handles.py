@@ -214,7 +214,8 @@ def _probe_form(model, path: str, kind: str) -> str:
     d = model.cfg.d_model
     p = next(iter(module.parameters()), None)
     dtype = p.dtype if p is not None else model.cfg.dtype
-    x = torch.randn(3, d, generator=torch.Generator().manual_seed(0), dtype=torch.float32).to(dtype=dtype, device=model.cfg.device)
+    device = p.device if p is not None else model.cfg.device  # its own device (a model spread over devices)
+    x = torch.randn(3, d, generator=torch.Generator().manual_seed(0), dtype=torch.float32).to(dtype=dtype, device=device)
     with torch.no_grad():
         try:
             y = module(x)

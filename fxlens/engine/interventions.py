@@ -354,6 +354,7 @@ def prepare(specs, model, batch: int, seq: int, attention_mask=None) -> Prepared
     table = model.site_table
     ctx = LowerContext(model, batch, seq, attention_mask)
     device = model.captured.device
+    placement = model._active.placement  # a model spread over devices (None on one device)
     for spec in specs:
         if not isinstance(spec, Intervention):
             raise InterventionError(
@@ -366,6 +367,13 @@ def prepare(specs, model, batch: int, seq: int, attention_mask=None) -> Prepared
         lowered = spec.lower(site, shape, ctx)
         if not isinstance(lowered, Lowered) or not callable(lowered.fn):
             raise InterventionError(f"{type(spec).__name__}.lower must return fxlens.Lowered(fn, inputs); got {lowered!r}")
-        inputs = tuple(v.to(device) if isinstance(v, torch.Tensor) else v for v in lowered.inputs)
-        out.items.append((site, lowered.fn, inputs, None if mask is None else mask.to(device)))
+        at = (_site_device(placement, model, site) if placement is not None else None) or device  # the node's device
+        inputs = tuple(v.to(at) if isinstance(v, torch.Tensor) else v for v in lowered.inputs)
+        out.items.append((site, lowered.fn, inputs, None if mask is None else mask.to(at)))
     return out
+
+
+def _site_device(placement, model, site) -> torch.device | None:
+    """The device of the site's node in a model spread over devices (None outside placed modules)."""
+    node = model.graph.dg.nodes.get(site.node)  # a materialised site (a pattern beside SDPA) is placed in the graph
+    return placement.device_of(node) if node is not None else None

@@ -8,7 +8,9 @@ Mechanism: a *plan* is a tuple of frozen pass specs (made by ``engine.plan.PlanB
 place that builds them). ``Programs.get(plan)`` checks the pass order, applies the passes to the base
 graph once and keeps the result in an LRU cache keyed by the plan (and the compile flag), as a
 ``Runner`` (the program as straight-line Python, its operator and weight lookups done once) or
-compiled. Tensors are never part of a plan: they are fed as graph inputs.
+compiled. Tensors are never part of a plan: they are fed as graph inputs. For a model whose weights
+live on several devices (``placement``), each program is placed after its plan
+(``passes.place_devices``); on one device nothing is added.
 
 Example::
 
@@ -25,14 +27,16 @@ import torch
 import torch.fx as fx
 
 from .. import passes
+from ..passes.place_devices import PlaceDevices, place_devices
 from .runner import Runner
 
 __all__ = ["Programs"]
 
 
 class Programs:
-    def __init__(self, base: fx.GraphModule, maxsize: int = 32):
+    def __init__(self, base: fx.GraphModule, maxsize: int = 32, placement: PlaceDevices | None = None):
         self.base = base
+        self.placement = placement  # a model spread over devices: every program is placed last
         self.maxsize = maxsize
         self._cache: OrderedDict = OrderedDict()
         self._compile_failed: set = set()
@@ -45,7 +49,7 @@ class Programs:
         gm = self.base
         for spec in plan:
             gm = passes.apply(gm, spec)
-        return gm
+        return gm if self.placement is None else place_devices(gm, self.placement)
 
     def get(self, plan: tuple, compile: bool = False):
         key = (plan, compile)

@@ -125,5 +125,6 @@ class Sweep:
             want = mg.shape(cell.site, base.batch, base.seq)
             if tuple(value.shape) != tuple(want):
                 raise SweepError(f"the clean value of {name} has shape {tuple(value.shape)}; the corrupted run needs {tuple(want)}")
-            values[name] = value.to(self.model.captured.device, self.model.captured.dtype)
+            # on the device of the site it replaces (its block's, for a model spread over devices)
+            values[name] = value.to(base.values[name].device if name in base.values else self.model.captured.device, self.model.captured.dtype)
         return values

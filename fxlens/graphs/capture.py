@@ -27,6 +27,12 @@ Example::
     cg = capture(hf_model)
     out = cg.module(input_ids=ids, attention_mask=mask)["outputs"]["logits"]
 
+Several devices: a model dispatched over devices by accelerate (``device_map``) is exported through
+its hooks; the moves they make are stripped from the graph (``graphs.placement.strip_transfers``), so
+that it is the graph a one-device capture gives, and the engine places every program it builds on the
+blocks' devices (``graphs.placement``; the probe and self-check run placed too). ``device`` is the
+first weight's (the embedding's), where inputs are fed.
+
 Gotchas: the graph is specialised to the model's dtype and device (``.to(float32)`` on a float32
 tensor is traced as an alias), so capture again after moving the model; a model whose forward
 takes no ``attention_mask`` is captured with ``input_ids`` only.
@@ -49,6 +55,7 @@ from .causality import Probe, probe
 from .explain import explain
 from .functional import functionalize, is_mutation
 from .nodes import is_assert, tensor_meta
+from .placement import module_devices, place, strip_transfers
 from .selfcheck import compare
 from .vocab import input_vocab
 
@@ -59,9 +66,15 @@ class CaptureError(RuntimeError):
     """The model could not be turned into a graph; the message says what failed and what to do."""
 
 
+def _several_devices(model) -> bool:
+    return len({t.device for t in list(model.parameters()) + list(model.buffers())}) > 1
+
+
 def _check_devices(model) -> None:
-    """Refuse weights offloaded to the meta device or spread over several devices (a ``device_map``),
-    naming the fix: the captured program and its rows run on one device."""
+    """Refuse weights offloaded to the meta device, or spread over several devices with nothing to move
+    activations between them, naming the fix. A model dispatched by accelerate (``device_map``) is
+    captured through its hooks, whose transfers torch.export records; the engine then places every
+    program on its blocks' devices (``passes.place_devices``)."""
     devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
     name = type(model).__name__
     if any(d.type == "meta" for d in devices):
@@ -70,11 +83,11 @@ def _check_devices(model) -> None:
             "loaded yet): fxlens needs every weight in memory. Load it with device_map={'': 'cuda:0'} (or 'cpu'), "
             "or without a device_map and move it with .to(device)"
         )
-    if len(devices) > 1:
+    if len(devices) > 1 and not any(hasattr(m, "_hf_hook") for m in model.modules()):
         raise CaptureError(
-            f"{name}'s weights live on several devices ({', '.join(sorted(map(str, devices)))}), as a device_map "
-            "spreading layers over devices leaves them; fxlens runs a model on one device for now. Load it with "
-            "device_map={'': 'cuda:0'}, or move it with .to(device)"
+            f"{name}'s weights live on several devices ({', '.join(sorted(map(str, devices)))}) but no accelerate hooks "
+            "move activations between them, so the model itself cannot run. Load it with device_map='auto' (or a "
+            "dict of module paths to devices), which dispatches it with those hooks, or move it with .to(device)"
         )
 
 
@@ -412,6 +425,9 @@ def capture(model: torch.nn.Module, *, attn_implementation: str | None = None, s
         names = _output_names(ep)
         graph, inputs = _rebuild(gm, names)
         functionalize(graph)
+        several = _several_devices(model)
+        if several:  # accelerate's moves: placement puts them back where each program needs them
+            strip_transfers(graph)
         # Whatever mutation functionalize left in place still runs: only unread pure nodes are dead.
         graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output") or is_mutation(n))
         graph.set_codegen(CodeGen())
@@ -426,7 +442,9 @@ def capture(model: torch.nn.Module, *, attn_implementation: str | None = None, s
         max_pos = _max_positions(model)
         if bounds is not None:
             max_pos = bounds[1] if max_pos is None else min(max_pos, bounds[1])
-        seen = probe(module, seq_sym, vocab, max_len=max_pos, device=device, length=seq_len,
+        found = module_devices(module) if several else None
+        placed = place(module, *found) if found is not None else module  # the probe runs on the model's devices
+        seen = probe(placed, seq_sym, vocab, max_len=max_pos, device=device, length=seq_len,
                      min_len=bounds[0] if bounds else 1)
         _self_check(model, seen, inputs, extra, names)
     return CapturedGraph(

@@ -101,6 +101,7 @@ def compare(outputs: Mapping, reference: Mapping, dtype: torch.dtype, length: in
                             shapes=(tuple(got.shape), tuple(ref.shape)))
         if not got.numel():
             continue
+        got = got.to(ref.device)  # a model spread over devices: accelerate returns outputs on the input's device
         difference, index = _largest(got, ref)
         if got.is_floating_point() or got.is_complex():
             finite = ref[torch.isfinite(ref)]

@@ -168,6 +168,12 @@ def _example(model, batch=2, enc=5, dec=7, seed=0, padded=False, source="input_i
 
 def capture_seq2seq(model: torch.nn.Module, *, attn_implementation: str | None = None) -> Seq2SeqCaptured:
     """Export an encoder-decoder with both token inputs (see the module docstring)."""
+    _cap._check_devices(model)
+    if _cap._several_devices(model):
+        raise CaptureError(
+            f"{type(model).__name__}'s weights live on several devices: encoder-decoders run on one device in fxlens "
+            "for now (decoder-only models may be spread). Load it with device_map={'': 'cuda:0'}, or move it with .to(device)"
+        )
     accepts = _cap._accepted_kwargs(model)
     source = _source(model, accepts)
     extra = {k: v for k, v in (("use_cache", False), ("return_dict", True)) if k in accepts}

@@ -42,15 +42,18 @@ class Base:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the base run keeps for rows (residuals, keys and values, context, site values)."""
-        seen, total = set(), 0
+        """Bytes the base run keeps for rows (residuals, keys and values, context, site values); for a model
+        spread over devices, on the device that keeps the most (a call's rows live on its block's device,
+        so ``memory_budget`` bounds each device)."""
+        seen, total = set(), {}
         tensors = list(self.hidden) + [t for kv in self.kv if kv is not None for t in kv]
         tensors += [self.final] + list(self.context.values()) + list(self.values.values())
         for t in tensors:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-                seen.add(t.untyped_storage().data_ptr())
-                total += t.untyped_storage().nbytes()
-        return total
+            key = (t.device, t.untyped_storage().data_ptr()) if isinstance(t, torch.Tensor) else None
+            if key is not None and key not in seen:
+                seen.add(key)
+                total[t.device] = total.get(t.device, 0) + t.untyped_storage().nbytes()
+        return max(total.values(), default=0)
 
 
 def run_base(blocks, feed: dict, keep_kv: bool = True, sites=()) -> Base:

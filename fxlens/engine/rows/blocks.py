@@ -43,9 +43,10 @@ class Blocks:
         seg = derived.segments
         self.seg = seg
         self.n_layers = len(seg.blocks)
-        self.programs = [Programs(gm) for gm in seg.blocks]
-        self.head = Programs(seg.head)
-        self.prelude = seg.prelude
+        place = self.placement = derived.placement  # a model spread over devices: each program on its blocks' devices
+        self.programs = [Programs(gm, placement=place) for gm in seg.blocks]
+        self.head = Programs(seg.head, placement=place)
+        self.prelude = seg.prelude if place is None else Programs(seg.prelude, placement=place).build(())
         self.causal = derived.captured.is_causal
         syms = (self.captured.batch_symbol, self.captured.seq_symbol)
         nodes = {n.name: n for n in seg.prelude.graph.nodes}
@@ -148,7 +149,7 @@ class Blocks:
                 sub, ctx = _subgraph(gm, nodes, by_name[block.mlp.entry], {"mlp": by_name[block.mlp.output]}, syms)
                 if ctx:
                     raise BlockError(f"the MLP of {block.path} reads an input besides the residual stream ({ctx})")
-                self._mlps[block.index] = Programs(sub)
+                self._mlps[block.index] = Programs(sub, placement=self.placement)
         plan = PlanBuilder(self.graph).fuse_gelu().build()[0] if fused else ()
         return [self._mlps[i].get(plan) for i in range(self.n_layers)]
 
@@ -169,7 +170,7 @@ class Blocks:
                 sub, ctx = _subgraph(gm, nodes, by_name[pn.input], {"normed": by_name[pn.cone[-1]]}, syms)
                 if ctx:
                     raise BlockError(f"the norm {pn.path} reads an input besides its branch's output")
-                self._post_norms[(pn.layer, pn.kind)] = Programs(sub)
+                self._post_norms[(pn.layer, pn.kind)] = Programs(sub, placement=self.placement)
         return {key: programs.get(()) for key, programs in self._post_norms.items()}
 
 

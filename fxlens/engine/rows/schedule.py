@@ -8,7 +8,9 @@ chunks advance together layer by layer so that a block's weights are read once p
 
 Mechanism: ``CostModel`` estimates bytes from the model's dtype (its element size) and measures, once
 per capture and device, how many extra (row, position) tokens one block call is worth (synchronising
-CUDA around the timings). ``schedule(rows, cost, budget)`` returns a ``Schedule``: packed chunks of
+CUDA around the timings: every device of a model spread over several). Byte estimates bound one device:
+a call's rows live on its block's device, and the base run's share is counted on the device that keeps
+the most (``Base.nbytes``), so ``memory_budget`` is per device. ``schedule(rows, cost, budget)`` returns a ``Schedule``: packed chunks of
 row indices, or padded chunks ``(start, row indices)`` grouped into waves. ``engine.RowEngine`` runs it.
 
 Example::
@@ -89,7 +91,15 @@ class CostModel:
             return blocks.break_even
         layer = blocks.n_layers // 2
         prog = blocks.programs[layer].get(())
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        # every device the blocks run on (a model spread over devices synchronises each)
+        placement = getattr(blocks, "placement", None)
+        cuda = [torch.device(d) for d in (placement.devices if placement is not None else (self.device,))]
+        cuda = [d for d in cuda if d.type == "cuda"]
+
+        def sync():
+            for d in cuda:
+                torch.cuda.synchronize(d)
+
         times = {}
         for n in (1, 64):
             h = base.hidden[layer][:1, :1].expand(n, 1, -1).contiguous()
