@@ -40,7 +40,7 @@ import torch
 from ..engine.ablation import AblationError, replacement
 from ..engine.plan import PlanBuilder
 from ..graphs.components import CircuitError, Components
-from ..passes import EdgePostNorm, EdgeSender
+from ..passes import EdgePostNorm, EdgeSender, EdgeSpine, EdgeSpineStep
 from ..passes.edges import receiver_specs
 from .circuit import Circuit
 
@@ -51,6 +51,7 @@ __all__ = [
     "reference_feed",
     "alternatives",
     "post_norm_specs",
+    "spine_spec",
 ]
 
 
@@ -71,6 +72,16 @@ def post_norm_specs(comp: Components) -> tuple:
     """The Edges pass's view of the norms some senders' branches pass through before the add."""
     index = {s.name: i for i, s in enumerate(comp.senders)}
     return tuple(EdgePostNorm(tuple(index[n] for n in pn.senders), pn.input, pn.cone) for pn in comp.post_norms)
+
+
+def spine_spec(comp: Components) -> EdgeSpine | None:
+    """The Edges pass's view of a residual stream normalised itself (BERT), or None."""
+    if comp.spine is None:
+        return None
+    index = {s.name: i for i, s in enumerate(comp.senders)}
+    steps = tuple(EdgeSpineStep(st.kind, st.output, st.input, tuple(index[n] for n in st.senders), st.cone)
+                  for st in comp.spine.steps)
+    return EdgeSpine(comp.spine.start, (index["input"],), steps)
 
 
 def sender_specs(model, comp: Components) -> tuple:
@@ -213,7 +224,7 @@ def run_with_edges(model, tokens, edges, *, ablation="zero", reference=None, att
             sender_specs(model, comp), receiver_specs(comp, receivers), "edges",
             mask=edge_mask(comp, circuit.edges).to(model.captured.device),
             alt=alt.to(model.captured.device, model.captured.dtype),
-            result_sites=result_sites(model), post_norms=post_norm_specs(comp),
+            result_sites=result_sites(model), post_norms=post_norm_specs(comp), spine=spine_spec(comp),
         )
         plan, inputs = b.build()
     out = model.programs.get(plan)(**feed, **inputs)
