@@ -22,8 +22,19 @@ the branch computes it). Replacing the edges into receiver r means r reads
 with ``D_{l,r} = sum_{s in l} mask[s, r] * (alt_s - cur_s)``: several edges from one layer into one
 receiver are combined inside the norm, not added after it. Every other reader of the residual stream
 is unchanged, the embedding sender is added as it is, and for a model without such norms this is the
-plain sum ``entry + sum_s mask[s, r] * (alt_s - cur_s)``. BERT-style post-norms (the residual stream
-itself normalised) are refused.
+plain sum ``entry + sum_s mask[s, r] * (alt_s - cur_s)``.
+
+Post-norm encoders (BERT, RoBERTa, ELECTRA: the residual stream itself normalised after each branch,
+``h = LN1(x + attn)``, ``x' = LN2(h + mlp)``): the residual stream is a chain of norms over sums of
+sender outputs (``graphs.spine``). An edge s -> r replaces s's output in that chain as r reads it:
+with every other component's output frozen at its value in this run, r reads
+
+    x = embed + D_input;  per layer before r: x = LN1(x + attn + D_attn);  x = LN2(x + mlp + D_mlp)
+
+(an MLP receiver stops after its own layer's LN1), ``D_attn`` summing ``mask[s, r] * (alt_s - cur_s)``
+over the layer's heads with a replaced edge into r (the MLP's likewise). Every norm between sender and
+receiver is replayed, the statistics changing with the input; several edges into one receiver combine
+in one replay. Every other reader of the residual stream is unchanged.
 
 Example::
 
