@@ -20,10 +20,13 @@ so that module's ``hf_edges``, ``hf_eap`` and ``hf_sender_values`` run it (``run
 reader=receiver_input``). A q/k/v receiver recomputes its projection (query/key/value Linear) from its
 own input and replaces its head's slice; an MLP receiver replaces the intermediate dense layer's input
 (the residual add after the MLP still reads the run's own value); the logits receiver replaces the
-masked-LM head's input. Families: "bert", "roberta", "electra".
+masked-LM head's input. Families: BERT's module layout ("bert", "roberta", "electra", DeBERTa v1 and v2,
+whose LayerNorm v1 writes out by hand) and DistilBERT's (``parts``).
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import postnorm_reference as pr
 import torch
@@ -34,15 +37,38 @@ D_HEAD = pr.D_HEAD
 
 
 def layers(hf):
-    return hf.base_model.encoder.layer
+    base = hf.base_model
+    return base.transformer.layer if hasattr(base, "transformer") else base.encoder.layer
+
+
+def parts(blk):
+    """A layer's modules: ``out`` (the attention output projection), ``ln1``, ``mlp_in`` (the module whose
+    input is what the MLP reads), ``mlp_out`` (the module whose output is what the MLP adds), ``ln2`` and
+    ``qkv`` (``projections``)."""
+    if hasattr(blk, "sa_layer_norm"):  # DistilBERT
+        a = blk.attention
+        return SimpleNamespace(out=a.out_lin, ln1=blk.sa_layer_norm, mlp_in=blk.ffn, mlp_out=blk.ffn, ln2=blk.output_layer_norm,
+                               qkv={"q": a.q_lin, "k": a.k_lin, "v": a.v_lin})
+    return SimpleNamespace(out=blk.attention.output.dense, ln1=blk.attention.output.LayerNorm, mlp_in=blk.intermediate,
+                           mlp_out=blk.output.dense, ln2=blk.output.LayerNorm, qkv=projections(blk))
 
 
 def lm_head(hf):
     """The module reading the encoder's output (the logits receiver's reader)."""
-    for name in ("cls", "lm_head", "generator_predictions"):
+    for name in ("cls", "lm_head", "generator_predictions", "lm_predictions", "vocab_transform"):
         if hasattr(hf, name):
             return getattr(hf, name)
     raise AssertionError(f"no masked-LM head on {type(hf).__name__}")
+
+
+def projections(blk) -> dict:
+    """{"q"|"k"|"v": the Linear computing every head's query/key/value}, or {} where one fused projection
+    computes them all (DeBERTa v1's in_proj: its q/k/v receivers are not tested)."""
+    a = blk.attention.self
+    for names in (("query", "key", "value"), ("query_proj", "key_proj", "value_proj")):
+        if all(hasattr(a, n) for n in names):
+            return dict(zip("qkv", (getattr(a, n) for n in names)))
+    return {}
 
 
 def hf_run(family, hf, ids, mask, read=None):
@@ -76,19 +102,18 @@ def hf_run(family, hf, ids, mask, read=None):
             cur[("pre", l)] = x
 
         handles.append(blk.register_forward_pre_hook(quiet(on_layer), with_kwargs=True))
-        dense = blk.attention.output.dense
-        on(dense, lambda m, a, l=l, blk=blk, dense=dense: cur.__setitem__(("result", l), pr.head_results(blk, a[0], dense)), pre=True)
-        on(dense, lambda m, a, out, l=l: cur.__setitem__(("attn", l), out))
-        on(blk.output.dense, lambda m, a, out, l=l: cur.__setitem__(("mlp", l), out))
+        p = parts(blk)
+        on(p.out, lambda m, a, l=l, blk=blk, dense=p.out: cur.__setitem__(("result", l), pr.head_results(blk, a[0], dense)), pre=True)
+        on(p.out, lambda m, a, out, l=l: cur.__setitem__(("attn", l), out))
+        on(p.mlp_out, lambda m, a, out, l=l: cur.__setitem__(("mlp", l), out))
 
         def on_mlp_in(m, args, l=l):
             new = None if read is None else read(f"m{l}", args[0], cur)
             return None if new is None else (new,)
 
-        on(blk.intermediate, on_mlp_in, pre=True)
+        on(p.mlp_in, on_mlp_in, pre=True)
         heads = hf.config.num_attention_heads
-        for kind in "qkv":
-            proj = {"q": blk.attention.self.query, "k": blk.attention.self.key, "v": blk.attention.self.value}[kind]
+        for kind, proj in p.qkv.items():
 
             def on_qkv(m, args, out, l=l, kind=kind, proj=proj):
                 new = None
@@ -131,10 +156,10 @@ def receiver_input(hf, receiver, entry, cur, weights, alt, *, after_norm=False):
     n = len(layers(hf)) if kind == "logits" else layer
     x = cur["input"] + diffs.get("input", 0)
     for l, blk in enumerate(layers(hf)[: n + (kind == "mlp")]):
-        x = blk.attention.output.LayerNorm(x + cur[("attn", l)] + diffs.get(("attn", l), 0))
+        x = parts(blk).ln1(x + cur[("attn", l)] + diffs.get(("attn", l), 0))
         if kind == "mlp" and l == layer:
             return x
-        x = blk.output.LayerNorm(x + cur[("mlp", l)] + diffs.get(("mlp", l), 0))
+        x = parts(blk).ln2(x + cur[("mlp", l)] + diffs.get(("mlp", l), 0))
     return x
 
 

@@ -247,10 +247,15 @@ def components(mg) -> Components:
         cone, consumers = _mlp_reads(dg, block)
         receivers.append(Receiver(f"m{i}", i, "mlp", None, mlp_stage, block.mlp.entry, None, cone, consumers))
     spine = None
-    if any(b.spine_norms for b in st.blocks) and no_edges is None:
+    if no_edges is None:
         spine = _spine(mg, st, post_norms)
         if isinstance(spine, str):
             no_edges, spine = spine, None
+        if spine is not None or no_edges is not None:
+            not_additive = not_additive or (
+                "this model normalises the residual stream itself after each branch (post-norm, as BERT does), "
+                "so the residual stream is not a sum of what the components write"
+            )
     last = st.blocks[-1].resid_post
     blocks = set().union(*(b.nodes for b in st.blocks))
     consumers = tuple(u.name for u in dg.node(last).users if u.name not in blocks and u.op != "output")
@@ -258,15 +263,18 @@ def components(mg) -> Components:
     return Components(senders, receivers, len(st.blocks), parallel, not_additive, tuple(post_norms), no_edges, spine)
 
 
-def _spine(mg, st, post_norms) -> Spine | str:
-    """The residual stream of a model that normalises it after each branch, or why edges are refused."""
+def _spine(mg, st, post_norms) -> Spine | str | None:
+    """The residual stream of a model that normalises it after each branch; why edges are refused there;
+    or None where the residual stream is a sum of what the branches write (each normalised or not)."""
+    heads = {i: mg.attn[i].n_heads for i in range(len(st.blocks))}
+    names = {("attn", i): tuple(f"a{i}.h{h}" for h in range(n)) for i, n in heads.items()}
+    names.update({("mlp", i): (f"m{i}",) for i in heads})
+    spine = spine_steps(mg, names)
+    if not spine.transformed and not any(b.spine_norms for b in st.blocks):
+        return None
     why = "this model normalises the residual stream itself after each branch (post-norm, as BERT does) and "
     if post_norms:
         return why + "each branch's output before it is added as well, which fxlens cannot replay for a single component's edges"
     if any(b.resid_pre != prev.resid_post for prev, b in zip(st.blocks, st.blocks[1:])):
         return why + "something between its blocks changes the residual stream, which fxlens cannot replay for edges"
-    heads = {i: mg.attn[i].n_heads for i in range(len(st.blocks))}
-    names = {("attn", i): tuple(f"a{i}.h{h}" for h in range(n)) for i, n in heads.items()}
-    names.update({("mlp", i): (f"m{i}",) for i in heads})
-    spine = spine_steps(mg, names)
-    return spine if isinstance(spine, Spine) else why + spine + ", which fxlens cannot replay for a single component's edges"
+    return why + spine.why + ", which fxlens cannot replay for a single component's edges" if spine.why else spine

@@ -19,9 +19,15 @@ Example::
     chain.start, chain.steps[:2]   # 'dropout', (SpineStep('add', 'add_6', 'dropout', ...), SpineStep('map', 'layer_norm_1', 'add_6', ...))
     chain.upto("layer_norm_1")     # the steps a receiver reading that node replays
 
+A norm need not be one op: DeBERTa's and I-BERT's LayerNorms are written out (mean, subtract, sqrt,
+divide), so the spine passes through each of their steps and each is a map step; ``transformed`` says
+whether any step changes the residual stream other than by adding to it (for a pre-norm model every map
+step is an alias, a dropout or a same-dtype cast, and the residual stream is a plain sum).
+
 Gotchas: a map step's nodes may not reshape or read the positions axis's size (the replay stacks
-receivers along the positions axis), nor read any activation besides the spine value; a model where
-they do is refused with the reason (``spine_steps`` returns a string).
+receivers along the positions axis), nor read any activation besides the spine value; a step that
+does says why in ``why``, and ``Spine.why`` is the first such reason (edges are then refused). So does
+a sum step that adds something besides the block's attention and MLP outputs.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .nodes import LAYOUT_OPS, op_name
-from .structure import _sum_terms
+from .structure import _passes_value, _sum_terms
 
 __all__ = ["SpineStep", "Spine", "spine_steps"]
 
@@ -41,12 +47,24 @@ class SpineStep:
     input: str  # the spine node before it
     senders: tuple = ()  # "add": names of the senders whose outputs are summed here
     cone: tuple = ()  # "map": nodes from input (excluded) to output (included), graph order
+    identity: bool = False  # "map": every node passes its value on (an alias, dropout, a same-dtype cast)
+    why: str = ""  # why the step cannot be replayed for an edge ("" if it can)
 
 
 @dataclass(frozen=True)
 class Spine:
     start: str  # the residual stream's first node: block 0's input (the embedding sender's value)
     steps: tuple  # of SpineStep, in order
+
+    @property
+    def transformed(self) -> bool:
+        """Whether the residual stream is changed other than by adding to it (a norm on it: BERT)."""
+        return any(step.kind == "map" and not step.identity for step in self.steps)
+
+    @property
+    def why(self) -> str:
+        """Why edges cannot be replayed on this residual stream ("" if they can)."""
+        return next((step.why for step in self.steps if step.why), "")
 
     def upto(self, node: str) -> tuple:
         """The steps before spine node ``node`` (a receiver's entry) is read."""
@@ -65,8 +83,8 @@ def _activation(node, memo: dict) -> bool:
     return memo[node.name]
 
 
-def spine_steps(mg, branch_senders: dict) -> Spine | str:
-    """The residual stream of ``mg`` as a ``Spine``, or why it cannot be replayed step by step.
+def spine_steps(mg, branch_senders: dict) -> Spine:
+    """The residual stream of ``mg`` as a ``Spine``; a step that cannot be replayed for an edge says why.
 
     ``branch_senders``: {(kind, layer): sender names} for each block's "attn" and "mlp" branch."""
     dg = mg.dg
@@ -78,19 +96,25 @@ def spine_steps(mg, branch_senders: dict) -> Spine | str:
         region = dg.between(block.resid_pre, block.resid_post, set(block.nodes)) | {block.resid_post}
         for a, b in zip(block.spine, block.spine[1:]):
             interior = dg.between(a, b, region)
-            terms = [t for t in _sum_terms(dg, b, a, interior)] if interior else []
+            terms = _sum_terms(dg, b, a, interior) if interior else []
             if any(t in outputs for t in terms):
-                if set(terms) - set(outputs):
-                    return f"block {i} adds to the residual stream something besides its attention and MLP outputs"
-                names = tuple(n for t in terms for n in branch_senders[outputs[t]])
-                steps.append(SpineStep("add", b, a, senders=names))
+                extra = "" if set(terms) <= set(outputs) else (
+                    f"block {i} adds to the residual stream something besides its attention and MLP outputs")
+                names = tuple(n for t in terms if t in outputs for n in branch_senders[outputs[t]])
+                steps.append(SpineStep("add", b, a, senders=names, why=extra))
                 continue
             cone = tuple(dg.sorted(interior | {b}))
-            for name in cone:
-                node = dg.node(name)
-                if op_name(node) in LAYOUT_OPS or op_name(node) == "sym_size":
-                    return f"block {i} reshapes the residual stream between its branches"
-                if any(src.name not in cone and src.name != a and _activation(src, memo) for src in node.all_input_nodes):
-                    return f"block {i} normalises the residual stream with something besides the residual itself"
-            steps.append(SpineStep("map", b, a, cone=cone))
+            identity = all(_passes_value(dg.node(n)) for n in cone)
+            steps.append(SpineStep("map", b, a, cone=cone, identity=identity, why="" if identity else _unreplayable(dg, i, a, cone, memo)))
     return Spine(blocks[0].resid_pre, tuple(steps))
+
+
+def _unreplayable(dg, i: int, a: str, cone: tuple, memo: dict) -> str:
+    """Why the map step from ``a`` through ``cone`` cannot be replayed on stacked receivers ("" if it can)."""
+    for name in cone:
+        node = dg.node(name)
+        if op_name(node) in LAYOUT_OPS or op_name(node) == "sym_size":
+            return f"block {i} reshapes the residual stream between its branches"
+        if any(src.name not in cone and src.name != a and _activation(src, memo) for src in node.all_input_nodes):
+            return f"block {i} normalises the residual stream with something besides the residual itself"
+    return ""
