@@ -253,8 +253,8 @@ def components(mg) -> Components:
             no_edges, spine = spine, None
         if spine is not None or no_edges is not None:
             not_additive = not_additive or (
-                "this model normalises the residual stream itself after each branch (post-norm, as BERT does), "
-                "so the residual stream is not a sum of what the components write"
+                "this model normalises the residual stream itself after each branch (post-norm, as BERT does) or "
+                "otherwise changes it between branches, so the residual stream is not a sum of what the components write"
             )
     last = st.blocks[-1].resid_post
     blocks = set().union(*(b.nodes for b in st.blocks))
@@ -272,7 +272,8 @@ def _spine(mg, st, post_norms) -> Spine | str | None:
     spine = spine_steps(mg, names)
     if not spine.transformed and not any(b.spine_norms for b in st.blocks):
         return None
-    why = "this model normalises the residual stream itself after each branch (post-norm, as BERT does) and "
+    why = ("this model normalises the residual stream itself after each branch (post-norm, as BERT does) or otherwise "
+           "changes it between branches, and ")
     if post_norms:
         return why + "each branch's output before it is added as well, which fxlens cannot replay for a single component's edges"
     if any(b.resid_pre != prev.resid_post for prev, b in zip(st.blocks, st.blocks[1:])):

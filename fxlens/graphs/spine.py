@@ -22,7 +22,8 @@ Example::
 A norm need not be one op: DeBERTa's and I-BERT's LayerNorms are written out (mean, subtract, sqrt,
 divide), so the spine passes through each of their steps and each is a map step; ``transformed`` says
 whether any step changes the residual stream other than by adding to it (for a pre-norm model every map
-step is an alias, a dropout or a same-dtype cast, and the residual stream is a plain sum).
+step is an alias, a dropout, a cast or a reshape, such as OPT's flattening of positions around its MLP,
+and the residual stream is a plain sum).
 
 Gotchas: a map step's nodes may not reshape or read the positions axis's size (the replay stacks
 receivers along the positions axis), nor read any activation besides the spine value; a step that
@@ -39,6 +40,9 @@ from .structure import _passes_value, _sum_terms
 
 __all__ = ["SpineStep", "Spine", "spine_steps"]
 
+# layout ops that change a tensor's shape (the replay stacks receivers along the positions axis)
+_RESHAPES = LAYOUT_OPS - {"contiguous", "clone", "alias", "to", "type_as", "_to_copy", "dropout", "detach", "lift_fresh_copy"}
+
 
 @dataclass(frozen=True)
 class SpineStep:
@@ -47,7 +51,7 @@ class SpineStep:
     input: str  # the spine node before it
     senders: tuple = ()  # "add": names of the senders whose outputs are summed here
     cone: tuple = ()  # "map": nodes from input (excluded) to output (included), graph order
-    identity: bool = False  # "map": every node passes its value on (an alias, dropout, a same-dtype cast)
+    identity: bool = False  # "map": no node changes a value (an alias, dropout, a cast, a reshape: OPT's flattening)
     why: str = ""  # why the step cannot be replayed for an edge ("" if it can)
 
 
@@ -104,7 +108,7 @@ def spine_steps(mg, branch_senders: dict) -> Spine:
                 steps.append(SpineStep("add", b, a, senders=names, why=extra))
                 continue
             cone = tuple(dg.sorted(interior | {b}))
-            identity = all(_passes_value(dg.node(n)) for n in cone)
+            identity = all(op_name(dg.node(n)) in LAYOUT_OPS or _passes_value(dg.node(n)) for n in cone)
             steps.append(SpineStep("map", b, a, cone=cone, identity=identity, why="" if identity else _unreplayable(dg, i, a, cone, memo)))
     return Spine(blocks[0].resid_pre, tuple(steps))
 
@@ -113,7 +117,7 @@ def _unreplayable(dg, i: int, a: str, cone: tuple, memo: dict) -> str:
     """Why the map step from ``a`` through ``cone`` cannot be replayed on stacked receivers ("" if it can)."""
     for name in cone:
         node = dg.node(name)
-        if op_name(node) in LAYOUT_OPS or op_name(node) == "sym_size":
+        if op_name(node) in _RESHAPES or op_name(node) == "sym_size":
             return f"block {i} reshapes the residual stream between its branches"
         if any(src.name not in cone and src.name != a and _activation(src, memo) for src in node.all_input_nodes):
             return f"block {i} normalises the residual stream with something besides the residual itself"
