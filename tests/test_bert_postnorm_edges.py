@@ -208,3 +208,16 @@ def test_path_patching_by_layers_refuses_and_names_what_works():
     with pytest.raises(CircuitError, match=r"normalises the residual stream itself.*so do edges.*every norm") as err:
         circuits.path_patch(model, ids(1), ids(2), metrics.logit_diff(5, 7), receivers=["logits"], method="layers")
     assert "add_" not in str(err.value) and "layer_norm_" not in str(err.value)  # no graph node names
+
+
+def test_pre_norm_residual_streams_stay_sums_and_a_hand_written_norm_is_several_steps():
+    from families import make
+
+    for family in ("gpt2", "llama", "opt"):  # OPT flattens the residual around its MLP: a reshape, still a sum
+        comp = fxlens.Model.from_hf(make(family)).derived.components
+        assert comp.spine is None and comp.no_edges is None and comp.not_additive is None
+    _, model = pair("deberta")  # mean, subtract, sqrt, divide, scale: each a step replayed in turn
+    steps = model.derived.components.spine.steps
+    assert sum(s.kind == "map" and not s.identity for s in steps) > 2 * 2
+    _, model = pair("bert")
+    assert [s.kind for s in model.derived.components.spine.steps] == ["add", "map"] * 4

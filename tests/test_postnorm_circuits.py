@@ -11,6 +11,7 @@ run (an MLP sender's output is the corrupted one; other MLPs are recomputed, or 
 (3) a clean run whose receiver head reads that query. A logits receiver reads the path run's logits.
 """
 
+import dataclasses
 import functools
 
 import pytest
@@ -147,7 +148,15 @@ def test_edges_refuse_where_the_residual_stream_cannot_be_replayed_with_the_reas
 
     from fxlens.graphs import components
 
-    monkeypatch.setattr(components, "spine_steps", lambda mg, names: "block 0 reshapes the residual stream between its branches")
+    real = components.spine_steps
+
+    def unreplayable(mg, names):  # as if block 0's norm reshaped the residual stream
+        spine = real(mg, names)
+        steps = list(spine.steps)
+        steps[1] = dataclasses.replace(steps[1], why="block 0 reshapes the residual stream between its branches")
+        return dataclasses.replace(spine, steps=tuple(steps))
+
+    monkeypatch.setattr(components, "spine_steps", unreplayable)
     model = fxlens.Model.from_hf(make("bert"))
     tokens = torch.randint(3, 100, (1, 5), generator=torch.Generator().manual_seed(0))
     for call in (
