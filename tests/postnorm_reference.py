@@ -50,7 +50,7 @@ def all_senders(hf):
 
 def all_receivers(hf):
     n, h = hf.config.num_hidden_layers, hf.config.num_attention_heads
-    kv = hf.config.num_key_value_heads
+    kv = getattr(hf.config, "num_key_value_heads", None) or h
     out = []
     for l in range(n):
         out += [f"a{l}.h{i}<q>" for i in range(h)] + [f"a{l}.h{i}<{k}>" for k in "kv" for i in range(kv)] + [f"m{l}"]
@@ -74,9 +74,10 @@ def _mlp_reader(family, blk):
     return blk.pre_feedforward_layernorm if family.startswith("gemma") else blk.mlp
 
 
-def head_results(blk, z):
-    """[batch, pos, heads, d_model]: each head's share of the output projection (no bias)."""
-    w = blk.self_attn.o_proj.weight
+def head_results(blk, z, proj=None):
+    """[batch, pos, heads, d_model]: each head's share of the output projection ``proj`` (default: the
+    block's ``self_attn.o_proj``; no bias)."""
+    w = (proj or blk.self_attn.o_proj).weight
     zh = z.view(*z.shape[:-1], -1, D_HEAD)
     return torch.einsum("bshe,dhe->bshd", zh, w.view(w.shape[0], -1, D_HEAD))
 
@@ -158,10 +159,11 @@ def hf_run(family, hf, ids, mask, read=None):
     return logits, cur
 
 
-def hf_sender_values(family, hf, ids, mask):
-    """{sender: [batch, pos, d_model]} of a plain masked run (values before the post-norms)."""
+def hf_sender_values(family, hf, ids, mask, *, run=None):
+    """{sender: [batch, pos, d_model]} of a plain masked run (values before the post-norms). ``run``: another
+    family's ``hf_run`` (``bert_reference``)."""
     with torch.no_grad():
-        _, cur = hf_run(family, hf, ids, mask)
+        _, cur = (run or hf_run)(family, hf, ids, mask)
     return {s: sender_value(cur, s) for s in all_senders(hf)}
 
 
@@ -187,42 +189,45 @@ def receiver_input(hf, receiver, entry, cur, weights, alt, *, after_norm=False):
     return x
 
 
-def hf_edges(family, hf, ids, mask, edges, alt, **kw):
-    """Logits of the run with ``edges`` replaced by ``alt`` ({sender: value}), per the definition."""
+def hf_edges(family, hf, ids, mask, edges, alt, *, run=None, reader=None, **kw):
+    """Logits of the run with ``edges`` replaced by ``alt`` ({sender: value}), per the definition. ``run``
+    and ``reader``: another family's ``hf_run`` and ``receiver_input`` (``bert_reference``)."""
+    run, reader = run or hf_run, reader or receiver_input
     into: dict = {}
     for e in edges:
         s, r = e.split("->") if isinstance(e, str) else e
         into.setdefault(r.strip(), {})[s.strip()] = 1.0
 
     def read(r, entry, cur):
-        return receiver_input(hf, r, entry, cur, into[r], alt, **kw) if r in into else None
+        return reader(hf, r, entry, cur, into[r], alt, **kw) if r in into else None
 
     with torch.no_grad():
-        logits, _ = hf_run(family, hf, ids, mask, read)
+        logits, _ = run(family, hf, ids, mask, read)
     return logits
 
 
-def hf_alternatives(family, hf, ablation, reference, reference_mask, like):
+def hf_alternatives(family, hf, ablation, reference, reference_mask, like, *, run=None):
     if ablation == "zero":
-        return {s: torch.zeros_like(v[:1]) for s, v in hf_sender_values(family, hf, like, None).items()}
+        return {s: torch.zeros_like(v[:1]) for s, v in hf_sender_values(family, hf, like, None, run=run).items()}
     assert ablation == "corrupted"
-    return hf_sender_values(family, hf, reference, reference_mask)
+    return hf_sender_values(family, hf, reference, reference_mask, run=run)
 
 
-def hf_eap(family, hf, clean, corrupt, mask, corrupt_mask, metric):
+def hf_eap(family, hf, clean, corrupt, mask, corrupt_mask, metric, *, run=None, reader=None):
     """{(sender, receiver): d metric / d w[s, r]} at w = 0, by autograd through the hooked run: every
     receiver reads its input per the definition with all its upstream edges weighted by w."""
+    run, reader = run or hf_run, reader or receiver_input
     senders, receivers = all_senders(hf), all_receivers(hf)
     w = torch.zeros(len(senders), len(receivers), requires_grad=True)
-    alt = hf_sender_values(family, hf, corrupt, corrupt_mask)
+    alt = hf_sender_values(family, hf, corrupt, corrupt_mask, run=run)
     si = {s: i for i, s in enumerate(senders)}
     ri = {r: j for j, r in enumerate(receivers)}
 
     def read(r, entry, cur):
         weights = {s: w[si[s], ri[r]] for s in senders if reaches(s, r)}
-        return receiver_input(hf, r, entry, cur, weights, alt)
+        return reader(hf, r, entry, cur, weights, alt)
 
     with torch.enable_grad():
-        logits, _ = hf_run(family, hf, clean, mask, read)
+        logits, _ = run(family, hf, clean, mask, read)
         (grad,) = torch.autograd.grad(metric(logits), [w])
     return {(s, r): float(grad[si[s], ri[r]]) for r in receivers for s in senders if reaches(s, r)}

@@ -763,15 +763,14 @@ def test_sender_values_of_chosen_senders_are_columns_of_all_of_them():
     assert torch.equal(got, sender_values(model, ids)[:, :, [names.index(n) for n in chosen]])
 
 
-@pytest.mark.parametrize("family, reason", [("bert", "post-norm")])
-def test_edges_on_models_whose_residual_is_not_a_sum_of_components_are_refused(family, reason):
-    # the components exist (path patching's textbook algorithm uses them); edges from one component do not.
-    # Gemma 2's branch post-norms have edges through the norm (tests/test_postnorm_edges.py)
-    _, model = cached_model(family)
-    assert circuits.model_components(model).not_additive is not None
+def test_edges_on_bert_replay_the_norms_and_path_patching_by_layers_refuses():
+    # the residual stream is not a sum of components, so path patching by layers refuses; edges replay
+    # every norm between sender and receiver (checked against HF hooks in tests/test_bert_postnorm_edges.py)
+    _, model = cached_model("bert")
+    comp = circuits.model_components(model)
+    assert comp.not_additive is not None and comp.no_edges is None and comp.spine is not None
     assert len(Circuit.full(model)) > 0
-    with pytest.raises(CircuitError, match=reason):
-        run_with_edges(model, tokens(1, 5), ["input->logits"])
+    assert run_with_edges(model, tokens(1, 5), ["input->logits"]).shape == model(tokens(1, 5)).shape
 
 
 # ---- weight edits -----------------------------------------------------------------------------------

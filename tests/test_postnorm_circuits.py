@@ -1,7 +1,7 @@
 """Circuits on models whose residual stream is not a sum of component outputs (Gemma 2's and OLMo 2's
 norms after each branch, BERT's post-norm): path patching's textbook algorithm against plain HF hooks,
-and a clear refusal where single-component edges have no meaning (BERT; edges through Gemma 2's and
-OLMo 2's branch norms are tested in test_postnorm_edges.py).
+and a clear refusal where single-component edges cannot be replayed (edges through Gemma 2's and OLMo 2's
+branch norms are tested in test_postnorm_edges.py, through BERT's residual norms in test_bert_postnorm_edges.py).
 
 The reference (Wang et al.), with hooks on the HF modules only: (1) a clean and a corrupted run record
 every layer's attention output-projection input z (and MLP outputs); (2) a path run of the clean input
@@ -11,6 +11,7 @@ run (an MLP sender's output is the corrupted one; other MLPs are recomputed, or 
 (3) a clean run whose receiver head reads that query. A logits receiver reads the path run's logits.
 """
 
+import dataclasses
 import functools
 
 import pytest
@@ -140,10 +141,22 @@ def test_path_patching_by_layers_refuses_with_the_reason_and_what_works(family):
     assert "add_" not in str(err.value) and "linear_" not in str(err.value)  # no graph node names
 
 
-def test_edges_refuse_on_spine_norms_with_the_reason_and_what_works():
-    """BERT normalises the residual stream itself after each branch: no edge from one component is defined."""
+def test_edges_refuse_where_the_residual_stream_cannot_be_replayed_with_the_reason_and_what_works(monkeypatch):
+    """BERT's residual stream is replayed step by step for edges (tests/test_bert_postnorm_edges.py); where a
+    model's steps cannot be replayed, edges refuse with the reason and what works, naming no graph node."""
     from families import make
 
+    from fxlens.graphs import components
+
+    real = components.spine_steps
+
+    def unreplayable(mg, names):  # as if block 0's norm reshaped the residual stream
+        spine = real(mg, names)
+        steps = list(spine.steps)
+        steps[1] = dataclasses.replace(steps[1], why="block 0 reshapes the residual stream between its branches")
+        return dataclasses.replace(spine, steps=tuple(steps))
+
+    monkeypatch.setattr(components, "spine_steps", unreplayable)
     model = fxlens.Model.from_hf(make("bert"))
     tokens = torch.randint(3, 100, (1, 5), generator=torch.Generator().manual_seed(0))
     for call in (
@@ -152,6 +165,6 @@ def test_edges_refuse_on_spine_norms_with_the_reason_and_what_works():
         lambda: circuits.edge_sweep(model, tokens, [["input->logits"]], lambda logits: logits.sum()),
         lambda: circuits.acdc(model, tokens, tokens, threshold=0.1),
     ):
-        with pytest.raises(CircuitError, match=r"normalises the residual stream itself.*circuits.path_patch.*Gemma 2/3") as err:
+        with pytest.raises(CircuitError, match=r"normalises the residual stream itself.*reshapes.*circuits.path_patch.*BERT") as err:
             call()
         assert "add_" not in str(err.value) and "layer_norm" not in str(err.value)  # no graph node names

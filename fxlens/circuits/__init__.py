@@ -20,8 +20,9 @@ mask (``reference_attention_mask`` / ``corrupted_attention_mask``), else with ``
 
 On models that normalise each branch's output before adding it (Gemma 2/3, OLMo 2/3) an edge's
 difference goes through its layer's norm, several edges from one layer into one receiver inside one
-norm call (the definition is in ``edges.py``); models that normalise the residual stream itself (BERT)
-refuse edges, EAP and ACDC, and offer path patching.
+norm call; on models that normalise the residual stream itself after each branch (BERT, RoBERTa,
+ELECTRA) a receiver reads the residual stream recomputed from the embedding with the replaced edges'
+senders changed, every norm between them replayed (both definitions are in ``edges.py``).
 
 Example::
 

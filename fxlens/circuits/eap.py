@@ -20,6 +20,11 @@ the gradient is taken with respect to a zero edge mask directly (the Edges pass 
 every sender's corrupted output as the replacement: every receiver replays every upstream norm, so it
 costs more memory).
 
+On a model that normalises the residual stream itself after each branch (BERT, RoBERTa, ELECTRA) an
+edge's difference passes through every norm between sender and receiver (``edges`` module docstring);
+the score is again the gradient of the metric with respect to a zero edge mask, taken directly through
+the Edges pass in "edges" mode, which replays those norms: exact, at the memory cost above.
+
 Example::
 
     scores = eap_scores(model, clean, corrupted, metric)          # {(sender, receiver): float}
@@ -34,7 +39,7 @@ import torch
 from ..engine.plan import PlanBuilder
 from ..engine.rows.readout import scalar
 from ..graphs.components import CircuitError
-from .edges import paired_feeds, post_norm_specs, receiver_specs, result_sites, sender_specs, sender_values
+from .edges import paired_feeds, post_norm_specs, receiver_specs, result_sites, sender_specs, sender_values, spine_spec
 
 __all__ = ["eap_scores"]
 
@@ -51,6 +56,8 @@ def eap_scores(model, clean_tokens, corrupted_tokens, metric, *, attention_mask=
     comp.require_edges("edge attribution patching")
     feed, corrupted = paired_feeds(model, clean_tokens, corrupted_tokens, attention_mask, corrupted_attention_mask,
                                    "EAP scores the difference of the two runs' sender outputs")
+    if comp.spine is not None:  # BERT: the exact gradient of a zero edge mask through the replayed norms
+        return _through_norms(model, comp, feed, corrupted, metric)
     normed = None
     if comp.post_norms:
         try:
@@ -136,7 +143,7 @@ def _through_norms(model, comp, feed: dict, corrupted: dict, metric) -> dict:
     specs = receiver_specs(comp, {r.name for r in comp.receivers})
     plan, inputs = PlanBuilder(model.graph).edges(
         sender_specs(model, comp), specs, "edges", mask=mask, alt=alt, result_sites=result_sites(model),
-        post_norms=post_norm_specs(comp),
+        post_norms=post_norm_specs(comp), spine=spine_spec(comp),
     ).build()
     with torch.enable_grad():
         out = model.programs.get(plan)(**feed, **inputs)

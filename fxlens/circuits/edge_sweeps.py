@@ -34,6 +34,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
@@ -45,7 +46,7 @@ from ..engine.sweep import Cell, Sweep
 from ..metrics import Metric
 from .circuit import Circuit
 from .edges import (alternatives, edge_mask, given_mask, post_norm_specs, receiver_specs, result_sites, sender_specs,
-                    sender_values)
+                    sender_values, spine_spec)
 
 __all__ = ["edge_sweep", "full_rows", "layered"]
 
@@ -73,7 +74,9 @@ def edge_sweep(model, tokens, edge_sets, metric, *, ablation="zero", reference=N
     points = [{(comp.receiver(r).layer, comp.receiver(r).stage) for _, r in edges} for edges in sets]
     engine = RowEngine(model)
     normed_ok = all(pn.value_site for pn in comp.post_norms)
-    if all(len(p) <= 1 for p in points) and layered(model) and not engine.whole and normed_ok:
+    if comp.spine is not None and any(sets):
+        _told_whole(model)
+    elif all(len(p) <= 1 for p in points) and layered(model) and not engine.whole and normed_ok:
         try:
             return _layered(model, comp, feed, sets, metric, alt, used)
         except (CircuitError, RowError):
@@ -85,6 +88,19 @@ def edge_sweep(model, tokens, edge_sets, metric, *, ablation="zero", reference=N
         full_alt = full_alt.expand(alt.shape[0], -1, -1, -1).clone()
         full_alt[:, :, [order[s] for s in used]] = alt.to(full_alt.device)
     return full_rows(model, feed, sets, metric, full_alt, max_rows)
+
+
+def _told_whole(model) -> None:
+    """Say once per capture that this model's edge sweeps run as whole-model rows."""
+    told = model.derived.item("spine_edge_sweeps", list)
+    if not told:
+        told.append(True)
+        warnings.warn(
+            "this model normalises the residual stream itself after each branch (post-norm, as BERT does): "
+            "its edge sweeps run one whole-model row per edge set, replaying the norms between each "
+            "edge's sender and receiver; exact, slower than the layer-by-layer rows of other models",
+            RuntimeWarning, stacklevel=3,
+        )
 
 
 def layered(model) -> bool:
@@ -287,7 +303,7 @@ def full_rows(model, feed: dict, sets, metric, alt: torch.Tensor, max_rows: int 
         if receivers:
             b.edges(sender_specs(model, comp), receiver_specs(comp, receivers), "edges", mask=masks.to(device),
                     alt=a.to(device, model.captured.dtype), result_sites=result_sites(model),
-                    post_norms=post_norm_specs(comp))
+                    post_norms=post_norm_specs(comp), spine=spine_spec(comp))
         select = declared and model.graph.structure.unembed is not None  # else every entry, picked below
         if select:
             b.select_vocab(model.graph.structure.unembed, vocab.to(device))

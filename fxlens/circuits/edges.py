@@ -22,8 +22,19 @@ the branch computes it). Replacing the edges into receiver r means r reads
 with ``D_{l,r} = sum_{s in l} mask[s, r] * (alt_s - cur_s)``: several edges from one layer into one
 receiver are combined inside the norm, not added after it. Every other reader of the residual stream
 is unchanged, the embedding sender is added as it is, and for a model without such norms this is the
-plain sum ``entry + sum_s mask[s, r] * (alt_s - cur_s)``. BERT-style post-norms (the residual stream
-itself normalised) are refused.
+plain sum ``entry + sum_s mask[s, r] * (alt_s - cur_s)``.
+
+Post-norm encoders (BERT, RoBERTa, ELECTRA: the residual stream itself normalised after each branch,
+``h = LN1(x + attn)``, ``x' = LN2(h + mlp)``): the residual stream is a chain of norms over sums of
+sender outputs (``graphs.spine``). An edge s -> r replaces s's output in that chain as r reads it:
+with every other component's output frozen at its value in this run, r reads
+
+    x = embed + D_input;  per layer before r: x = LN1(x + attn + D_attn);  x = LN2(x + mlp + D_mlp)
+
+(an MLP receiver stops after its own layer's LN1), ``D_attn`` summing ``mask[s, r] * (alt_s - cur_s)``
+over the layer's heads with a replaced edge into r (the MLP's likewise). Every norm between sender and
+receiver is replayed, the statistics changing with the input; several edges into one receiver combine
+in one replay. Every other reader of the residual stream is unchanged.
 
 Example::
 
@@ -40,7 +51,7 @@ import torch
 from ..engine.ablation import AblationError, replacement
 from ..engine.plan import PlanBuilder
 from ..graphs.components import CircuitError, Components
-from ..passes import EdgePostNorm, EdgeSender
+from ..passes import EdgePostNorm, EdgeSender, EdgeSpine, EdgeSpineStep
 from ..passes.edges import receiver_specs
 from .circuit import Circuit
 
@@ -51,6 +62,7 @@ __all__ = [
     "reference_feed",
     "alternatives",
     "post_norm_specs",
+    "spine_spec",
 ]
 
 
@@ -71,6 +83,16 @@ def post_norm_specs(comp: Components) -> tuple:
     """The Edges pass's view of the norms some senders' branches pass through before the add."""
     index = {s.name: i for i, s in enumerate(comp.senders)}
     return tuple(EdgePostNorm(tuple(index[n] for n in pn.senders), pn.input, pn.cone) for pn in comp.post_norms)
+
+
+def spine_spec(comp: Components) -> EdgeSpine | None:
+    """The Edges pass's view of a residual stream normalised itself (BERT), or None."""
+    if comp.spine is None:
+        return None
+    index = {s.name: i for i, s in enumerate(comp.senders)}
+    steps = tuple(EdgeSpineStep(st.kind, st.output, st.input, tuple(index[n] for n in st.senders), st.cone)
+                  for st in comp.spine.steps)
+    return EdgeSpine(comp.spine.start, (index["input"],), steps)
 
 
 def sender_specs(model, comp: Components) -> tuple:
@@ -214,7 +236,7 @@ def run_with_edges(model, tokens, edges, *, ablation="zero", reference=None, att
             sender_specs(model, comp), receiver_specs(comp, receivers), "edges",
             mask=edge_mask(comp, circuit.edges).to(model.captured.device),
             alt=alt.to(model.captured.device, model.captured.dtype),
-            result_sites=result_sites(model), post_norms=post_norm_specs(comp),
+            result_sites=result_sites(model), post_norms=post_norm_specs(comp), spine=spine_spec(comp),
         )
         plan, inputs = b.build()
     out = model.programs.get(plan)(**feed, **inputs)

@@ -168,16 +168,18 @@ class PlanBuilder:
         return self
 
     def edges(self, senders: tuple, receivers: tuple, mode: str = "edges", *, mask=None, alt=None, deltas=None,
-              result_sites=(), post_norms=()) -> "PlanBuilder":
+              result_sites=(), post_norms=(), spine=None) -> "PlanBuilder":
         """Edge interventions (``passes.edges``): ``mask`` and ``alt`` in "edges" mode, ``deltas``
         ({entry node: tensor}) in "delta" and "absolute" mode. ``result_sites``: the per-head result
         sites the senders read, materialised beside the projections. ``post_norms``: the norms some
-        senders' branches pass through before the add (``EdgePostNorm``s)."""
+        senders' branches pass through before the add (``EdgePostNorm``s); ``spine``: the residual stream's
+        steps where it is normalised itself (an ``EdgeSpine``, BERT)."""
         self._touch(result_sites)
         mask_name = self.input(mask) if mask is not None else None
         alt_name = self.input(alt) if alt is not None else None
         named = tuple((entry, self.input(t)) for entry, t in (deltas or {}).items())
-        self._specs["edit"].append(Edges(tuple(senders), tuple(receivers), mode, mask_name, alt_name, named, tuple(post_norms)))
+        self._specs["edit"].append(Edges(tuple(senders), tuple(receivers), mode, mask_name, alt_name, named, tuple(post_norms),
+                                         spine))
         return self
 
     def kv_prefix(self, uses) -> "PlanBuilder":

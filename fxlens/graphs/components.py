@@ -16,8 +16,11 @@ and MLP outputs), and ``not_additive`` says why. Two cases differ:
 - a branch normalised before it is added (Gemma 2/3 and OLMo 2/3 "sandwich" norms): each such norm
   is a ``PostNorm`` (the node it reads, the branch's sum of head results plus bias or the MLP output,
   and the nodes from there to what is added), so an edge can be defined through it (``passes.edges``);
-- the residual stream itself normalised after each branch (BERT): ``no_edges`` says so, and edges
-  are refused (``require_edges``); so are branch norms that read more than the branch's output.
+- the residual stream itself normalised after each branch (BERT, RoBERTa, ELECTRA): ``spine`` lists the
+  residual stream as steps from the embedding (sums of component outputs, and norms; ``graphs.spine``),
+  so an edge can be defined by replaying every norm between sender and receiver (``passes.edges``).
+  Where that replay is impossible, ``no_edges`` says why and edges are refused (``require_edges``); so
+  are branch norms that read more than the branch's output.
 
 Example::
 
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 
 from .attention import View
 from .nodes import scope, tensor_meta
+from .spine import Spine, spine_steps
 
 __all__ = ["Sender", "Receiver", "PostNorm", "Components", "components", "CircuitError"]
 
@@ -83,7 +87,8 @@ class Components:
     parallel: bool  # attention and MLP of a block read the same residual
     not_additive: str | None = None  # why the residual stream is not a sum of component outputs (or None)
     post_norms: tuple = ()  # of PostNorm: branches normalised before they are added
-    no_edges: str | None = None  # why single components' edges are not defined here (BERT's post-norm), or None
+    no_edges: str | None = None  # why single components' edges are not defined here, or None
+    spine: Spine | None = None  # the residual stream as steps, where it is normalised itself (BERT); else None
 
     def _range(self) -> str:
         heads = sum(1 for s in self.senders if s.kind == "head" and s.layer == 0)
@@ -119,7 +124,8 @@ class Components:
         """Refuse ``what`` (path patching by layers) on a model whose residual stream is not a sum of
         component outputs as they are."""
         if self.not_additive is not None:
-            also = "; so do edges, edge sweeps, EAP and ACDC (through each branch's norm)" if self.no_edges is None else ""
+            through = "every norm between sender and receiver" if self.spine is not None else "each branch's norm"
+            also = f"; so do edges, edge sweeps, EAP and ACDC (through {through})" if self.no_edges is None else ""
             raise CircuitError(
                 f"{what} needs each component's output added to the residual stream as it is; {self.not_additive}. "
                 "Path patching's default method (circuits.path_patch with method='auto' or 'rows', which freezes every "
@@ -128,14 +134,15 @@ class Components:
 
     def require_edges(self, what: str) -> None:
         """Refuse ``what`` (an edge intervention, EAP, ...) where an edge from one component has no
-        definition: the residual stream itself is normalised after each branch (BERT)."""
+        definition: the norms between sender and receiver cannot be replayed (``no_edges`` says why)."""
         if self.no_edges is not None:
             raise CircuitError(
                 f"{what} is not defined on this model: {self.no_edges}. "
                 "Path patching (circuits.path_patch, which freezes every other head's z and recomputes the rest) and "
-                "activation patching (fxlens.patching) work on this model; edges, edge sweeps, EAP and ACDC need the "
-                "residual stream to be a sum of what the branches write, each normalised before the add or not "
-                "(as in GPT-2, Llama, Gemma 2/3, OLMo 2/3)"
+                "activation patching (fxlens.patching) work on this model; edges, edge sweeps, EAP and ACDC need a "
+                "residual stream that fxlens can recompute from the components' outputs: a sum of what the branches "
+                "write, each normalised before the add or not (GPT-2, Llama, Gemma 2/3, OLMo 2/3), or normalised "
+                "itself after each add (BERT, RoBERTa, ELECTRA)"
             )
 
     def reaches(self, s: Sender, r: Receiver) -> bool:
@@ -208,12 +215,11 @@ def components(mg) -> Components:
         a = mg.attn[i]
         if block.attn is None or a is None or block.mlp is None:
             raise CircuitError(f"block {i} has no attention or no MLP branch that fxlens can decompose")
-        if block.spine_norms and no_edges is None:
-            no_edges = (
+        if block.spine_norms and not_additive is None:
+            not_additive = (
                 "this model normalises the residual stream itself after each branch (post-norm, as BERT does), "
                 "so the residual stream is not a sum of what the components write"
             )
-            not_additive = not_additive or no_edges
         parallel = block.attn.entry == block.mlp.entry
         mlp_stage = 0 if parallel else 1
         for br in (block.attn, block.mlp):
@@ -240,8 +246,36 @@ def components(mg) -> Components:
                 receivers.append(Receiver(f"a{i}.h{h}<{kind}>", i, kind, h, 0, block.attn.entry, view, cone))
         cone, consumers = _mlp_reads(dg, block)
         receivers.append(Receiver(f"m{i}", i, "mlp", None, mlp_stage, block.mlp.entry, None, cone, consumers))
+    spine = None
+    if no_edges is None:
+        spine = _spine(mg, st, post_norms)
+        if isinstance(spine, str):
+            no_edges, spine = spine, None
+        if spine is not None or no_edges is not None:
+            not_additive = not_additive or (
+                "this model normalises the residual stream itself after each branch (post-norm, as BERT does) or "
+                "otherwise changes it between branches, so the residual stream is not a sum of what the components write"
+            )
     last = st.blocks[-1].resid_post
     blocks = set().union(*(b.nodes for b in st.blocks))
     consumers = tuple(u.name for u in dg.node(last).users if u.name not in blocks and u.op != "output")
     receivers.append(Receiver("logits", len(st.blocks), "logits", None, 0, last, None, (), consumers))
-    return Components(senders, receivers, len(st.blocks), parallel, not_additive, tuple(post_norms), no_edges)
+    return Components(senders, receivers, len(st.blocks), parallel, not_additive, tuple(post_norms), no_edges, spine)
+
+
+def _spine(mg, st, post_norms) -> Spine | str | None:
+    """The residual stream of a model that normalises it after each branch; why edges are refused there;
+    or None where the residual stream is a sum of what the branches write (each normalised or not)."""
+    heads = {i: mg.attn[i].n_heads for i in range(len(st.blocks))}
+    names = {("attn", i): tuple(f"a{i}.h{h}" for h in range(n)) for i, n in heads.items()}
+    names.update({("mlp", i): (f"m{i}",) for i in heads})
+    spine = spine_steps(mg, names)
+    if not spine.transformed and not any(b.spine_norms for b in st.blocks):
+        return None
+    why = ("this model normalises the residual stream itself after each branch (post-norm, as BERT does) or otherwise "
+           "changes it between branches, and ")
+    if post_norms:
+        return why + "each branch's output before it is added as well, which fxlens cannot replay for a single component's edges"
+    if any(b.resid_pre != prev.resid_post for prev, b in zip(st.blocks, st.blocks[1:])):
+        return why + "something between its blocks changes the residual stream, which fxlens cannot replay for edges"
+    return why + spine.why + ", which fxlens cannot replay for a single component's edges" if spine.why else spine

@@ -19,7 +19,7 @@ Example::
 from .base import PassError
 from .cache import Cache, Read, cache
 from .decompose_norm import DecomposeNorm, decompose_norm
-from .edges import EdgePostNorm, EdgeReceiver, Edges, EdgeSender, edges
+from .edges import EdgePostNorm, EdgeReceiver, Edges, EdgeSender, EdgeSpine, EdgeSpineStep, edges
 from .expand_attention import ExpandAttention, expand_attention
 from .fuse_gelu import FuseGelu, fuse_gelu
 from .hooks import HookAt, HookError, Hooks, hooks
@@ -110,6 +110,8 @@ __all__ = [
     "FuseGelu",
     "Edges",
     "EdgePostNorm",
+    "EdgeSpine",
+    "EdgeSpineStep",
     "EdgeSender",
     "EdgeReceiver",
 ]

@@ -18,6 +18,14 @@ with ``D_l = sum_{s in l} mask[b, s, r] * (alt[b, s] - current[b, s])`` (sender 
 norm). Several edges from one layer into one receiver are combined inside the norm. The norm's nodes
 are replayed once per branch and receiver group on [batch, pos * receivers, d_model] (a norm works
 position by position), for the receiver columns with a replaced edge from that branch only.
+A model that normalises the residual stream itself after each branch (BERT: ``spine``, an
+``EdgeSpine``) has no such sum: the residual a receiver reads is a chain of steps from the embedding,
+``x <- x + branch`` and ``x <- norm(x)``. With every other component's output frozen at this run's
+value, the receiver reads that chain recomputed with the replaced edges' differences added where their
+senders' outputs are added; in difference form ``Delta <- Delta + D_step`` at each sum and
+``Delta <- norm(x + Delta) - norm(x)`` at each norm (``x``: this run's value there), every norm between
+a sender and the receiver replayed (once per receiver group, on [batch, pos * receivers, d_model],
+for the columns with a replaced edge upstream).
 For an MLP or the logits the receiver's own reads of ``entry`` are redirected. For q, k and v the
 nodes from ``entry`` to the q/k/v node (norm, projection, head split) are replayed on the receiver's
 input, and the receiver's head is taken from the replay. Only receivers named in the spec are rebuilt,
@@ -41,7 +49,7 @@ import torch.fx as fx
 from ..graphs.layout import IDENTITY, Layout
 from .base import PassError, rewrite
 
-__all__ = ["EdgeSender", "EdgeReceiver", "EdgePostNorm", "Edges", "edges", "receiver_specs"]
+__all__ = ["EdgeSender", "EdgeReceiver", "EdgePostNorm", "EdgeSpineStep", "EdgeSpine", "Edges", "edges", "receiver_specs"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,36 @@ class EdgePostNorm:
 
 
 @dataclass(frozen=True)
+class EdgeSpineStep:
+    """One step of a residual stream normalised itself (``graphs.spine``): "add" sums the outputs of
+    ``senders`` (indices) into ``input``, giving ``output``; "map" computes ``output`` from ``input``
+    alone through ``cone`` (a norm)."""
+
+    kind: str
+    output: str
+    input: str
+    senders: tuple = ()
+    cone: tuple = ()
+
+
+@dataclass(frozen=True)
+class EdgeSpine:
+    """The residual stream as steps from ``start``, the value of the senders ``senders`` (the embedding)."""
+
+    start: str
+    senders: tuple
+    steps: tuple  # of EdgeSpineStep
+
+    def upto(self, node: str) -> tuple:
+        if node == self.start:
+            return ()
+        k = next((k for k, step in enumerate(self.steps) if step.output == node), None)
+        if k is None:
+            raise PassError(f"receivers read {node}, which is not on the residual stream's chain of steps")
+        return self.steps[: k + 1]
+
+
+@dataclass(frozen=True)
 class Edges:
     stage: ClassVar[str] = "edit"
     senders: tuple  # of EdgeSender
@@ -90,6 +128,7 @@ class Edges:
     alt: str | None = None
     deltas: tuple = ()  # ((entry node, graph-input name), ...) for "delta" and "absolute"
     post_norms: tuple = ()  # of EdgePostNorm ("edges" mode): senders whose branch is normalised before the add
+    spine: EdgeSpine | None = None  # ("edges" mode) the residual stream's steps, where it is normalised itself
 
 
 
@@ -138,6 +177,16 @@ def _add_normed(delta: torch.Tensor, normed: torch.Tensor, written: torch.Tensor
     if used.numel() == delta.shape[2]:
         return delta + change
     return delta.index_add(2, used, change)
+
+
+def _renormed(delta: torch.Tensor, normed: torch.Tensor, written: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """The difference after a norm on the residual stream: at the used receiver columns, the replayed norm
+    minus this run's value; elsewhere zero (no replaced edge upstream, so no difference before the norm)."""
+    p = written.shape[1]
+    change = (normed.unflatten(1, (p, used.numel())) - written.unsqueeze(2)).to(delta.dtype)
+    if used.numel() == delta.shape[2]:
+        return change
+    return torch.zeros_like(delta).index_copy(2, used, change)
 
 
 def _input(entry: torch.Tensor, delta: torch.Tensor, j: int) -> torch.Tensor:
@@ -210,7 +259,9 @@ def edges(gm: fx.GraphModule, spec: Edges) -> fx.GraphModule:
                     raise PassError(f"{spec.mode} mode needs a graph input for the receivers reading {entry_name}")
                 delta = rw.placeholder(delta_names[entry_name])
             with rw.graph.inserting_before(first):
-                if spec.mode == "edges":
+                if spec.mode == "edges" and spec.spine is not None:
+                    delta = _spine_delta(rw, spec, entry_name, list(upstream), [r.index for r in group], alt, mask)
+                elif spec.mode == "edges":
                     delta = _edge_delta(rw, spec, list(upstream), [r.index for r in group], alt, mask)
                 if spec.mode == "absolute":
                     inputs = [rw.create(_given, (delta, j)) for j in range(len(group))]
@@ -243,6 +294,33 @@ def edges(gm: fx.GraphModule, spec: Edges) -> fx.GraphModule:
                 keep = {read, merged, written}
                 rw.supersede(target, written, keep=keep | _chain(read, target))
     return rw.result
+
+
+def _part(rw, spec: Edges, indices: list, columns: list, alt: fx.Node, mask: fx.Node) -> fx.Node:
+    """The node computing what replacing the edges from senders ``indices`` adds, as they are."""
+    senders = [spec.senders[i] for i in indices]
+    values = [s.layout.read(rw.graph, rw.node(s.node)) for s in senders]
+    return rw.create(_delta, (values, [s.head for s in senders], alt, mask, list(indices), columns))
+
+
+def _spine_delta(rw, spec: Edges, entry: str, upstream: list, columns: list, alt: fx.Node, mask: fx.Node) -> fx.Node:
+    """[batch, pos, receivers, d_model]: the difference the replaced edges make to the receivers ``columns``
+    reading ``entry``, the residual stream's steps replayed from the embedding (module docstring)."""
+    up = set(upstream)
+    seen = [i for i in spec.spine.senders if i in up]
+    delta = _part(rw, spec, seen, columns, alt, mask)
+    for step in spec.spine.upto(entry):
+        if step.kind == "add":
+            new = [i for i in step.senders if i in up]
+            if new:
+                delta = rw.create(torch.add, (delta, _part(rw, spec, new, columns, alt, mask)))
+                seen += new
+        elif seen:
+            used = rw.create(_normed_columns, (mask, list(seen), columns))
+            x = rw.create(_widen, (rw.node(step.input), delta, used))
+            replayed = _replay(rw, step.cone, rw.node(step.input), x)
+            delta = rw.create(_renormed, (delta, replayed, rw.node(step.output), used))
+    return delta
 
 
 def _edge_delta(rw, spec: Edges, upstream: list, columns: list, alt: fx.Node, mask: fx.Node) -> fx.Node:
