@@ -29,7 +29,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import postnorm_reference as pr
-import torch
 from circuit_references import current as sender_value
 from circuit_references import parse
 
