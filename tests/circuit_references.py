@@ -21,7 +21,8 @@ reference run its own).
   dotted with (corrupted - clean) sender outputs, summed over batch and positions.
 
 Families: llama (and Gemma-1, same module layout), GPT-2 (fused QKV, Conv1D), GPT-NeoX (parallel
-attention and MLP, per-head interleaved QKV).
+attention and MLP, per-head interleaved QKV), OPT (no MLP module: ``fc2`` writes the MLP's output; the
+residual is flattened to [batch*pos, d] around the MLP).
 """
 
 from __future__ import annotations
@@ -50,24 +51,33 @@ def blocks(family, hf):
         return hf.transformer.h
     if family == "neox":
         return hf.gpt_neox.layers
+    if family == "opt":
+        return hf.model.decoder.layers
     return hf.model.layers  # llama, gemma
 
 
 def in_norm(family, blk):
-    return blk.ln_1 if family == "gpt2" else blk.input_layernorm
+    return {"gpt2": lambda: blk.ln_1, "opt": lambda: blk.self_attn_layer_norm}.get(family, lambda: blk.input_layernorm)()
 
 
 def mlp_norm(family, blk):
     """The norm in front of the MLP: its input is resid_mid (resid_pre in GPT-NeoX's parallel layers)."""
-    return blk.ln_2 if family == "gpt2" else blk.post_attention_layernorm
+    return {"gpt2": lambda: blk.ln_2, "opt": lambda: blk.final_layer_norm}.get(family, lambda: blk.post_attention_layernorm)()
 
 
 def out_proj(family, blk):
-    return {"gpt2": lambda: blk.attn.c_proj, "neox": lambda: blk.attention.dense}.get(family, lambda: blk.self_attn.o_proj)()
+    return {"gpt2": lambda: blk.attn.c_proj, "neox": lambda: blk.attention.dense,
+            "opt": lambda: blk.self_attn.out_proj}.get(family, lambda: blk.self_attn.o_proj)()
 
 
 def final_norm(family, hf):
-    return {"gpt2": lambda: hf.transformer.ln_f, "neox": lambda: hf.gpt_neox.final_layer_norm}.get(family, lambda: hf.model.norm)()
+    return {"gpt2": lambda: hf.transformer.ln_f, "neox": lambda: hf.gpt_neox.final_layer_norm,
+            "opt": lambda: hf.model.decoder.final_layer_norm}.get(family, lambda: hf.model.norm)()
+
+
+def mlp_module(family, blk):
+    """The module whose output is the MLP's: OPT has no MLP module, its ``fc2`` writes the MLP's output."""
+    return blk.fc2 if family == "opt" else blk.mlp
 
 
 def dims(hf):
@@ -128,6 +138,13 @@ def hf_run(family, hf, ids, mask, *, qkv_input=None, mlp_input=None, logits_inpu
     busy = []  # while a receiver recomputes its input, the recorders stay quiet
     handles = []
     L = len(blocks(family, hf))
+    flat = family == "opt"  # OPT flattens the residual to [batch*pos, d] around its MLP
+
+    def unflat(x):
+        return x.view(*ids.shape, -1) if flat else x
+
+    def reflat(x):
+        return x.reshape(-1, x.shape[-1]) if flat else x
 
     def pre(mod, fn):
         handles.append(mod.register_forward_pre_hook(lambda m, args: None if busy else fn(args[0])))
@@ -145,9 +162,10 @@ def hf_run(family, hf, ids, mask, *, qkv_input=None, mlp_input=None, logits_inpu
         pre(in_norm(family, blk), on_pre)
 
         def on_mid(x, layer=layer):
+            x = unflat(x)
             cur[("mid", layer)] = x
             new = mlp_input(layer, x, cur) if mlp_input else None
-            return None if new is None else (new,)
+            return None if new is None else (reflat(new),)
 
         pre(mlp_norm(family, blk), on_mid)
 
@@ -159,11 +177,12 @@ def hf_run(family, hf, ids, mask, *, qkv_input=None, mlp_input=None, logits_inpu
         pre(out_proj(family, blk), on_z)
 
         def on_mlp(out, layer=layer):
+            out = unflat(out)
             new = mlp_out(layer, out) if mlp_out else None
             cur[("mlp", layer)] = out if new is None else new
-            return new
+            return None if new is None else reflat(new)
 
-        post(blk.mlp, on_mlp)
+        post(mlp_module(family, blk), on_mlp)
 
         for proj, kinds in projections(family, blk).items():
 

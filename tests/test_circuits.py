@@ -43,6 +43,10 @@ FAMILIES = {
     "phi": {"n_layers": 3},  # parallel attention and MLP sharing one input norm
 }
 PARALLEL = {"neox", "phi"}
+# checked only against tests/circuit_references.py (tests/test_circuits_padding.py), not this file's hand-written runs
+REFERENCE_ONLY = {
+    "opt": {"n_layers": 3},  # no MLP module; the residual is flattened to [batch*pos, d] around the MLP
+}
 B, S = 2, 6
 WEIGHT_SCALE = 5.0
 
@@ -50,7 +54,7 @@ WEIGHT_SCALE = 5.0
 @functools.cache
 def model_for(family):
     """(hf, Model) with weights scaled up from HF's 0.02 init, so that single edges move the logits."""
-    hf = make(family, **FAMILIES[family])
+    hf = make(family, **{**FAMILIES, **REFERENCE_ONLY}[family])
     with torch.no_grad():
         for p in hf.parameters():
             if p.dim() == 2:

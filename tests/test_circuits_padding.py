@@ -120,7 +120,7 @@ def full_edges(family, model):
 
 # ---- 1. edge interventions ---------------------------------------------------------------------------
 
-EDGE_FAMILIES = ("llama", "gpt2", "neox")
+EDGE_FAMILIES = ("llama", "gpt2", "neox", "opt")  # OPT: its MLP reads and writes a flattened residual
 # (ablation, reference mask): "default" gives the reference no mask of its own (it takes the clean mask),
 # "own" passes the reference batch's mask (different prompt lengths; for the mean another batch size)
 EDGE_VARIANTS = [("zero", "default"), ("corrupted", "default"), ("corrupted", "own"), ("mean", "default"), ("mean", "own")]
@@ -198,7 +198,7 @@ def test_a_reference_batch_of_another_shape_asks_for_its_mask(call):
 
 # ---- 2. path patching -----------------------------------------------------------------------------
 
-PP_FAMILIES = ("llama", "gpt2", "neox")
+PP_FAMILIES = ("llama", "gpt2", "neox", "opt")
 PP_PARAMS = [(f, side, c, fr) for f in PP_FAMILIES for side in SIDES for c in PP_CASES for fr in (False, True)]
 
 
@@ -320,7 +320,7 @@ EAP_VARIANTS = {
     "corrupted_attention_mask": (lambda rm: {"corrupted_attention_mask": rm}, REF_LENGTHS),
 }
 EAP_PARAMS = [pytest.param(f, side, v, id=f"{f}-{side}-{v}")
-              for f in ("llama", "gpt2") for side in SIDES for v in EAP_VARIANTS]
+              for f in ("llama", "gpt2", "opt") for side in SIDES for v in EAP_VARIANTS]
 
 
 @pytest.mark.parametrize("family, side, variant", EAP_PARAMS)

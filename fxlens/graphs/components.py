@@ -34,7 +34,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .attention import View
+from .layout import IDENTITY, Layout
 from .nodes import scope, tensor_meta
+from .sites import flat_view
 from .spine import Spine, spine_steps
 
 __all__ = ["Sender", "Receiver", "PostNorm", "Components", "components", "CircuitError"]
@@ -64,6 +66,7 @@ class Receiver:
     target: View | None = None  # q/k/v: the site the replay recomputes
     cone: tuple = ()  # q/k/v: nodes from entry to target; mlp: nodes shared with attention; graph order
     consumers: tuple = ()  # mlp/logits: nodes that read entry (or the cone) for this receiver
+    entry_layout: Layout = IDENTITY  # how entry is held: [batch*pos, d] before OPT's MLP (``sites.flat_view``)
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,7 @@ def _post_norm(mg, i: int, br, senders: tuple) -> PostNorm | str:
 
 def components(mg) -> Components:
     st, dg = mg.structure, mg.dg
+    syms = (mg.captured.batch_symbol, mg.captured.seq_symbol)
     senders = [Sender("input", -1, "input")]
     receivers = []
     parallel = False
@@ -240,12 +244,14 @@ def components(mg) -> Components:
             senders.append(Sender(f"a{i}.h{h}", i, "head", h, 0))
         senders.append(Sender(f"m{i}", i, "mlp", None, mlp_stage))
         within = set(block.nodes) | {block.resid_pre}
+        held = flat_view(dg, syms, block.attn.entry).layout
         for kind, view, n in (("q", a.q, a.n_heads), ("k", a.k, a.n_kv_heads), ("v", a.v, a.n_kv_heads)):
             cone = tuple(_between(dg, block.attn.entry, view.node, within))
             for h in range(n):
-                receivers.append(Receiver(f"a{i}.h{h}<{kind}>", i, kind, h, 0, block.attn.entry, view, cone))
+                receivers.append(Receiver(f"a{i}.h{h}<{kind}>", i, kind, h, 0, block.attn.entry, view, cone, (), held))
         cone, consumers = _mlp_reads(dg, block)
-        receivers.append(Receiver(f"m{i}", i, "mlp", None, mlp_stage, block.mlp.entry, None, cone, consumers))
+        held = flat_view(dg, syms, block.mlp.entry).layout
+        receivers.append(Receiver(f"m{i}", i, "mlp", None, mlp_stage, block.mlp.entry, None, cone, consumers, held))
     spine = None
     if no_edges is None:
         spine = _spine(mg, st, post_norms)
@@ -259,7 +265,7 @@ def components(mg) -> Components:
     last = st.blocks[-1].resid_post
     blocks = set().union(*(b.nodes for b in st.blocks))
     consumers = tuple(u.name for u in dg.node(last).users if u.name not in blocks and u.op != "output")
-    receivers.append(Receiver("logits", len(st.blocks), "logits", None, 0, last, None, (), consumers))
+    receivers.append(Receiver("logits", len(st.blocks), "logits", None, 0, last, None, (), consumers, flat_view(dg, syms, last).layout))
     return Components(senders, receivers, len(st.blocks), parallel, not_additive, tuple(post_norms), no_edges, spine)
 
 

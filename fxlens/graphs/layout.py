@@ -48,6 +48,11 @@ class Layout:
     def is_identity(self) -> bool:
         return not self.ops
 
+    @property
+    def needs_sizes(self) -> bool:
+        """Whether reading or writing needs the (batch, seq) sizes (a flattened or batch-1 node)."""
+        return any(op[0] in ("expand_batch", "unflatten_bs") for op in self.ops)
+
     def then(self, *ops: tuple) -> "Layout":
         return Layout(self.ops + tuple(ops))
 

@@ -256,6 +256,14 @@ class ModelGraph:
         return tuple(out)
 
 
+def flat_view(dg: DataGraph, syms, name: str) -> View:
+    """A [batch*pos, d] node (OPT flattens before its MLP) seen as [batch, pos, d]; others as they are."""
+    dims = sym_dims(dg.node(name), *syms)
+    if len(dims) == 2 and dims[0] not in ("B", "S"):
+        return View(name, Layout((("unflatten_bs",),)))
+    return View(name)
+
+
 def _axes(dims: tuple) -> tuple:
     out = []
     for i, d in enumerate(dims):
@@ -613,11 +621,7 @@ class _Builder:
         return None
 
     def _unflat(self, name: str) -> View:
-        """A [batch*pos, d] node (OPT flattens before its MLP) seen as [batch, pos, d]."""
-        dims = sym_dims(self.dg.node(name), *self.syms)
-        if len(dims) == 2 and dims[0] not in ("B", "S"):
-            return View(name, Layout((("unflatten_bs",),)))
-        return View(name)
+        return flat_view(self.dg, self.syms, name)
 
     def _embeddings(self) -> None:
         t = self.table

@@ -110,6 +110,10 @@ class Rewrite:
         self.by_name[name] = node
         return node
 
+    def read(self, layout, node: fx.Node) -> fx.Node:
+        """``layout.read`` of ``node`` at the insertion point, given the (batch, seq) sizes where it needs them."""
+        return layout.read(self.graph, node, self.sizes() if layout.needs_sizes else None)
+
     def sizes(self) -> tuple[fx.Node, fx.Node]:
         """(batch, seq) size nodes of the token input, created once right after the inputs."""
         if SIZE_BATCH in self.by_name:

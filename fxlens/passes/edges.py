@@ -72,6 +72,7 @@ class EdgeReceiver:
     head: int | None = None
     cone: tuple = ()
     consumers: tuple = ()
+    entry_layout: Layout = IDENTITY  # how entry is held ([batch*pos, d]: OPT's MLP input); the delta is [batch, pos, d]
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,11 @@ def _renormed(delta: torch.Tensor, normed: torch.Tensor, written: torch.Tensor, 
     return torch.zeros_like(delta).index_copy(2, used, change)
 
 
+def _held(rw, layout: Layout, x: fx.Node) -> fx.Node:
+    """A [batch, pos, d] value written in the layout its entry is held in (flattened before OPT's MLP)."""
+    return x if layout.is_identity else layout.write(rw.graph, x, rw.sizes())
+
+
 def _input(entry: torch.Tensor, delta: torch.Tensor, j: int) -> torch.Tensor:
     return entry + delta[:, :, j]
 
@@ -263,10 +269,14 @@ def edges(gm: fx.GraphModule, spec: Edges) -> fx.GraphModule:
                     delta = _spine_delta(rw, spec, entry_name, list(upstream), [r.index for r in group], alt, mask)
                 elif spec.mode == "edges":
                     delta = _edge_delta(rw, spec, list(upstream), [r.index for r in group], alt, mask)
+                held = group[0].entry_layout  # the same entry node: one layout
                 if spec.mode == "absolute":
-                    inputs = [rw.create(_given, (delta, j)) for j in range(len(group))]
-                else:
+                    inputs = [_held(rw, held, rw.create(_given, (delta, j))) for j in range(len(group))]
+                elif held.is_identity:
                     inputs = [rw.create(_input, (entry, delta, j)) for j in range(len(group))]
+                else:
+                    inputs = [rw.create(torch.add, (entry, _held(rw, held, rw.create(_given, (delta, j)))))
+                              for j in range(len(group))]
             replays: dict = {}
             for r, x in zip(group, inputs):
                 if r.kind in ("mlp", "logits"):
@@ -299,7 +309,7 @@ def edges(gm: fx.GraphModule, spec: Edges) -> fx.GraphModule:
 def _part(rw, spec: Edges, indices: list, columns: list, alt: fx.Node, mask: fx.Node) -> fx.Node:
     """The node computing what replacing the edges from senders ``indices`` adds, as they are."""
     senders = [spec.senders[i] for i in indices]
-    values = [s.layout.read(rw.graph, rw.node(s.node)) for s in senders]
+    values = [rw.read(s.layout, rw.node(s.node)) for s in senders]
     return rw.create(_delta, (values, [s.head for s in senders], alt, mask, list(indices), columns))
 
 
@@ -329,9 +339,7 @@ def _edge_delta(rw, spec: Edges, upstream: list, columns: list, alt: fx.Node, ma
     branch contributes its norm replayed on its sum plus ``D`` minus what it added (module docstring)."""
 
     def part(indices):
-        senders = [spec.senders[i] for i in indices]
-        values = [s.layout.read(rw.graph, rw.node(s.node)) for s in senders]
-        return rw.create(_delta, (values, [s.head for s in senders], alt, mask, list(indices), columns))
+        return _part(rw, spec, indices, columns, alt, mask)
 
     normed = {i for pn in spec.post_norms for i in pn.senders}
     delta = part([i for i in upstream if i not in normed])
@@ -417,7 +425,7 @@ def receiver_specs(comp, names) -> tuple:
         out.append(
             EdgeReceiver(
                 r.name, r.kind, j, upstream, r.entry, r.target.node if r.target else "",
-                r.target.layout if r.target else IDENTITY, r.head, r.cone, r.consumers,
+                r.target.layout if r.target else IDENTITY, r.head, r.cone, r.consumers, r.entry_layout,
             )
         )
     return tuple(out)
