@@ -138,40 +138,39 @@ class Blocks:
         """Each block's MLP as a program of its input. ``fused``: a spelled-out GELU runs as one kernel
         (for rows of differences); unfused, values are bit-identical to the model's own."""
         if not self._mlps:
-            from ...graphs.segments import _subgraph
-
-            gm = self.captured.module
-            by_name = {n.name: n for n in gm.graph.nodes}
-            syms = (self.captured.batch_symbol, self.captured.seq_symbol)
             for block in self.graph.structure.blocks:
                 members = set(block.mlp.nodes) | _local_inputs(self.graph.dg, block)
-                nodes = [n for n in gm.graph.nodes if n.name in members]
-                sub, ctx = _subgraph(gm, nodes, by_name[block.mlp.entry], {"mlp": by_name[block.mlp.output]}, syms)
-                if ctx:
-                    raise BlockError(f"the MLP of {block.path} reads an input besides the residual stream ({ctx})")
-                self._mlps[block.index] = Programs(sub, placement=self.placement)
+                self._mlps[block.index] = self._piece(members, block.mlp.entry, "mlp", block.mlp.output,
+                                                      f"the MLP of {block.path} reads a value computed elsewhere in the block besides the "
+                                                      "residual stream, so it cannot run on its own")
         plan = PlanBuilder(self.graph).fuse_gelu().build()[0] if fused else ()
         return [self._mlps[i].get(plan) for i in range(self.n_layers)]
-
 
     def post_norm_programs(self) -> dict:
         """{(layer, "attn" | "mlp"): program}: each norm a branch passes through before the add
         (``graphs.components.PostNorm``) as a program of the branch's sum (edge sweeps on Gemma 2/3 and
         OLMo 2/3). Called with ``{pn.input: x}``; ``["outputs"]["normed"]`` is what it adds."""
         if not self._post_norms:
-            from ...graphs.segments import _subgraph
-
-            gm = self.captured.module
-            by_name = {n.name: n for n in gm.graph.nodes}
-            syms = (self.captured.batch_symbol, self.captured.seq_symbol)
+            by_name = {n.name: n for n in self.captured.module.graph.nodes}
             for pn in self.derived.components.post_norms:
                 members = set(pn.cone) | _constants([by_name[n] for n in pn.cone], {pn.input, *pn.cone})
-                nodes = [n for n in gm.graph.nodes if n.name in members]
-                sub, ctx = _subgraph(gm, nodes, by_name[pn.input], {"normed": by_name[pn.cone[-1]]}, syms)
-                if ctx:
-                    raise BlockError(f"the norm {pn.path} reads an input besides its branch's output")
-                self._post_norms[(pn.layer, pn.kind)] = Programs(sub, placement=self.placement)
+                self._post_norms[(pn.layer, pn.kind)] = self._piece(
+                    members, pn.input, "normed", pn.cone[-1], f"the norm {pn.path} reads an input besides its branch's output")
         return {key: programs.get(()) for key, programs in self._post_norms.items()}
+
+    def _piece(self, members: set, entry: str, out: str, output: str, refusal: str) -> Programs:
+        """Programs of the captured graph's nodes ``members`` as a function of node ``entry``, returning
+        node ``output`` as ``out``; ``refusal`` when they read anything else from outside."""
+        from ...graphs.segments import _subgraph
+
+        gm = self.captured.module
+        by_name = {n.name: n for n in gm.graph.nodes}
+        nodes = [n for n in gm.graph.nodes if n.name in members]
+        syms = (self.captured.batch_symbol, self.captured.seq_symbol)
+        sub, ctx = _subgraph(gm, nodes, by_name[entry], {out: by_name[output]}, syms)
+        if ctx:
+            raise BlockError(refusal)  # ctx holds graph node names: not for a user's eyes
+        return Programs(sub, placement=self.placement)
 
 
 def _constants(nodes: list, inside: set) -> set:
