@@ -75,18 +75,7 @@ def hf_run(family, hf, ids, mask, read=None):
     instead of ``entry`` (or None). ``cur``: sender values ('input', ('result', l), ('mlp', l)), the
     attention branches' outputs (('attn', l)) and the residual each layer reads (('pre', l))."""
     cur: dict = {}
-    busy = []
-    handles = []
-
-    def quiet(fn):
-        return lambda *a: None if busy else fn(*a)
-
-    def recompute(fn, x):
-        busy.append(1)
-        try:
-            return fn(x)
-        finally:
-            busy.pop()
+    quiet, recompute, handles = pr.quiet_hooks()
 
     def on(module, fn, pre=False):
         register = module.register_forward_pre_hook if pre else module.register_forward_hook

@@ -82,14 +82,11 @@ def head_results(blk, z, proj=None):
     return torch.einsum("bshe,dhe->bshd", zh, w.view(w.shape[0], -1, D_HEAD))
 
 
-def hf_run(family, hf, ids, mask, read=None):
-    """(logits, cur): one HF forward. ``read(receiver, entry, cur)`` returns the input that receiver
-    reads instead of ``entry`` (or None). ``cur`` holds this run's sender values ('input', ('result', l),
-    ('mlp', l)) and branch sums (('attn_sum', l), ('mlp', l))."""
-    cur: dict = {}
-    busy = []
-    handles = []
-    layers = hf.model.layers
+def quiet_hooks():
+    """(quiet, recompute, handles): ``quiet(fn)`` wraps a hook so that it does nothing while ``recompute(fn, x)``
+    runs HF modules for a receiver's input (the recorders must not see those calls); ``handles`` collects
+    the hooks to remove."""
+    busy, handles = [], []
 
     def quiet(fn):
         return lambda *a: None if busy else fn(*a)
@@ -100,6 +97,17 @@ def hf_run(family, hf, ids, mask, read=None):
             return fn(x)
         finally:
             busy.pop()
+
+    return quiet, recompute, handles
+
+
+def hf_run(family, hf, ids, mask, read=None):
+    """(logits, cur): one HF forward. ``read(receiver, entry, cur)`` returns the input that receiver
+    reads instead of ``entry`` (or None). ``cur`` holds this run's sender values ('input', ('result', l),
+    ('mlp', l)) and branch sums (('attn_sum', l), ('mlp', l))."""
+    cur: dict = {}
+    quiet, recompute, handles = quiet_hooks()
+    layers = hf.model.layers
 
     for l, blk in enumerate(layers):
 

@@ -14,10 +14,11 @@ import warnings
 import pytest
 import torch
 import transformers as T
+import bert_reference
 from bert_reference import hf_alternatives, hf_eap, hf_edges, hf_run, hf_sender_values, receiver_input
 from postnorm_reference import all_receivers, all_senders
 from test_postnorm_circuits import ids, perturbed
-from test_postnorm_edges import CLEAN_MASKS, CORRUPT_MASKS, EDGE_SETS, metric_for, real
+from test_postnorm_edges import CLEAN_MASKS, CORRUPT_MASKS, EDGE_SETS, check_edges, metric_for
 
 import fxlens
 from fxlens import circuits, metrics
@@ -67,22 +68,9 @@ def fused_qkv(family, key) -> bool:
 
 @pytest.mark.parametrize("family, name, padding", CASES)
 def test_edges_equal_the_definition_with_hf_hooks(family, name, padding):
+    """Every norm between sender and receiver replayed (``check_edges`` also checks that replaying them matters)."""
     hf, model = pair(family)
-    clean, corrupt = ids(1), ids(2)
-    mask, corrupt_mask = CLEAN_MASKS[padding], CORRUPT_MASKS[padding]
-    edges = SETS[name]
-    with torch.no_grad():
-        base = real(hf(input_ids=clean, attention_mask=mask).logits, mask)
-    for ablation in ("corrupted", "zero"):
-        got = circuits.run_with_edges(model, clean, edges, ablation=ablation, reference=corrupt, attention_mask=mask,
-                                      reference_attention_mask=corrupt_mask)
-        alt = hf_alternatives(family, hf, ablation, corrupt, corrupt_mask, clean)
-        want = hf_edges(family, hf, clean, mask, edges, alt)
-        torch.testing.assert_close(real(got, mask), real(want, mask), atol=2e-5, rtol=1e-5)
-        assert (real(want, mask) - base).abs().max() > 1e-3  # the edges matter
-        # and the norms matter: the differences added to the residual the receiver reads is another run
-        wrong = hf_edges(family, hf, clean, mask, edges, alt, after_norm=True)
-        assert (real(wrong, mask) - real(want, mask)).abs().max() > 1e-3
+    check_edges(bert_reference, family, hf, model, SETS[name], padding, input_normed=True)
 
 
 @pytest.mark.parametrize("family", list(BUILD))

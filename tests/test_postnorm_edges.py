@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+import postnorm_reference
 import transformers as T
 from postnorm_reference import (all_receivers, all_senders, hf_alternatives, hf_eap, hf_edges, hf_run, hf_sender_values,
                                 reaches, receiver_input)
@@ -76,25 +77,31 @@ CASES += [(f, n, p) for f in MORE for n in ("head->head k", "mlp->head", "one la
           for p in ("none", "left")]
 
 
-@pytest.mark.parametrize("family, name, padding", CASES)
-def test_edges_equal_the_definition_with_hf_hooks(family, name, padding):
-    hf, model = pair(family)
+def check_edges(reference, family, hf, model, edges, padding, input_normed=False):
+    """``run_with_edges`` (corrupted and zero ablations, the corrupted run's own mask) equals
+    ``reference.hf_edges`` (postnorm_reference or bert_reference) at real positions; the edges matter, and
+    so does replaying the norms (the differences added after them give another run; ``input_normed``: the
+    input's edges pass norms too, as the residual stream's own norms in BERT)."""
     clean, corrupt = ids(1), ids(2)
     mask, corrupt_mask = CLEAN_MASKS[padding], CORRUPT_MASKS[padding]
-    edges = EDGE_SETS[name]
     with torch.no_grad():
         base = real(hf(input_ids=clean, attention_mask=mask).logits, mask)
     for ablation in ("corrupted", "zero"):
         got = circuits.run_with_edges(model, clean, edges, ablation=ablation, reference=corrupt, attention_mask=mask,
                                       reference_attention_mask=corrupt_mask)
-        alt = hf_alternatives(family, hf, ablation, corrupt, corrupt_mask, clean)
-        want = hf_edges(family, hf, clean, mask, edges, alt)
+        alt = reference.hf_alternatives(family, hf, ablation, corrupt, corrupt_mask, clean)
+        want = reference.hf_edges(family, hf, clean, mask, edges, alt)
         torch.testing.assert_close(real(got, mask), real(want, mask), atol=2e-5, rtol=1e-5)
         assert (real(want, mask) - base).abs().max() > 1e-3  # the edges matter
-        if any(not e.startswith("input") for e in edges):
-            # and the norm matters: the differences added after it (the additive formula) is another run
-            wrong = hf_edges(family, hf, clean, mask, edges, alt, after_norm=True)
+        if input_normed or any(not e.startswith("input") for e in edges):
+            wrong = reference.hf_edges(family, hf, clean, mask, edges, alt, after_norm=True)
             assert (real(wrong, mask) - real(want, mask)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family, name, padding", CASES)
+def test_edges_equal_the_definition_with_hf_hooks(family, name, padding):
+    hf, model = pair(family)
+    check_edges(postnorm_reference, family, hf, model, EDGE_SETS[name], padding)
 
 
 @pytest.mark.parametrize("family", FAMILIES + list(MORE))
