@@ -18,7 +18,7 @@ import bert_reference
 from bert_reference import hf_alternatives, hf_eap, hf_edges, hf_run, hf_sender_values, receiver_input
 from postnorm_reference import all_receivers, all_senders
 from test_postnorm_circuits import ids, perturbed
-from test_postnorm_edges import CLEAN_MASKS, CORRUPT_MASKS, EDGE_SETS, check_edges, metric_for
+from test_postnorm_edges import CLEAN_MASKS, CORRUPT_MASKS, EDGE_SETS, check_acdc, check_edges, metric_for
 
 import fxlens
 from fxlens import circuits, metrics
@@ -171,24 +171,7 @@ def fxlens_bert():
 
 
 def test_acdc_finds_a_circuit_on_bert_and_its_edges_evaluate_as_the_reference_says():
-    hf, model = pair("bert")
-    clean, corrupt = ids(1), ids(2)
-    with torch.no_grad():
-        full_logits = hf(input_ids=clean).logits
-    ref = full_logits[:, -1].log_softmax(-1)
-
-    def kl(logits):
-        return torch.nn.functional.kl_div(logits[:, -1].log_softmax(-1), ref, log_target=True, reduction="batchmean")
-
-    found = circuits.acdc(model, clean, corrupt, threshold=0.05)
-    full = Circuit.full(model)
-    assert 0 < len(found) < len(full) and found.edges <= full.edges
-    alt = hf_alternatives("bert", hf, "corrupted", corrupt, None, clean)
-    want = float(kl(hf_edges("bert", hf, clean, None, full - found, alt)))
-    got = float(kl(circuits.run_with_circuit(model, clean, found, ablation="corrupted", reference=corrupt).detach()))
-    assert abs(got - want) <= 1e-5 * max(1.0, want)
-    everything = float(kl(hf_edges("bert", hf, clean, None, full, alt)))
-    assert want < everything
+    check_acdc(bert_reference, "bert", *pair("bert"))
 
 
 def test_path_patching_by_layers_refuses_and_names_what_works():

@@ -194,8 +194,9 @@ def test_edge_sweep_equals_single_interventions_of_the_reference(family, padding
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
 
-def test_acdc_finds_a_circuit_on_gemma2_and_its_edges_evaluate_as_the_reference_says():
-    hf, model = pair("gemma2")
+def check_acdc(reference, family, hf, model):
+    """ACDC's circuit (corrupted ablation, threshold 0.05) evaluates to the KL ``reference.hf_edges`` gives it,
+    and stays well below the full ablation's KL (every pruning step kept the metric within the threshold)."""
     clean, corrupt = ids(1), ids(2)
     with torch.no_grad():
         full_logits = hf(input_ids=clean).logits
@@ -204,19 +205,18 @@ def test_acdc_finds_a_circuit_on_gemma2_and_its_edges_evaluate_as_the_reference_
     def kl(logits):
         return torch.nn.functional.kl_div(logits[:, -1].log_softmax(-1), ref, log_target=True, reduction="batchmean")
 
-    threshold = 0.05
-    found = circuits.acdc(model, clean, corrupt, threshold=threshold)
+    found = circuits.acdc(model, clean, corrupt, threshold=0.05)
     full = Circuit.full(model)
     assert 0 < len(found) < len(full) and found.edges <= full.edges
-    removed = full - found
-    alt = hf_alternatives("gemma2", hf, "corrupted", corrupt, None, clean)
-    want = float(kl(hf_edges("gemma2", hf, clean, None, removed, alt)))
+    alt = reference.hf_alternatives(family, hf, "corrupted", corrupt, None, clean)
+    want = float(kl(reference.hf_edges(family, hf, clean, None, full - found, alt)))
     got = float(kl(circuits.run_with_circuit(model, clean, found, ablation="corrupted", reference=corrupt).detach()))
     assert abs(got - want) <= 1e-5 * max(1.0, want)
-    # every pruning step kept the metric within the threshold of the last: the whole stays well below
-    # the full ablation's KL
-    everything = float(kl(hf_edges("gemma2", hf, clean, None, full, alt)))
-    assert want < everything
+    assert want < float(kl(reference.hf_edges(family, hf, clean, None, full, alt)))
+
+
+def test_acdc_finds_a_circuit_on_gemma2_and_its_edges_evaluate_as_the_reference_says():
+    check_acdc(postnorm_reference, "gemma2", *pair("gemma2"))
 
 
 def test_senders_are_read_before_the_post_norm():
