@@ -158,7 +158,10 @@ def split(mg: ModelGraph) -> Segments:
     outputs = graph.output_node().args[0]["outputs"]
     after = _descendants(last)
     head_nodes = [n for n in graph.nodes if n in after and n.op == "call_function" and _feeds(n, set(outputs.values()))]
-    head, head_ctx = _subgraph(gm, head_nodes, last, dict(outputs), syms)
+    # outputs computed before the last block (XLNet's memories: detached earlier layers' states) are no head's
+    # to return; rows read the head's logits
+    head_outputs = {k: v for k, v in outputs.items() if v is last or v in after}
+    head, head_ctx = _subgraph(gm, head_nodes, last, head_outputs, syms)
 
     # prelude: the first residual and every context tensor, nothing else
     need = {blocks[0].resid_pre, *(c for ctx in contexts for c in ctx), *head_ctx}
