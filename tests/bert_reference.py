@@ -83,13 +83,7 @@ def hf_run(family, hf, ids, mask, read=None):
 
     for l, blk in enumerate(layers(hf)):
 
-        def on_layer(m, args, kwargs, l=l):
-            x = args[0] if args else kwargs["hidden_states"]
-            if l == 0:
-                cur["input"] = x
-            cur[("pre", l)] = x
-
-        handles.append(blk.register_forward_pre_hook(quiet(on_layer), with_kwargs=True))
+        pr.record_layer_input(blk, l, cur, quiet, handles)
         p = parts(blk)
         on(p.out, lambda m, a, l=l, blk=blk, dense=p.out: cur.__setitem__(("result", l), pr.head_results(blk, a[0], dense)), pre=True)
         on(p.out, lambda m, a, out, l=l: cur.__setitem__(("attn", l), out))

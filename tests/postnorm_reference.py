@@ -101,6 +101,18 @@ def quiet_hooks():
     return quiet, recompute, handles
 
 
+def record_layer_input(blk, l: int, cur: dict, quiet, handles: list) -> None:
+    """Record what layer ``l`` reads as ``cur[("pre", l)]`` (and layer 0's as ``cur["input"]``)."""
+
+    def on_layer(m, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        if l == 0:
+            cur["input"] = x
+        cur[("pre", l)] = x
+
+    handles.append(blk.register_forward_pre_hook(quiet(on_layer), with_kwargs=True))
+
+
 def hf_run(family, hf, ids, mask, read=None):
     """(logits, cur): one HF forward. ``read(receiver, entry, cur)`` returns the input that receiver
     reads instead of ``entry`` (or None). ``cur`` holds this run's sender values ('input', ('result', l),
@@ -111,13 +123,7 @@ def hf_run(family, hf, ids, mask, read=None):
 
     for l, blk in enumerate(layers):
 
-        def on_layer(m, args, kwargs, l=l):
-            x = args[0] if args else kwargs["hidden_states"]
-            if l == 0:
-                cur["input"] = x
-            cur[("pre", l)] = x
-
-        handles.append(blk.register_forward_pre_hook(quiet(on_layer), with_kwargs=True))
+        record_layer_input(blk, l, cur, quiet, handles)
 
         def on_z(m, args, l=l, blk=blk):
             cur[("result", l)] = head_results(blk, args[0])
