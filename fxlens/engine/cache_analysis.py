@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import torch
 
+from ..graphs.placement import to_device
 from ..graphs.sites import SiteError
 from . import component_maps as maps
 from .slices import Slice
@@ -360,17 +361,13 @@ class CacheAnalysis:
         labels += embed_labels
         like = embeds[0]
         # each layer's bias on its own block's device: summed where the embeddings are
-        bias = sum(_on(maps.attn_out_weight(model, i)[1], like.device) for i in range(heads_upto))
+        bias = sum(to_device(maps.attn_out_weight(model, i)[1], like.device) for i in range(heads_upto))
         if expand_neurons:
-            bias = bias + sum(_on(maps.mlp_out_weight(model, i)[1], like.device) for i in range(n))
+            bias = bias + sum(to_device(maps.mlp_out_weight(model, i)[1], like.device) for i in range(n))
         parts.append(finish(torch.as_tensor(bias, dtype=like.dtype, device=like.device).expand(like.shape)[None]))
         labels.append("bias")
         stack = torch.cat(_together(parts))
         return (stack, labels) if return_labels else stack
-
-
-def _on(value, device):
-    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def _together(parts: list) -> list:

@@ -51,10 +51,11 @@ def subgraph(model, start: str, end: str, what: str):
     to node ``end``, reading parameters from the captured program."""
     dg, cg = model.graph.dg, model.captured
     start_node, end_node = dg.node(start), dg.node(end)
+    placement = model._active.placement  # a model spread over devices: run where the placed program runs end
+    device = placement.device_of(end_node) if placement is not None else None
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        device = _weights_device(model, end_node, start_node)
-        env: dict = {start_node: x if device is None else x.to(device)}  # a model spread over devices: the weights'
+        env: dict = {start_node: x if device is None else x.to(device)}
         # sizes the graph reads from its inputs: x is laid out [batch, pos, ...]
         sizes = {s: n for s, n in ((cg.batch_symbol, x.shape[0]), (cg.seq_symbol, x.shape[1]))
                  if isinstance(s, sympy.Symbol)}
@@ -83,22 +84,6 @@ def subgraph(model, start: str, end: str, what: str):
         return ev(end_node)
 
     return run
-
-
-def _weights_device(model, end: fx.Node, start: fx.Node):
-    """The device of the first weight the nodes from ``start`` to ``end`` read (None when they read none)."""
-    seen, stack = {start}, [end]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.op == "get_attr":
-            value = _attr(model, node)
-            if isinstance(value, torch.Tensor):
-                return value.device
-        stack.extend(node.all_input_nodes)
-    return None
 
 
 def norm_path(model, layer: int | None, mlp_input: bool = False) -> str:
