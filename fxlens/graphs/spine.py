@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from .nodes import LAYOUT_OPS, op_name
 from .structure import _passes_value, _sum_terms
 
-__all__ = ["SpineStep", "Spine", "spine_steps"]
+__all__ = ["SpineStep", "Spine", "spine_steps", "steps_upto"]
 
 # layout ops that change a tensor's shape (the replay stacks receivers along the positions axis)
 _RESHAPES = LAYOUT_OPS - {"contiguous", "clone", "alias", "to", "type_as", "_to_copy", "dropout", "detach", "lift_fresh_copy"}
@@ -72,12 +72,18 @@ class Spine:
 
     def upto(self, node: str) -> tuple:
         """The steps before spine node ``node`` (a receiver's entry) is read."""
-        if node == self.start:
-            return ()
-        for k, step in enumerate(self.steps):
-            if step.output == node:
-                return self.steps[: k + 1]
-        raise ValueError(f"{node} is not on the residual stream")
+        found = steps_upto(self.start, self.steps, node)
+        if found is None:
+            raise ValueError(f"{node} is not on the residual stream")
+        return found
+
+
+def steps_upto(start: str, steps: tuple, node: str) -> tuple | None:
+    """The ``steps`` (each with an ``output`` node) from ``start`` up to the one giving ``node``; None if none does."""
+    if node == start:
+        return ()
+    k = next((k for k, step in enumerate(steps) if step.output == node), None)
+    return None if k is None else steps[: k + 1]
 
 
 def _activation(node, memo: dict) -> bool:

@@ -47,6 +47,7 @@ import torch
 import torch.fx as fx
 
 from ..graphs.layout import IDENTITY, Layout
+from ..graphs.spine import steps_upto
 from .base import PassError, rewrite
 
 __all__ = ["EdgeSender", "EdgeReceiver", "EdgePostNorm", "EdgeSpineStep", "EdgeSpine", "Edges", "edges", "receiver_specs"]
@@ -107,12 +108,10 @@ class EdgeSpine:
     steps: tuple  # of EdgeSpineStep
 
     def upto(self, node: str) -> tuple:
-        if node == self.start:
-            return ()
-        k = next((k for k, step in enumerate(self.steps) if step.output == node), None)
-        if k is None:
+        found = steps_upto(self.start, self.steps, node)
+        if found is None:
             raise PassError(f"receivers read {node}, which is not on the residual stream's chain of steps")
-        return self.steps[: k + 1]
+        return found
 
 
 @dataclass(frozen=True)
@@ -171,10 +170,15 @@ def _widen(branch: torch.Tensor, d: torch.Tensor, used: torch.Tensor) -> torch.T
     return (branch.unsqueeze(2) + d.index_select(2, used).to(branch.dtype)).flatten(1, 2)
 
 
+def _norm_change(normed: torch.Tensor, written: torch.Tensor, used: torch.Tensor, dtype) -> torch.Tensor:
+    """[batch, pos, used, d_model]: the norm replayed for the used receiver columns (``_widen``) minus this
+    run's value of it."""
+    return (normed.unflatten(1, (written.shape[1], used.numel())) - written.unsqueeze(2)).to(dtype)
+
+
 def _add_normed(delta: torch.Tensor, normed: torch.Tensor, written: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
     """``delta`` plus, at the used receiver columns, the replayed norm minus what the branch added."""
-    p = written.shape[1]
-    change = (normed.unflatten(1, (p, used.numel())) - written.unsqueeze(2)).to(delta.dtype)
+    change = _norm_change(normed, written, used, delta.dtype)
     if used.numel() == delta.shape[2]:
         return delta + change
     return delta.index_add(2, used, change)
@@ -183,8 +187,7 @@ def _add_normed(delta: torch.Tensor, normed: torch.Tensor, written: torch.Tensor
 def _renormed(delta: torch.Tensor, normed: torch.Tensor, written: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
     """The difference after a norm on the residual stream: at the used receiver columns, the replayed norm
     minus this run's value; elsewhere zero (no replaced edge upstream, so no difference before the norm)."""
-    p = written.shape[1]
-    change = (normed.unflatten(1, (p, used.numel())) - written.unsqueeze(2)).to(delta.dtype)
+    change = _norm_change(normed, written, used, delta.dtype)
     if used.numel() == delta.shape[2]:
         return change
     return torch.zeros_like(delta).index_copy(2, used, change)
