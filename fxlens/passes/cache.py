@@ -51,7 +51,7 @@ class Cache:
 
 def cache(gm: fx.GraphModule, spec: Cache) -> fx.GraphModule:
     with rewrite(gm) as rw:
-        needs_sizes = any(op[0] in ("expand_batch", "unflatten_bs") for r in spec.reads for op in r.layout.ops)
+        needs_sizes = any(r.layout.needs_sizes for r in spec.reads)
         sizes = rw.sizes() if needs_sizes else None
         out = dict(rw.outputs())
         bucket = dict(out.get("cache", {}))

@@ -120,7 +120,7 @@ def _call_hook(fns, index: int, value: torch.Tensor, name: str):
 def hooks(gm: fx.GraphModule, spec: Hooks) -> fx.GraphModule:
     with rewrite(gm) as rw:
         fns = rw.placeholder(spec.input)
-        needs_sizes = any(op[0] in ("expand_batch", "unflatten_bs") for h in spec.hooks for op in h.layout.ops)
+        needs_sizes = any(h.layout.needs_sizes for h in spec.hooks)
         sizes = rw.sizes() if needs_sizes else None
         for h in spec.hooks:
             value = rw.node(h.node)  # after an earlier hook on this site, the hooked value

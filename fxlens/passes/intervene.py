@@ -106,7 +106,7 @@ def intervene(gm: fx.GraphModule, spec: Intervene) -> fx.GraphModule:
         if not e.fn:
             raise PassError(f"{e.key}: an edit names no graph input for its function")
     with rewrite(gm) as rw:
-        needs_sizes = any(op[0] in ("expand_batch", "unflatten_bs") for e in spec.edits for op in e.layout.ops)
+        needs_sizes = any(e.layout.needs_sizes for e in spec.edits)
         sizes = rw.sizes() if needs_sizes else None
         for e in spec.edits:
             fn = rw.placeholder(e.fn)
