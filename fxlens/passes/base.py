@@ -114,6 +114,10 @@ class Rewrite:
         """``layout.read`` of ``node`` at the insertion point, given the (batch, seq) sizes where it needs them."""
         return layout.read(self.graph, node, self.sizes() if layout.needs_sizes else None)
 
+    def write(self, layout, value: fx.Node) -> fx.Node:
+        """``layout.write`` of a user-layout ``value`` (the inverse of ``read``), sizes given where it needs them."""
+        return layout.write(self.graph, value, self.sizes() if layout.needs_sizes else None)
+
     def sizes(self) -> tuple[fx.Node, fx.Node]:
         """(batch, seq) size nodes of the token input, created once right after the inputs."""
         if SIZE_BATCH in self.by_name:

@@ -193,11 +193,6 @@ def _renormed(delta: torch.Tensor, normed: torch.Tensor, written: torch.Tensor, 
     return torch.zeros_like(delta).index_copy(2, used, change)
 
 
-def _held(rw, layout: Layout, x: fx.Node) -> fx.Node:
-    """A [batch, pos, d] value written in the layout its entry is held in (flattened before OPT's MLP)."""
-    return x if layout.is_identity else layout.write(rw.graph, x, rw.sizes())
-
-
 def _input(entry: torch.Tensor, delta: torch.Tensor, j: int) -> torch.Tensor:
     return entry + delta[:, :, j]
 
@@ -272,13 +267,13 @@ def edges(gm: fx.GraphModule, spec: Edges) -> fx.GraphModule:
                     delta = _spine_delta(rw, spec, entry_name, list(upstream), [r.index for r in group], alt, mask)
                 elif spec.mode == "edges":
                     delta = _edge_delta(rw, spec, list(upstream), [r.index for r in group], alt, mask)
-                held = group[0].entry_layout  # the same entry node: one layout
+                held = group[0].entry_layout  # the same entry node: one layout ([batch*pos, d] before OPT's MLP)
                 if spec.mode == "absolute":
-                    inputs = [_held(rw, held, rw.create(_given, (delta, j))) for j in range(len(group))]
+                    inputs = [rw.write(held, rw.create(_given, (delta, j))) for j in range(len(group))]
                 elif held.is_identity:
                     inputs = [rw.create(_input, (entry, delta, j)) for j in range(len(group))]
                 else:
-                    inputs = [rw.create(torch.add, (entry, _held(rw, held, rw.create(_given, (delta, j)))))
+                    inputs = [rw.create(torch.add, (entry, rw.write(held, rw.create(_given, (delta, j)))))
                               for j in range(len(group))]
             replays: dict = {}
             for r, x in zip(group, inputs):
