@@ -92,8 +92,7 @@ class CostModel:
         layer = blocks.n_layers // 2
         prog = blocks.programs[layer].get(())
         # every device the blocks run on (a model spread over devices synchronises each)
-        placement = getattr(blocks, "placement", None)
-        cuda = [torch.device(d) for d in (placement.devices if placement is not None else (self.device,))]
+        cuda = [torch.device(d) for d in (blocks.placement.devices if blocks.placement is not None else (self.device,))]
         cuda = [d for d in cuda if d.type == "cuda"]
 
         def sync():
