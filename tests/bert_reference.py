@@ -98,15 +98,7 @@ def hf_run(family, hf, ids, mask, read=None):
         for kind, proj in p.qkv.items():
 
             def on_qkv(m, args, out, l=l, kind=kind, proj=proj):
-                new = None
-                for h in range(heads):
-                    x = None if read is None else read(f"a{l}.h{h}<{kind}>", cur[("pre", l)], cur)
-                    if x is None:
-                        continue
-                    again = recompute(proj, x)
-                    new = out.clone() if new is None else new
-                    new[..., h * D_HEAD : (h + 1) * D_HEAD] = again[..., h * D_HEAD : (h + 1) * D_HEAD]
-                return new
+                return pr.replace_heads(out, heads, l, kind, cur, read, lambda x, proj=proj: recompute(proj, x))
 
             on(proj, on_qkv)
 

@@ -113,6 +113,23 @@ def record_layer_input(blk, l: int, cur: dict, quiet, handles: list) -> None:
     handles.append(blk.register_forward_pre_hook(quiet(on_layer), with_kwargs=True))
 
 
+def replace_heads(out, n: int, l: int, kind: str, cur: dict, read, project):
+    """``out`` (a q/k/v projection's output, heads of D_HEAD along the last axis) with each head h whose
+    receiver ``a{l}.h{h}<{kind}>`` ``read`` gives an input replaced by ``project(input)``'s head h; None
+    if no head is replaced."""
+    if read is None:
+        return None
+    new = None
+    for h in range(n):
+        x = read(f"a{l}.h{h}<{kind}>", cur[("pre", l)], cur)
+        if x is None:
+            continue
+        again = project(x)
+        new = out.clone() if new is None else new
+        new[..., h * D_HEAD : (h + 1) * D_HEAD] = again[..., h * D_HEAD : (h + 1) * D_HEAD]
+    return new
+
+
 def hf_run(family, hf, ids, mask, read=None):
     """(logits, cur): one HF forward. ``read(receiver, entry, cur)`` returns the input that receiver
     reads instead of ``entry`` (or None). ``cur`` holds this run's sender values ('input', ('result', l),
@@ -144,17 +161,7 @@ def hf_run(family, hf, ids, mask, read=None):
             module, fn = _qkv_modules(family, blk, kind)
 
             def on_qkv(m, args, out, l=l, kind=kind, n=n, fn=fn):
-                if read is None:
-                    return None
-                new = None
-                for h in range(n):
-                    x = read(f"a{l}.h{h}<{kind}>", cur[("pre", l)], cur)
-                    if x is None:
-                        continue
-                    again = recompute(fn, x)
-                    new = out.clone() if new is None else new
-                    new[..., h * D_HEAD : (h + 1) * D_HEAD] = again[..., h * D_HEAD : (h + 1) * D_HEAD]
-                return new
+                return replace_heads(out, n, l, kind, cur, read, lambda x, fn=fn: recompute(fn, x))
 
             handles.append(module.register_forward_hook(quiet(on_qkv)))
 
