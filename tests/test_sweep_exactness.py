@@ -13,9 +13,11 @@ Causes, and what these tests saw before the fixes:
 - Doge's attention bias is computed from its values per key, and Inkling convolves keys, values and
   both branch outputs over the last positions; a row that starts after position 0 lacked the earlier
   positions' share of both (off by 3.9e-4 and 2.5e-5). The row engine now checks, once per capture,
-  that a block run on a suffix reproduces the base run, and runs rows on the whole model where not.
+  that a block run on a suffix reproduces the base run, and where not starts every row at position 0
+  (still layer by layer; before, such models ran rows on the whole model).
 """
 
+import copy
 import warnings
 
 import pytest
@@ -78,6 +80,20 @@ def test_blocks_that_mix_positions_beside_attention_sweep_exactly_and_say_why(fa
     told = [str(w.message) for w in seen if "would not be exact" in str(w.message)]
     assert len(told) == 1 and "mixes positions outside attention's keys and values" in told[0]
     assert "block 0" in told[0]
+    # one cell alone is one row, whose start no schedule merges into an earlier one's: it must start at 0
+    hf = A.build(family)
+    clean, corrupted = A.probe_ids(1, SEQ, seed=3), A.probe_ids(1, SEQ, seed=4)
+    _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
+    metric = fxlens.metrics.logit_diff(3, 7)
+    want = hf_resid_pre_sweep(hf, clean, corrupted, [b.path for b in model.graph.structure.blocks], metric)
+    for cell in [(0, SEQ // 2), (0, SEQ - 1), (1, SEQ // 2)]:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            got = patching.generic_activation_patch(model, corrupted, cache, metric, patching.layer_pos_patch_setter,
+                                                    "resid_pre", index_df=[cell])
+        _close(got[0], want[cell])
+        assert not [w for w in seen if "whole-model" in str(w.message)], [str(w.message) for w in seen]
+        assert model.last_sweep_stats["block_calls"] > 0
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral"])
@@ -146,26 +162,69 @@ def test_alibi_rows_read_every_key_and_keep_the_layered_engine(padding):
     assert model.last_sweep_stats["block_calls"] > 0
 
 
-@pytest.mark.parametrize("family", ["deepseek_v32", "glm_moe_dsa"])
-def test_sizes_capped_by_the_length_keep_the_layered_engine_exactly(family):
-    """DeepSeek's sparse-attention indexer keeps top-Min(index_topk, seq) keys: a block reads that size from
-    outside. It is recomputed from the block's own input like any size of the batch and sequence sizes;
-    before, every sweep of these models fell back to whole-model forwards. index_topk is set below the
-    sequence length, so that the indexer drops keys."""
-    hf = A.build(family)
+def _sparse_indexer_model(family: str):
+    """A copy of the tiny DeepSeek-V3.2/GLM-DSA model whose indexer keeps 3 keys per query (fewer than the
+    tests' lengths, so that it drops keys); the shared per-process build is left as it is."""
+    hf = copy.deepcopy(A.build(family))
     for layer in hf.model.layers:
         layer.self_attn.indexer.index_topk = 3
     hf.config.index_topk = 3
+    return hf
+
+
+@pytest.mark.parametrize("family", ["deepseek_v32", "glm_moe_dsa"])
+def test_sparse_attention_indexer_sweeps_exactly_on_the_layered_engine(family):
+    """DeepSeek's sparse-attention indexer keeps top-Min(index_topk, seq) keys per query. Two things were wrong:
+
+    - a block reads that size from outside; it is recomputed from the block's own input like any size of the
+      batch and sequence sizes (before, every sweep of these models fell back to whole-model forwards);
+    - the indexer scores each query against keys of its own, computed from the block's input at every
+      position, so a row cannot start after position 0 on the base run's attention keys and values. Whether
+      the engine tried depended on the capture's causality probe, which read the uninitialised half of the
+      keys' ``new_empty`` and so called the model causal in some captures only: CI then saw the sweep raise
+      in a suffix run and fall back to whole-model forwards. Now the probe is deterministic (the model is
+      causal), the suffix check finds the block cannot run late, says so once, and every row starts at 0.
+    """
+    hf = _sparse_indexer_model(family)
     model = _model(hf)
+    assert model.captured.is_causal
     clean, corrupted = A.probe_ids(1, 8, seed=3), A.probe_ids(1, 8, seed=4)
     paths = [b.path for b in model.graph.structure.blocks]
     _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
     with torch.no_grad():
         metric = sweep_metric(hf(input_ids=clean).logits.shape[-1])
+    seen = []
     for m in (metric, fxlens.metrics.logit_diff(3, 7)):
-        with warnings.catch_warnings(record=True) as seen:
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             got = patching.get_act_patch_resid_pre(model, corrupted, cache, m)
+        seen += [str(w.message) for w in caught]
         _close(got, hf_resid_pre_sweep(hf, clean, corrupted, paths, m))
-        assert not [w for w in seen if "whole-model" in str(w.message)], [str(w.message) for w in seen]
         assert model.last_sweep_stats["block_calls"] > 0
+    assert not [w for w in seen if "whole-model" in w], seen
+    told = [w for w in seen if "would not be exact" in w]
+    assert len(told) == 1 and "block 0" in told[0] and "starts at position 0" in told[0], seen
+
+
+@pytest.mark.parametrize("family", ["deepseek_v32", "glm_moe_dsa"])
+def test_capture_of_the_sparse_indexer_is_causal_every_time(family):
+    """The causality probe fills memory the model has not written yet (its keys' ``new_empty``) the same way in
+    both of its runs; the verdict was random before (True in about 1 capture in 6 on DeepSeek-V3.2)."""
+    hf = _sparse_indexer_model(family)
+    assert all(_model(hf).captured.is_causal for _ in range(4))
+
+
+@pytest.mark.parametrize("family", ["deepseek_v32", "glm_moe_dsa"])
+def test_generation_with_the_sparse_indexer_equals_hf(family):
+    """A cached decode step is a suffix run: the indexer needs every position's own keys, so generation
+    recomputes (said once) and gives HF's tokens (HF's cache keeps the indexer's keys)."""
+    hf = _sparse_indexer_model(family)
+    ids = A.probe_ids(1, SEQ, seed=3)
+    with torch.no_grad():
+        want = hf.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    model = _model(hf)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = model.generate(ids, 5, stop_at_eos=False)
+    assert torch.equal(got, want)
+    assert any("would not be exact" in str(w.message) for w in seen), [str(w.message) for w in seen]

@@ -15,8 +15,9 @@ bit for bit; a mixture-of-experts model regroups every token by expert when the 
 changes, which moves earlier rows by a few units of the last place (4e-7 to 6e-7 measured on Mixtral
 and Qwen3-MoE); a bidirectional encoder moves them by 0.2-0.3. Nodes with two sequence axes (scores,
 masks) are not compared: a causal model's raw scores do read the later key before it is masked.
-Should noise ever make a causal model look otherwise, the error is on the safe side: sweeps then
-recompute earlier positions.
+Memory a model allocates and has not written yet reads as NaN in both runs (``_filled``) and counts
+as equal. Should noise ever make a causal model look otherwise, the error is on the safe side: sweeps
+then recompute earlier positions.
 
 The first run also returns the graph's outputs, so that capture's self-check (``selfcheck``)
 compares them with the HF model without a third forward of the graph.
@@ -34,6 +35,8 @@ probed for causality and is treated as not causal (``probe`` then runs the graph
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +86,33 @@ def _relative(a, b) -> float:
     if a.shape != b.shape or not a.is_floating_point():
         return 0.0 if torch.equal(a, b) else float("inf")
     a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
+    unset = a.isnan() & b.isnan()  # memory no op has written yet (filled with NaN in both runs: ``_filled``)
+    if bool((a.isnan() | b.isnan())[~unset].any()):
+        return float("inf")
+    return float((a - b).abs().masked_fill(unset, 0).max() / a.abs().masked_fill(unset, 0).max().clamp_min(1e-30))
+
+
+@contextlib.contextmanager
+def _filled():
+    """Uninitialised memory filled with NaN (integers with their largest value) while the probe runs.
+
+    DeepSeek-V3.2 builds its keys in a ``new_empty`` tensor and copies both halves in: before the second
+    copy, half of that node holds whatever the allocator returned, which differed between the probe's two
+    runs, so the model was taken for non-causal in some captures and causal in others. torch fills new
+    tensors only while deterministic algorithms are on (``warn_only``: an op without a deterministic
+    kernel warns rather than raises); the previous setting is restored.
+    """
+    on, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have a deterministic implementation.*")
+            yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        torch.use_deterministic_algorithms(on, warn_only=warn_only)
 
 
 def _noise(dtype: torch.dtype) -> float:
@@ -123,7 +152,7 @@ def probe(gm: fx.GraphModule, seq_symbol, vocab: int | None, *, max_len: int | N
     probing = bool(axes) and vocab is not None and vocab >= 2 and length >= 2
     watch = _watching(gm, list(axes) if probing else [])
     runs, outputs = [], None
-    with torch.no_grad():
+    with torch.no_grad(), _filled():
         for tokens in (ids, changed) if probing else (ids,):
             feed = {"input_ids": tokens.to(device)}
             if "attention_mask" in placeholders:

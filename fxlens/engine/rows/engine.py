@@ -26,6 +26,7 @@ new value never builds a new program. ``stats`` counts the work done, in (row, p
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import defaultdict
 
@@ -94,23 +95,30 @@ class RowEngine:
                 stacklevel=4,
             )
 
-    def _suffixes_exact(self, base: Base) -> bool:
-        """Whether rows may start after position 0 (``exactness.py``), asked once per capture of the first base
-        run that keeps keys and values and is long enough; where they may not, the exact path from now on."""
+    @property
+    def suffixes(self) -> bool:
+        """Whether rows may start after position 0: a causal model whose blocks, run on later positions alone
+        with the earlier positions' keys and values given, reproduce their full run (``exactness.py``; until
+        a base run has been asked, they are taken to)."""
+        verdict = self.derived.item("suffix_exact", list)
+        return self.causal and not (verdict and verdict[0])
+
+    def _ask_suffixes(self, base: Base) -> None:
+        """Ask ``exactness.py`` once per capture, on the first base run that keeps keys and values and is long
+        enough; where rows may not start late, every row starts at position 0 from now on, said once."""
         verdict = self.derived.item("suffix_exact", list)
         if not verdict and all(kv is not None for kv, u in zip(base.kv, self.blocks.kv_uses) if u is not None):
             why = suffix_mismatch(self, base)
             if why != UNDECIDED:
                 verdict.append(why)
             if why:
-                self.derived.item("whole_model_rows", list).append(why)
                 warnings.warn(
-                    f"rows that start after position 0 would not be exact on this model ({why}); its sweeps run as "
-                    "whole-model forwards, exact and slower",
+                    f"rows that start after position 0 would not be exact on this model ({why}); every row of its "
+                    "sweeps starts at position 0 instead, exact and slower (the positions before each patch are "
+                    "recomputed)",
                     UserWarning,
                     stacklevel=5,
                 )
-        return not (verdict and verdict[0])
 
     def base(self, feed: dict, keep_kv: bool | None = None, sites=()) -> Base:
         """The unpatched run (keys and values kept for causal models unless ``keep_kv`` says otherwise);
@@ -120,8 +128,7 @@ class RowEngine:
                 base = run_base(self.blocks, feed, self.causal if keep_kv is None else keep_kv, sites)
                 self.stats["token_layers"] += base.batch * base.seq * self.blocks.n_layers
                 base.feed = feed
-                if not self._suffixes_exact(base):
-                    return self.base(feed, keep_kv, sites)
+                self._ask_suffixes(base)
                 return base
             except RowError:
                 raise
@@ -131,7 +138,8 @@ class RowEngine:
         return Base([], [], {}, None, batch, seq, base_values(self.model, feed, sites), feed=feed)
 
     def readout(self, base: Base, metric, per_example: bool = False) -> Readout:
-        return Readout(self.blocks if not self.whole else None, base, metric, model=self.model, per_example=per_example)
+        return Readout(self.blocks if not self.whole else None, base, metric, model=self.model, per_example=per_example,
+                       suffixes=self.suffixes)
 
     # ---- running rows ------------------------------------------------------------------------------
     def run(self, rows: list, base: Base, metric, *, memory_budget: float = 1.0, progress: bool = False,
@@ -150,6 +158,8 @@ class RowEngine:
                 raise RowError(f"a row joins at layer {r.layer}; this model has layers 0..{self.graph.n_layers - 1}")
             if r.start and not self.causal:
                 raise RowError("rows start after position 0 only in a causal model")
+        if not self.suffixes:  # the row computes its positions before the change too: exact on any block
+            rows = [r if not r.start else dataclasses.replace(r, start=0) for r in rows]
         shard = Shard.of(len(rows))  # under torchrun: this rank's rows, then every rank's values
         try:
             mine = self._rows([rows[i] for i in shard.indices(len(rows))], base, readout, memory_budget, progress)

@@ -18,18 +18,21 @@ unedited row must reproduce it up to rounding (relative 1e-5 in float32, four un
 in half precision; dense and mixture-of-experts blocks measured 0 to 2e-7): the base run feeds only the
 prefix's keys and values and the input-derived context, so a block that passes computes an edited row's
 suffix from that row's own values alone. The first block that does not is named, with its largest
-relative difference; the engine then runs rows on the whole model (``whole.py``), exact and slower,
-and says so once, and generation recomputes instead of stepping from cached keys and values
-(``decode.cache_reason``). A layout that raises is skipped here: the engine falls back from it when it
-raises in a sweep.
+relative difference; the engine then starts every row at position 0 (``RowEngine.suffixes``), which is
+exact on any block, and says so once, and generation recomputes instead of stepping from cached keys and
+values (``decode.cache_reason``). A block that raises in every suffix layout fails the check too:
+DeepSeek-V3.2's sparse-attention indexer scores every query against keys of its own, computed from the
+block's input at every position, so a suffix run lacks the earlier positions' indexer keys and its
+scores do not fit the mask. One layout that raises while another runs is skipped here: the engine falls
+back from it when it raises in a sweep.
 
 Example::
 
     why = suffix_mismatch(engine, base)    # None, or "block 0 (model.layers.0) run on positions 4.. alone, ..."
 
 Gotchas: the verdict comes from the first base run that keeps keys and values and is long enough to
-hold a suffix (two positions or more), and is kept for the capture; where every layout raises on it,
-no verdict is kept (``UNDECIDED``) and the next base run asks again.
+hold a suffix (two positions or more), and is kept for the capture; where the model is not causal or
+the run too short, no verdict is kept (``UNDECIDED``) and the next base run asks again.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def suffix_mismatch(engine, base) -> str | None:
     """Why a row starting after position 0 would not compute what the base run does; None where it would,
-    or where no layout runs on this input (``UNDECIDED``: no verdict, the engine asks again on the next base run)."""
+    or ``UNDECIDED`` where this base run cannot tell (no verdict: the engine asks again on the next base run)."""
     blocks = engine.blocks
     if not engine.causal or base.seq < 2:
         return UNDECIDED
@@ -65,21 +68,25 @@ def suffix_mismatch(engine, base) -> str | None:
     kept = dict(engine.stats)
     try:
         for layer in range(blocks.n_layers):
-            ran = False
+            ran, raised = False, None
+            path = engine.graph.structure.blocks[layer].path
             for how, run, want in _runs(engine, base, layer, packing):
                 try:
                     with torch.no_grad():
                         got = run()
-                except Exception:  # noqa: BLE001 - a layout that raises is the engine's to fall back from when it runs
+                except Exception as err:  # noqa: BLE001 - one layout that raises is the engine's to fall back from
+                    raised = raised or (how, err)
                     continue
                 ran = True
                 d = _relative(got, want)
                 if not d <= tol:
-                    path = engine.graph.structure.blocks[layer].path
                     return (f"block {layer} ({path}) run {how}, with the earlier positions' keys and values given, differs "
                             f"from its full run by {d:.2g} (relative): it mixes positions outside attention's keys and values")
             if not ran:
-                return UNDECIDED
+                how, err = raised
+                first = str(err).splitlines()[0] if str(err) else ""
+                return (f"block {layer} ({path}) cannot run {how} with the earlier positions' keys and values given "
+                        f"({type(err).__name__}: {first}): it reads earlier positions outside attention's keys and values")
     finally:
         engine.stats.update(kept)
     return None

@@ -38,7 +38,7 @@ class MetricError(RowError):
 
 
 class Readout:
-    def __init__(self, blocks, base, metric, *, model, per_example: bool = False):
+    def __init__(self, blocks, base, metric, *, model, per_example: bool = False, suffixes: bool | None = None):
         if not callable(metric):
             raise MetricError(f"the metric must be a callable on logits (or from fxlens.metrics); got {type(metric).__name__}")
         derived = model.derived
@@ -46,7 +46,8 @@ class Readout:
             raise MetricError(derived.no_logits("a metric"))
         self.model = model
         self.blocks = blocks  # None when rows run on the whole model
-        self.causal = derived.captured.is_causal
+        # whether the last block may run the positions the metric reads alone (``RowEngine.suffixes``)
+        self.suffixes = derived.captured.is_causal if suffixes is None else suffixes
         self.base = base
         self.metric = metric
         if not isinstance(metric, Metric):  # a plain callable: what it reads, when tracing can prove it
@@ -97,7 +98,7 @@ class Readout:
 
     def first_read(self, start: int) -> int:
         """The first position the metric reads at or after ``start`` (``start`` for a plain callable)."""
-        if not (self.declared and self.causal):
+        if not (self.declared and self.suffixes):
             return start
         return max(start, int(self.pos.min()))
 
