@@ -207,14 +207,6 @@ def test_sparse_attention_indexer_sweeps_exactly_on_the_layered_engine(family):
 
 
 @pytest.mark.parametrize("family", ["deepseek_v32", "glm_moe_dsa"])
-def test_capture_of_the_sparse_indexer_is_causal_every_time(family):
-    """The causality probe fills memory the model has not written yet (its keys' ``new_empty``) the same way in
-    both of its runs; the verdict was random before (True in about 1 capture in 6 on DeepSeek-V3.2)."""
-    hf = _sparse_indexer_model(family)
-    assert all(_model(hf).captured.is_causal for _ in range(4))
-
-
-@pytest.mark.parametrize("family", ["deepseek_v32", "glm_moe_dsa"])
 def test_generation_with_the_sparse_indexer_equals_hf(family):
     """A cached decode step is a suffix run: the indexer needs every position's own keys, so generation
     recomputes (said once) and gives HF's tokens (HF's cache keeps the indexer's keys)."""

@@ -526,12 +526,17 @@ def test_the_users_model_and_tensors_are_unchanged_afterwards():
 
 @pytest.fixture
 def no_compute(monkeypatch):
-    """The llama model with program lookup forbidden: an error must come from checking the specs."""
-    hf, _ = model_for("llama")
-    model = fxlens.Model.from_hf(hf)
+    """``no_compute()``: the shared llama model with program lookup forbidden from then on, for this test only
+    (build the specs first: a cache they hold is computed by the same model). An error must then come from
+    checking the specs."""
+    _, model = model_for("llama")
     calls = []
-    monkeypatch.setattr(model.programs, "get", lambda *a, **k: calls.append(a) or pytest.fail("a program was built"))
-    yield model
+
+    def forbid():
+        monkeypatch.setattr(model.programs, "get", lambda *a, **k: calls.append(a) or pytest.fail("a program was built"))
+        return model
+
+    yield forbid
     assert not calls
 
 
@@ -607,16 +612,18 @@ def test_a_bad_spec_fails_before_compute_naming_the_spec(no_compute, case):
     make_spec, message = ERRORS[case]
     ids, mask, _ = inputs()
     ok = Steer("blocks.0.hook_resid_pre", vector=VEC)  # a valid spec first: nothing may run either
+    bad = make_spec()
     with pytest.raises(InterventionError, match=message):
-        no_compute.run_with_interventions(ids, [ok, make_spec()], mask)
+        no_compute().run_with_interventions(ids, [ok, bad], mask)
 
 
 def test_an_unknown_site_or_a_non_spec_fails_before_compute(no_compute):
     ids, mask, _ = inputs()
+    model = no_compute()
     with pytest.raises(fxlens.SiteError, match="blocks.0.attn.hook_pattern"):
-        no_compute.run_with_interventions(ids, [Ablate("blocks.0.attn.hook_patern")], mask)
+        model.run_with_interventions(ids, [Ablate("blocks.0.attn.hook_patern")], mask)
     with pytest.raises(InterventionError, match="Patch, Ablate, Steer, Scale, Apply or a subclass of fxlens.Intervention; got tuple"):
-        no_compute.run_with_interventions(ids, [("blocks.0.hook_resid_pre", lambda x, hook: x)], mask)
+        model.run_with_interventions(ids, [("blocks.0.hook_resid_pre", lambda x, hook: x)], mask)
 
 
 def test_apply_returning_the_wrong_shape_names_the_site():

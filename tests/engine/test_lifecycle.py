@@ -478,7 +478,7 @@ def _edit(family):
     return edit
 
 
-@pytest.mark.parametrize("family, prior_call", after_priors(["gpt2"], priors=PRIORS) + after_priors(["llama"]))
+@pytest.mark.parametrize("family, prior_call", after_priors(["gpt2", "llama"]))
 def test_with_weight_edits_copy_equals_a_hand_edited_deep_copy(family, prior_call):
     hf = _unchanged(family)
     before = hf_state(hf)
