@@ -138,8 +138,8 @@ class RowEngine:
         return Base([], [], {}, None, batch, seq, base_values(self.model, feed, sites), feed=feed)
 
     def readout(self, base: Base, metric, per_example: bool = False) -> Readout:
-        return Readout(self.blocks if not self.whole else None, base, metric, model=self.model, per_example=per_example,
-                       suffixes=self.suffixes)
+        return Readout(self.blocks if not self.whole else None, base, metric, model=self.model, suffixes=self.suffixes,
+                       per_example=per_example)
 
     # ---- running rows ------------------------------------------------------------------------------
     def run(self, rows: list, base: Base, metric, *, memory_budget: float = 1.0, progress: bool = False,

@@ -5,7 +5,7 @@ and vocabulary entries; the head should compute the final norm at those position
 unembedding on those entries only. A plain callable needs full logits, and a row that never computed
 the positions before its start must take the base run's logits there.
 
-Mechanism: ``Readout(blocks, base, metric, model=model)`` checks the metric once against this input (positions,
+Mechanism: ``Readout(blocks, base, metric, model=model, suffixes=...)`` checks the metric once against this input (positions,
 token ids, the batch size of per-row answers), then reads rows laid out padded (``padded``: [rows *
 batch, seq - start, d]) or packed (``packed``: [batch, T, d] with each token's row and position). A
 declared metric goes through the head with the vocabulary-selecting pass (``SelectVocab``); positions a
@@ -16,7 +16,7 @@ rows that change nothing).
 
 Example::
 
-    readout = Readout(blocks, base, metrics.logit_diff(a, b), model=model)
+    readout = Readout(blocks, base, metrics.logit_diff(a, b), model=model, suffixes=engine.suffixes)
     values = readout.padded(h, start=4, n_rows=12)        # [12]
 """
 
@@ -38,7 +38,7 @@ class MetricError(RowError):
 
 
 class Readout:
-    def __init__(self, blocks, base, metric, *, model, per_example: bool = False, suffixes: bool | None = None):
+    def __init__(self, blocks, base, metric, *, model, suffixes: bool, per_example: bool = False):
         if not callable(metric):
             raise MetricError(f"the metric must be a callable on logits (or from fxlens.metrics); got {type(metric).__name__}")
         derived = model.derived
@@ -46,8 +46,7 @@ class Readout:
             raise MetricError(derived.no_logits("a metric"))
         self.model = model
         self.blocks = blocks  # None when rows run on the whole model
-        # whether the last block may run the positions the metric reads alone (``RowEngine.suffixes``)
-        self.suffixes = derived.captured.is_causal if suffixes is None else suffixes
+        self.suffixes = suffixes  # whether the last block may run the positions the metric reads alone (``RowEngine.suffixes``)
         self.base = base
         self.metric = metric
         if not isinstance(metric, Metric):  # a plain callable: what it reads, when tracing can prove it
